@@ -1,0 +1,32 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The ImageTool port over qemu-img and qemu-storage-daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from appliance.adapters import qemu_img, qsd
+
+
+class QemuImages:
+    def create(self, path: Path, size: int, backing: str | None = None) -> None:
+        qemu_img.create(path, size, backing)
+
+    def info_chain(self, path: Path) -> list[dict[str, Any]]:
+        return qemu_img.info_chain(path)
+
+    def check(self, path: Path) -> dict[str, Any]:
+        return qemu_img.check(path)
+
+    def map_zero_extents(self, path: Path) -> list[tuple[int, int]]:
+        return [(e.start, e.length) for e in qemu_img.map_extents(path) if e.zero]
+
+    def export(self, image: Path, run_dir: Path, *, writable: bool) -> qsd.ImageExport:
+        return qsd.ImageExport(image, run_dir, writable=writable)
+
+    def zero_range(self, fd: int, offset: int, length: int) -> None:
+        qsd.zero_range(fd, offset, length)
+
+    def unmount_stale(self, path: Path) -> None:
+        qsd.unmount_stale(path)

@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""qemu-img: creating points, checking them, reading their chains and allocation maps.
+
+Overlays always get a backing path relative to their own folder and an explicit backing format, so a
+store can be moved or copied and every point opens with stock QEMU tools.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.adapters.process import CommandFailed, run
+from appliance.errors import ChainCorruptError, ImageToolError, StoreFullError
+
+QEMU_IMG = "qemu-img"
+
+
+def qcow2_size(size: int) -> int:
+    """qcow2 holds whole 512-byte sectors; the exact size of the source is kept in the point's record."""
+    return -(-size // 512) * 512
+
+
+def create_argv(path: Path, size: int, backing: str | None = None) -> list[str]:
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-b", backing, "-F", "qcow2"]
+    return [*argv, str(path), str(qcow2_size(size))]
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    start: int
+    length: int
+    zero: bool
+    data: bool
+
+
+def _fail(exc: CommandFailed, what: str) -> ImageToolError:
+    if "No space left" in exc.stderr:
+        return StoreFullError(f"{what}: the appliance's disk is full")
+    return ImageToolError(f"{what}: {exc.last_line}")
+
+
+def create(path: Path, size: int, backing: str | None = None) -> None:
+    """Create a qcow2 image; `backing` is the previous point's file name, relative to `path`'s folder."""
+    try:
+        run(create_argv(path, size, backing), cwd=path.parent)
+    except CommandFailed as exc:
+        raise _fail(exc, f"cannot create {path.name}") from exc
+
+
+def info_chain(path: Path) -> list[dict[str, Any]]:
+    """`qemu-img info --backing-chain`: the image first, then each backing file down to the base."""
+    try:
+        out = run([QEMU_IMG, "info", "-U", "--backing-chain", "--output=json", str(path)])
+    except CommandFailed as exc:
+        raise ChainCorruptError(f"{path.name} does not open as qcow2: {exc.last_line}") from exc
+    result = json.loads(out)
+    return result if isinstance(result, list) else [result]
+
+
+def check(path: Path) -> dict[str, Any]:
+    """`qemu-img check` of one file (not its backing files); raises on corruption or leaks."""
+    argv = [QEMU_IMG, "check", "-U", "--output=json", str(path)]
+    try:
+        return dict(json.loads(run(argv)))
+    except CommandFailed as exc:
+        # Exit 2 = corruption, 3 = leaked clusters; both print the JSON report on stdout too.
+        raise ChainCorruptError(f"qemu-img check failed on {path.name}: {exc.last_line}") from exc
+
+
+def map_extents(path: Path) -> list[Extent]:
+    """How every byte of the image (through its backing chain) reads: zero or data."""
+    try:
+        out = run([QEMU_IMG, "map", "-U", "--output=json", str(path)])
+    except CommandFailed as exc:
+        raise ChainCorruptError(f"cannot map {path.name}: {exc.last_line}") from exc
+    return [Extent(int(e["start"]), int(e["length"]), bool(e["zero"]), bool(e["data"])) for e in json.loads(out)]

@@ -1,0 +1,199 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""qemu-storage-daemon: a qcow2 image (with its backing chain) seen as one plain file over FUSE.
+
+Points are written and read through QEMU's own qcow2 code, never by a hand-written qcow2 writer: the
+daemon is started with nothing but a QMP monitor, and the image and its FUSE export are added over QMP
+(qemu.qmp), so every failure arrives as a QMP error naming what went wrong.
+
+A block that became zero is written with FALLOC_FL_ZERO_RANGE, which QEMU turns into a zero cluster.
+Punching a hole instead would be wrong on an overlay: the hole reads through to the backing file's old
+data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from appliance.adapters.process import die_with_parent
+from appliance.errors import ImageToolError
+from appliance.log import get_logger
+
+log = get_logger(__name__)
+
+QSD = "qemu-storage-daemon"
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_ZERO_RANGE = 0x10
+START_TIMEOUT = 15.0
+_QMP_GONE = (QMPError, OSError, EOFError, TimeoutError, ImageToolError)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make a range read as zeroes in the exported image (a zero cluster, never a hole)."""
+    if _libc.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class ImageExport:
+    """Context manager: `image` exported as the plain file `self.path` while the block is open."""
+
+    def __init__(self, image: Path, run_dir: Path, *, writable: bool) -> None:
+        self.image = image
+        self.writable = writable
+        token = uuid.uuid4().hex[:12]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / f"export-{token}"
+        self._socket = run_dir / f"qmp-{token}.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+
+    def __enter__(self) -> ImageExport:
+        self.path.touch(mode=0o600)
+        try:
+            self._start()
+            self._qmp_cmd(
+                "blockdev-add",
+                **{
+                    "driver": "qcow2",
+                    "node-name": "img",
+                    "read-only": not self.writable,
+                    "file": {"driver": "file", "filename": str(self.image.resolve())},
+                },
+            )
+            self._qmp_cmd(
+                "block-export-add",
+                **{
+                    "type": "fuse",
+                    "id": "exp",
+                    "node-name": "img",
+                    "mountpoint": str(self.path),
+                    "writable": self.writable,
+                },
+            )
+        except BaseException:
+            self._stop()
+            raise
+        log.debug("qsd.exported", image=str(self.image), writable=self.writable)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop(clean=exc_type is None)
+
+    def _start(self) -> None:
+        argv = [QSD, "--chardev", f"socket,id=mon,path={self._socket},server=on,wait=off", "--monitor", "chardev=mon"]
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                preexec_fn=die_with_parent,
+            )
+        except FileNotFoundError as exc:
+            raise ImageToolError(f"{QSD} is not installed (Debian package qemu-system-common)") from exc
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._socket.exists():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise ImageToolError(f"{QSD} did not start: {self._stderr_tail()}")
+            time.sleep(0.005)
+        qmp = QEMUMonitorProtocol(str(self._socket))
+        try:
+            qmp.connect()
+        except (QMPError, OSError) as exc:
+            raise ImageToolError(f"cannot talk to {QSD}: {exc}") from exc
+        self._qmp = qmp
+
+    def _qmp_cmd(self, name: str, **args: object) -> object:
+        assert self._qmp is not None
+        try:
+            return self._qmp.cmd(name, **args)
+        except QMPError as exc:
+            raise ImageToolError(f"{QSD} refused {name} on {self.image.name}: {exc}") from exc
+
+    def _stop(self, clean: bool = False) -> None:
+        """Close the export and the image. On the clean path every step must succeed: `blockdev-del`
+        is QEMU's last flush of the qcow2 metadata, and a point is only kept if it happened."""
+        failure: BaseException | None = None
+        if self._qmp is not None:
+            try:
+                self._qmp_cmd("block-export-del", id="exp")
+                self._wait_export_deleted()
+                self._qmp_cmd("blockdev-del", **{"node-name": "img"})
+            except _QMP_GONE as exc:
+                failure = exc
+            with contextlib.suppress(*_QMP_GONE):
+                self._qmp_cmd("quit")
+            with contextlib.suppress(*_QMP_GONE):  # the daemon may already have closed the socket
+                self._qmp.close()
+            self._qmp = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            if self._proc.returncode != 0 and failure is None:
+                failure = ImageToolError(f"{QSD} exited {self._proc.returncode}: {self._stderr_tail()}")
+            if self._proc.stderr:
+                self._proc.stderr.close()
+            self._proc = None
+        unmount_stale(self.path)
+        for leftover in (self.path, self._socket):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        if clean and failure is not None:
+            raise ImageToolError(f"closing {self.image.name} failed: {failure}") from failure
+
+    def _wait_export_deleted(self) -> None:
+        assert self._qmp is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                event = self._qmp.pull_event(wait=1.0)
+            except TimeoutError:
+                continue
+            if event and event.get("event") == "BLOCK_EXPORT_DELETED":
+                return
+        raise ImageToolError(f"the FUSE export of {self.image.name} did not close within 30 s")
+
+    def _stderr_tail(self) -> str:
+        if self._proc is None or self._proc.stderr is None or self._proc.poll() is None:
+            return "timed out"
+        if self._proc.stderr.closed:
+            return f"exited {self._proc.returncode}"
+        lines = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"exited {self._proc.returncode}"
+
+
+def unmount_stale(mountpoint: Path) -> None:
+    """Detach a FUSE mount left behind by a killed daemon (reads fail with ENOTCONN)."""
+    if not _is_mountpoint(mountpoint):
+        return
+    libc_umount2 = _libc.umount2
+    libc_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    MNT_DETACH = 2
+    if libc_umount2(str(mountpoint).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            log.warning("qsd.unmount_failed", path=str(mountpoint), error=os.strerror(err))
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = str(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            return any(line.split()[4] == target for line in f)
+    except OSError:
+        return False

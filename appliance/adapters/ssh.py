@@ -1,0 +1,242 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""SSH to protected hosts with paramiko: pinned host keys only, one exec channel per run.
+
+Host keys are never accepted silently: a host is reached only with the key pinned when it was added,
+and a different key is refused naming both fingerprints.
+
+The exec channel is opened with a large window and packet size. With paramiko's defaults a multi-GiB
+stream dies at the first rekey ("Key-exchange timed out waiting for key negotiation", paramiko issue
+#822); with a 64 MiB window the rekey completes while data keeps flowing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shlex
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import paramiko
+
+from appliance.domain.models import Host, HostKey
+from appliance.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectionLostError,
+    HostKeyError,
+    HostUnreachableError,
+)
+from appliance.log import get_logger
+
+log = get_logger(__name__)
+
+WINDOW_SIZE = 64 << 20
+MAX_PACKET_SIZE = 256 << 10  # OpenSSH accepts up to 256 KiB; fewer, larger packets cost less CPU per byte
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint, as `ssh-keygen -lf` prints it."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def host_key_of(key: paramiko.PKey) -> HostKey:
+    return HostKey(key_type=key.get_name(), base64=key.get_base64(), fingerprint=fingerprint(key))
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    user: str
+    key_file: Path
+    timeout: float = 60.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.address}:{self.port}"
+
+    @property
+    def known_hosts_name(self) -> str:
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+
+
+def _open_socket(address: str, port: int, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((address, port), timeout=min(timeout, 15.0))
+    except socket.gaierror as exc:
+        raise HostUnreachableError(f"cannot resolve {address}: {exc.strerror}") from exc
+    except TimeoutError as exc:
+        raise HostUnreachableError(f"cannot reach {address}:{port}: connection timed out") from exc
+    except OSError as exc:
+        raise HostUnreachableError(f"cannot reach {address}:{port}: {exc.strerror or exc}") from exc
+
+
+def scan_host_key(address: str, port: int, timeout: float = 15.0) -> HostKey:
+    """The key the host presents now; the caller decides whether to pin it (never this adapter)."""
+    sock = _open_socket(address, port, timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        return host_key_of(transport.get_remote_server_key())
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise HostUnreachableError(f"{address}:{port} did not complete an SSH handshake: {exc}") from exc
+    finally:
+        transport.close()
+
+
+def load_private_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(str(path))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"SSH key {path} does not exist") from exc
+    except paramiko.PasswordRequiredException as exc:
+        raise ConfigError(
+            f"SSH key {path} is protected by a passphrase",
+            hint="give the appliance a key of its own without a passphrase; it is stored readable by root only",
+        ) from exc
+    except (paramiko.SSHException, ValueError, OSError) as exc:
+        raise ConfigError(f"SSH key {path} cannot be read: {exc}") from exc
+
+
+class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise HostKeyError(f"{hostname} presented a host key that was never pinned ({fingerprint(key)})")
+
+
+class Connection:
+    """An authenticated SSH connection to one host with its pinned key."""
+
+    def __init__(self, endpoint: Endpoint, pinned: HostKey) -> None:
+        self.endpoint = endpoint
+        self.pinned = pinned
+        self._client = paramiko.SSHClient()
+
+    def __enter__(self) -> Connection:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> None:
+        ep = self.endpoint
+        pkey = load_private_key(ep.key_file)
+        pinned_key = paramiko.PKey.from_type_string(self.pinned.key_type, base64.b64decode(self.pinned.base64))
+        self._client.get_host_keys().add(ep.known_hosts_name, self.pinned.key_type, pinned_key)
+        self._client.set_missing_host_key_policy(_RejectUnknown())
+        sock = _open_socket(ep.address, ep.port, ep.timeout)
+        try:
+            self._client.connect(
+                ep.address,
+                port=ep.port, username=ep.user, pkey=pkey, sock=sock,
+                look_for_keys=False, allow_agent=False,
+                timeout=ep.timeout, banner_timeout=ep.timeout, auth_timeout=ep.timeout,
+            )
+        except paramiko.BadHostKeyException as exc:
+            sock.close()
+            raise HostKeyError(
+                f"HOST KEY CHANGED for {ep.address}:{ep.port}: pinned {self.pinned.fingerprint}, "
+                f"host presented {fingerprint(exc.key)}; refusing to connect",
+                hint="if the host was reinstalled, check the new key out of band and pin it with "
+                "`appliance host set NAME --host-key-fingerprint SHA256:...`",
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            sock.close()
+            raise AuthenticationError(f"{ep.label} refused the appliance's key {ep.key_file}: {exc}") from exc
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            sock.close()
+            if isinstance(exc, HostKeyError):
+                raise
+            raise HostUnreachableError(f"SSH to {ep.label} failed: {exc}") from exc
+        transport = self._client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(15)
+        log.debug("ssh.connected", target=ep.label, cipher=transport.remote_cipher)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def start(self, argv: Sequence[str]) -> RemoteProcess:
+        """Run argv on the host; it is quoted once here, so no argument is ever read by a shell."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLostError(f"connection to {self.endpoint.label} is closed")
+        try:
+            channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
+            channel.settimeout(self.endpoint.timeout)
+            channel.exec_command(shlex.join(argv))
+        except (paramiko.SSHException, OSError) as exc:
+            raise ConnectionLostError(f"cannot start a command on {self.endpoint.label}: {exc}") from exc
+        return RemoteProcess(channel, self.endpoint)
+
+
+class RemoteProcess:
+    """One command on the host: its stdin, stdout, stderr and exit status, with byte counters."""
+
+    def __init__(self, channel: paramiko.Channel, endpoint: Endpoint) -> None:
+        self._channel = channel
+        self._endpoint = endpoint
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _lost(self, exc: BaseException) -> ConnectionLostError:
+        if isinstance(exc, TimeoutError | socket.timeout):
+            return ConnectionLostError(f"no data from {self._endpoint.label} for {self._endpoint.timeout:.0f} s")
+        return ConnectionLostError(f"connection to {self._endpoint.label} broke: {exc}")
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self._channel.sendall(data)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._lost(exc) from exc
+        self.bytes_sent += len(data)
+
+    def close_stdin(self) -> None:
+        try:
+            self._channel.shutdown_write()
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._lost(exc) from exc
+
+    def recv(self, n: int) -> bytes:
+        """Up to n bytes of stdout; b'' at end of stream."""
+        try:
+            data = self._channel.recv(n)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._lost(exc) from exc
+        self.bytes_received += len(data)
+        return data
+
+    def stderr_text(self) -> str:
+        chunks = []
+        while self._channel.recv_stderr_ready():
+            chunks.append(self._channel.recv_stderr(65536))
+        return b"".join(chunks).decode(errors="replace")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """The exit status; -1 if the host did not send one (the connection broke)."""
+        if not self._channel.status_event.wait(timeout):
+            return -1
+        return self._channel.recv_exit_status()
+
+    def abort(self) -> None:
+        self._channel.close()
+
+
+
+
+class ParamikoShell:
+    """The RemoteShell port: connections to protected hosts with their pinned keys."""
+
+    def __init__(self, key_root: Path) -> None:
+        self.key_root = key_root
+
+    def connect(self, host: Host) -> Connection:
+        endpoint = Endpoint(host.address, host.port, host.user, self.key_root / host.key_file, host.timeout)
+        return Connection(endpoint, host.host_key)
+
+    def scan_host_key(self, address: str, port: int) -> HostKey:
+        return scan_host_key(address, port)

@@ -1,0 +1,22 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Composition root: the one place that picks concrete adapters for the ports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from appliance.adapters.images import QemuImages
+from appliance.adapters.ssh import ParamikoShell
+from appliance.ports import Tools
+from appliance.store.layout import Home
+
+DEFAULT_HOME = "/var/lib/appliance"
+
+
+def home(override: str | None = None) -> Home:
+    return Home(Path(override or os.environ.get("APPLIANCE_HOME") or DEFAULT_HOME))
+
+
+def tools(home: Home) -> Tools:
+    return Tools(remote=ParamikoShell(home.root), images=QemuImages())

@@ -1,0 +1,95 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`appliance backup`, `points`, `verify`: taking and inspecting recovery points."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from appliance.cli._output import ProgressLine, size, table
+from appliance.cli.context import state
+from appliance.domain.models import Point
+from appliance.errors import ChainCorruptError
+from appliance.services.backup import back_up
+from appliance.services.verify import PointCheck, verify_chain
+from appliance.store import catalog, hosts
+
+
+def register(app: typer.Typer) -> None:
+    app.command("backup")(backup)
+    app.command("points")(points)
+    app.command("verify")(verify)
+
+
+def backup(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The protected host")]) -> None:
+    """Take one recovery point of every disk of a host, now."""
+    st = state(ctx)
+    bar = ProgressLine(f"backup {name}")
+    try:
+        point = back_up(st.home, st.tools, name, progress=bar)
+    finally:
+        bar.done()
+    depth = len(catalog.load(st.home.chain_dir(name), name).points)
+    typer.echo(
+        f"{name}: point {point.id} ({point.time_iso}) in {point.seconds:.1f} s: read {size(sum(d.read_bytes for d in point.disks))}, "
+        f"changed {size(point.changed_bytes)}, sent {size(point.sent_bytes)}, on the wire {size(point.wire_bytes)}, depth {depth}"
+    )
+
+
+def _verified(p: Point) -> str:
+    v = p.verification
+    if v is None:
+        return "-"
+    return ("ok " if v.ok else "FAILED ") + v.time.strftime("%Y-%m-%d %H:%M")
+
+
+def _point_doc(p: Point, depth: int) -> dict[str, Any]:
+    return {
+        "id": p.id, "time": p.time_iso, "seconds": round(p.seconds, 3), "depth": depth,
+        "changed_bytes": p.changed_bytes, "sent_bytes": p.sent_bytes, "wire_bytes": p.wire_bytes,
+        "disks": [{"slot": d.slot, "source": d.source, "file": d.file, "size": d.size, "digest": d.digest,
+                   "changed_bytes": d.changed_bytes, "sent_bytes": d.sent_bytes} for d in p.disks],
+        "verified": None if p.verification is None else {
+            "time": p.verification.time.isoformat(), "ok": p.verification.ok, "detail": p.verification.detail},
+    }
+
+
+def points(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The protected host")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List a host's recovery points, oldest first."""
+    home = state(ctx).home
+    hosts.load(home, name)
+    chain = catalog.load(home.chain_dir(name), name)
+    if as_json:
+        typer.echo(json.dumps([_point_doc(p, i + 1) for i, p in enumerate(chain.points)], indent=1))
+        return
+    rows = [
+        [p.id, p.time_iso, size(p.changed_bytes), size(p.sent_bytes), f"{p.seconds:.1f}", str(i + 1), _verified(p)]
+        for i, p in enumerate(chain.points)
+    ]
+    typer.echo(table(["ID", "TIME", "CHANGED", "SENT", "SECONDS", "DEPTH", "VERIFIED"], rows))
+
+
+def verify(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The protected host")],
+    point: Annotated[str | None, typer.Option("--point", help="Only this point (id or time)")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the newest point's block hash list if damaged")] = False,
+) -> None:
+    """Check the integrity of every point: qcow2 metadata, backing chain, content digest."""
+    st = state(ctx)
+
+    def show(check: PointCheck) -> None:
+        typer.echo(f"{check.point}: {'ok' if check.ok else 'FAILED: ' + check.summary}")
+
+    results = verify_chain(st.home, st.tools, name, point_ref=point, repair=repair, on_point=show)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise ChainCorruptError(f"{len(bad)} of {len(results)} points of {name} failed verification: "
+                                + ", ".join(r.point for r in bad))
+    typer.echo(f"{name}: {len(results)} points verified")

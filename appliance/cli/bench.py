@@ -1,0 +1,26 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`appliance bench ...`: measurements side by side with peers (rsync, OpenSSH cat) on the lab."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from appliance.cli._output import parse_size
+from appliance.cli.context import state
+
+app = typer.Typer(help="Benchmarks against peers, on the lab.", no_args_is_help=True)
+
+
+@app.command("capture")
+def capture(
+    ctx: typer.Context,
+    disk_size: Annotated[str, typer.Option("--disk-size")] = "2G",
+    data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
+    change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before the incremental")] = 1.0,
+) -> None:
+    """Full and incremental capture against rsync and OpenSSH cat: time, bytes on the wire, peak RSS."""
+    from appliance.bench.capture import run_capture_bench
+
+    run_capture_bench(state(ctx).home.root, parse_size(disk_size), data, change / 100.0)

@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`appliance host add|set|list|show|remove`: the protected hosts."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.cli._output import size, table
+from appliance.cli.context import state
+from appliance.domain.models import HostKey
+from appliance.errors import ConfigError
+from appliance.services import hosts as host_service
+from appliance.store import hosts as host_store
+
+app = typer.Typer(help="Protected hosts: add, change, list, remove.", no_args_is_help=True)
+
+
+def _hook(text: str | None) -> tuple[str, ...]:
+    """A hook is a command and its arguments, split like a shell would, but never run by a shell."""
+    if not text:
+        return ()
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse hook {text!r}: {exc}") from exc
+
+
+def _ask(key: HostKey) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    typer.echo(f"The host presents a {key.key_type} key with fingerprint {key.fingerprint}.", err=True)
+    return typer.confirm("Is this the host's key (compare it on the host with ssh-keygen -lf)?", default=False, err=True)
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A short name for the host, e.g. web1")],
+    address: Annotated[str, typer.Option("--address", help="user@host or user@host:port (user defaults to root)")],
+    disk: Annotated[list[str], typer.Option("--disk", help="A block device or image file on the host; repeat for more disks")],
+    key: Annotated[Path, typer.Option("--key", help="Private SSH key the appliance logs in with (copied, readable by root only)")],
+    port: Annotated[int | None, typer.Option("--port", help="SSH port [default: 22]")] = None,
+    pre_hook: Annotated[str | None, typer.Option("--pre-hook", help="Command run on the host before the read, e.g. 'fsfreeze -f /'")] = None,
+    post_hook: Annotated[str | None, typer.Option("--post-hook", help="Command run on the host after the read, even if it failed")] = None,
+    fingerprint: Annotated[str | None, typer.Option("--host-key-fingerprint", help="Pin this host key (SHA256:...)")] = None,
+    trust_first_use: Annotated[bool, typer.Option("--trust-first-use", help="Pin whatever key the host presents now, and print it")] = False,
+    python: Annotated[str, typer.Option("--python", help="Python 3 interpreter on the host")] = "python3",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds without data before a connection counts as lost")] = 60.0,
+) -> None:
+    """Register a protected host: pin its SSH host key and check that every disk can be read."""
+    st = state(ctx)
+    host, hello = host_service.add_host(
+        st.home, st.tools, name=name, address=address, port=port, disks=disk, key=key.expanduser(),
+        pre_hook=_hook(pre_hook), post_hook=_hook(post_hook), fingerprint=fingerprint,
+        trust_first_use=trust_first_use, confirm=_ask, python=python, timeout=timeout,
+    )
+    typer.echo(f"pinned host key {host.host_key.fingerprint} ({host.host_key.key_type}) for {host.address}:{host.port}")
+    typer.echo(f"added {host.name}: {host.target}, python {hello.python} on the host")
+    for d in hello.disks:
+        typer.echo(f"  {d.path}: " + (d.error if d.error else f"{size(d.size)} ({d.kind})"))
+
+
+@app.command("set")
+def set_(
+    ctx: typer.Context,
+    name: str,
+    address: Annotated[str | None, typer.Option("--address")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    disk: Annotated[list[str] | None, typer.Option("--disk", help="Replaces the list of disks")] = None,
+    key: Annotated[Path | None, typer.Option("--key")] = None,
+    pre_hook: Annotated[str | None, typer.Option("--pre-hook", help="'' removes it")] = None,
+    post_hook: Annotated[str | None, typer.Option("--post-hook", help="'' removes it")] = None,
+    fingerprint: Annotated[str | None, typer.Option("--host-key-fingerprint", help="Re-pin the host key")] = None,
+    trust_first_use: Annotated[bool, typer.Option("--trust-first-use")] = False,
+    python: Annotated[str | None, typer.Option("--python")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout")] = None,
+) -> None:
+    """Change a protected host's settings."""
+    st = state(ctx)
+    changes: dict[str, object] = {}
+    if address is not None:
+        changes["address"] = address
+    if port is not None:
+        changes["port"] = port
+    if disk:
+        changes["disks"] = tuple(disk)
+    if pre_hook is not None:
+        changes["pre_hook"] = _hook(pre_hook)
+    if post_hook is not None:
+        changes["post_hook"] = _hook(post_hook)
+    if python is not None:
+        changes["python"] = python
+    if timeout is not None:
+        changes["timeout"] = timeout
+    if key is not None:
+        changes["key"] = key.expanduser()
+    if fingerprint:
+        changes["fingerprint"] = fingerprint
+    if trust_first_use:
+        changes["trust_first_use"] = True
+    host = host_service.set_host(st.home, st.tools, name, **changes)
+    typer.echo(f"updated {host.name}: {host.target}, host key {host.host_key.fingerprint}")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the protected hosts."""
+    home = state(ctx).home
+    found = [host_store.load(home, n) for n in host_store.names(home)]
+    if as_json:
+        typer.echo(json.dumps([{"name": h.name, "target": h.target, "disks": list(h.disks)} for h in found], indent=1))
+        return
+    typer.echo(table(["HOST", "ADDRESS", "DISKS"], [[h.name, h.target, " ".join(h.disks)] for h in found]))
+
+
+@app.command("show")
+def show(ctx: typer.Context, name: str) -> None:
+    """Show one host's settings."""
+    h = host_store.load(state(ctx).home, name)
+    rows = [
+        ("address", h.target), ("host key", f"{h.host_key.fingerprint} ({h.host_key.key_type})"),
+        ("disks", " ".join(h.disks)), ("pre hook", shlex.join(h.pre_hook) or "-"),
+        ("post hook", shlex.join(h.post_hook) or "-"), ("python", h.python), ("block size", size(h.block_size)),
+        ("timeout", f"{h.timeout:.0f} s"),
+    ]
+    for k, v in rows:
+        typer.echo(f"{k + ':':12} {v}")
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context,
+    name: str,
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete every recovery point of the host")] = False,
+) -> None:
+    """Forget a host (its record and key). Its recovery points stay in the store unless --purge."""
+    home = state(ctx).home
+    host_service.remove_host(home, name, purge=purge)
+    typer.echo(f"removed {name}" + ("" if purge else f"; its recovery points remain under {home.chain_dir(name)}"))

@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`appliance lab ...`: protected hosts in network namespaces, to try everything before real servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.cli._output import parse_size, size, table
+from appliance.cli.context import state
+from appliance.lab import Lab, disks, sshd_running
+from appliance.lab.demo import run_demo
+
+app = typer.Typer(help="The built-in lab: protected hosts in network namespaces with a real sshd.", no_args_is_help=True)
+
+
+def _lab(ctx: typer.Context) -> Lab:
+    return Lab(state(ctx).home.root / "lab")
+
+
+@app.command("up")
+def up(
+    ctx: typer.Context,
+    host: Annotated[list[str] | None, typer.Option("--host", help="Lab host name; repeat for more [default: lab1]")] = None,
+    disk_size: Annotated[str, typer.Option("--disk-size", help="Size of each host's disk")] = "1G",
+    data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
+    loop: Annotated[bool, typer.Option("--loop", help="Give each host a loop block device instead of an image file")] = False,
+    image: Annotated[Path | None, typer.Option("--image", help="Start each disk as a copy of this raw image")] = None,
+) -> None:
+    """Start lab hosts (each a namespace running sshd) and print how to add them."""
+    lab = _lab(ctx)
+    for h in lab.up(host or ["lab1"], disk_size=parse_size(disk_size), data_fraction=data, loop=loop, disk_image=image):
+        typer.echo(f"{h.name}: root@{h.address}, disk {h.disk}")
+        typer.echo(f"  appliance host add {h.name} --address root@{h.address} --disk {h.disk} "
+                   f"--key {lab.key_file} --trust-first-use")
+
+
+@app.command("down")
+def down(ctx: typer.Context) -> None:
+    """Stop every lab host and delete its namespace and disk."""
+    _lab(ctx).down()
+    typer.echo("lab is down")
+
+
+@app.command("status")
+def status(ctx: typer.Context) -> None:
+    """The lab's hosts."""
+    rows = [[h.name, h.address, h.disk, size(disks.disk_size(h.disk)), "running" if sshd_running(h) else "stopped"]
+            for h in _lab(ctx).hosts()]
+    typer.echo(table(["HOST", "ADDRESS", "DISK", "SIZE", "SSHD"], rows))
+
+
+@app.command("change")
+def change(
+    ctx: typer.Context,
+    host: str,
+    percent: Annotated[float, typer.Option("--percent", help="Share of the disk to overwrite")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+) -> None:
+    """Write to a lab host's disk as a busy server would: random extents, 4 KiB to 1 MiB each."""
+    h = _lab(ctx).host(host)
+    total = disks.disk_size(h.disk)
+    written = disks.write_extents(h.disk, total, percent / 100.0, seed=seed)
+    typer.echo(f"{host}: wrote {size(written)} in random extents of {h.disk}")
+
+
+@app.command("cut")
+def cut(ctx: typer.Context, host: str) -> None:
+    """Kill every SSH session of a lab host at once (a link failure mid-transfer)."""
+    _lab(ctx).cut(host)
+
+
+@app.command("demo")
+def demo(ctx: typer.Context) -> None:
+    """The main job on the lab, each step shown as the command a user would type."""
+    st = state(ctx)
+    run_demo(st.home.root)

@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Value objects of the product's own words: protected host, disk, recovery point."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from appliance.errors import ConfigError
+
+HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+POINT_ID_FORMAT = "%Y%m%dT%H%M%SZ"
+
+# Block size of content hashing and change detection. 64 KiB is qcow2's default cluster size: a changed
+# block lands as whole clusters in the overlay, so no copy-on-write of neighbouring data from the backing
+# file; and the hash list stays small (32 bytes per 64 KiB: 0.05 % of the disk, sent once per incremental
+# as 16-byte prefixes with zero blocks run-length coded). Smaller blocks send fewer unchanged bytes around
+# a small write but cost a larger hash exchange and partial-cluster writes; see bench/README.md for the
+# measured trade-off.
+DEFAULT_BLOCK_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HostKey:
+    """A pinned SSH host key: the only key this host is ever accepted with."""
+
+    key_type: str
+    base64: str
+    fingerprint: str  # OpenSSH style: SHA256:<base64 without padding>
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A protected host: how to reach it, what to read, what to run around the read."""
+
+    name: str
+    address: str
+    user: str
+    port: int
+    key_file: str
+    host_key: HostKey
+    disks: tuple[str, ...]
+    pre_hook: tuple[str, ...] = ()
+    post_hook: tuple[str, ...] = ()
+    python: str = "python3"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    timeout: float = 60.0
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.address}" + ("" if self.port == 22 else f":{self.port}")
+
+
+def validate_host_name(name: str) -> str:
+    if not HOST_NAME.match(name):
+        raise ConfigError(
+            f"invalid host name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_address(address: str, port: int | None) -> tuple[str, str, int]:
+    """Split `user@host[:port]` into its parts; the user defaults to root, as for a backup agent."""
+    user, _, rest = address.rpartition("@")
+    user = user or "root"
+    host, parsed_port = rest, None
+    if rest.startswith("["):  # [v6]:port
+        host, _, tail = rest[1:].partition("]")
+        if tail.startswith(":"):
+            parsed_port = tail[1:]
+    elif rest.count(":") == 1:
+        host, parsed_port = rest.split(":")
+    if not host or not re.match(r"^[A-Za-z0-9._:-]+$", host) or not re.match(r"^[A-Za-z0-9._-]+$", user):
+        raise ConfigError(f"invalid address {address!r}: expected user@host or user@host:port")
+    try:
+        final_port = port if port is not None else int(parsed_port) if parsed_port else 22
+    except ValueError:
+        raise ConfigError(f"invalid port in {address!r}") from None
+    if not 1 <= final_port <= 65535:
+        raise ConfigError(f"invalid port {final_port}: must be 1..65535")
+    return user, host, final_port
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The outcome of the last integrity check of a point."""
+
+    time: datetime
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskPoint:
+    """One disk of one recovery point: a qcow2 file whose backing file is the previous point's."""
+
+    slot: str  # disk0, disk1, ... in the order the host's disks were given
+    source: str  # the path read on the host
+    file: str  # relative to the host's store folder
+    size: int  # exact byte size of the source disk
+    block_size: int
+    digest: str  # sha256 over the sha256 of every block, computed on the host during the read
+    read_bytes: int = 0
+    changed_bytes: int = 0  # bytes of blocks that differ from the previous point (zeroed ones included)
+    sent_bytes: int = 0  # block data that crossed the wire
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """A recovery point: every disk of a host at one moment, visible only once complete."""
+
+    id: str
+    created: datetime
+    seconds: float
+    disks: tuple[DiskPoint, ...]
+    wire_bytes: int = 0  # everything that crossed the connection, both ways, framing and hashes included
+    verification: Verification | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def time_iso(self) -> str:
+        return self.created.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(d.changed_bytes for d in self.disks)
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(d.sent_bytes for d in self.disks)
+
+    def disk(self, slot: str) -> DiskPoint:
+        for d in self.disks:
+            if d.slot == slot:
+                return d
+        raise KeyError(slot)
+
+    def verified(self, result: Verification) -> Point:
+        return replace(self, verification=result)
+
+
+def point_id_for(moment: datetime, taken: set[str]) -> str:
+    """A sortable id from the capture time, unique within the chain."""
+    base = moment.astimezone(UTC).strftime(POINT_ID_FORMAT)
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def slot_name(index: int) -> str:
+    return f"disk{index}"

@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Every failure a user can meet, as one tree with a message, a hint and an exit code.
+
+The CLI boundary (`appliance.cli.main`) is the only place that turns these into a line on stderr
+and an exit status; everything below raises them, always chaining the root cause (`raise ... from`).
+
+    ApplianceError                       exit 2 unless a subclass says otherwise
+     +-- ConfigError                     3   invalid option, name, policy or config file
+     +-- HostNotFoundError               4   no such protected host
+     +-- ChainError                      10
+     |    +-- ChainLockedError           11  another job holds the host's lock
+     |    +-- PointNotFoundError         12
+     |    +-- ChainCorruptError          13  a point or the catalog does not read back as recorded
+     +-- StoreFullError                  14  the appliance's disk has no room
+     +-- RemoteError                     20
+     |    +-- HostUnreachableError       21
+     |    +-- AuthenticationError        22
+     |    +-- HostKeyError               23  unknown or changed host key
+     |    +-- ConnectionLostError        24  the connection broke mid-transfer
+     |    +-- RemoteCommandError         25  the host side failed (python3 missing, hook failed, ...)
+     |    +-- DiskAccessError            26  a disk path is missing or unreadable on the host
+     +-- ImageToolError                  30  qemu-img / qemu-storage-daemon failed
+     +-- LabError                        40
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_WARNING = 1
+EXIT_ERROR = 2
+EXIT_SIGNAL_BASE = 128
+
+
+class ApplianceError(Exception):
+    """An expected failure: shown to the user as one line (plus a hint), never as a traceback."""
+
+    exit_code: ClassVar[int] = EXIT_ERROR
+    default_hint: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ApplianceError):
+    exit_code = 3
+
+
+class HostNotFoundError(ApplianceError):
+    exit_code = 4
+    default_hint = "`appliance host list` shows the protected hosts"
+
+
+class ChainError(ApplianceError):
+    exit_code = 10
+
+
+class ChainLockedError(ChainError):
+    exit_code = 11
+
+
+class PointNotFoundError(ChainError):
+    exit_code = 12
+    default_hint = "`appliance points HOST` lists the recovery points"
+
+
+class ChainCorruptError(ChainError):
+    exit_code = 13
+
+
+class StoreFullError(ApplianceError):
+    exit_code = 14
+    default_hint = "free space under APPLIANCE_HOME (or consolidate older points); the chain was left as it was"
+
+
+class RemoteError(ApplianceError):
+    exit_code = 20
+
+
+class HostUnreachableError(RemoteError):
+    exit_code = 21
+
+
+class AuthenticationError(RemoteError):
+    exit_code = 22
+
+
+class HostKeyError(RemoteError):
+    exit_code = 23
+
+
+class ConnectionLostError(RemoteError):
+    exit_code = 24
+    default_hint = "nothing was recorded; the next run starts the point again"
+
+
+class RemoteCommandError(RemoteError):
+    exit_code = 25
+
+
+class DiskAccessError(RemoteError):
+    exit_code = 26
+
+
+class ImageToolError(ApplianceError):
+    exit_code = 30
+
+
+class LabError(ApplianceError):
+    exit_code = 40

@@ -1,0 +1,341 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Capture: one new recovery point of every disk of a host, pulled over SSH.
+
+The flow is one way: the reader on the host (source) -> the wire (transfer) -> new qcow2 overlays
+written through qemu-storage-daemon (store) -> the catalog (chain).
+
+Why a run can be interrupted anywhere and leave the chain exactly as it was:
+  1. everything of the new point is written under hidden `.part` names the catalog never lists;
+  2. the overlays are flushed by QEMU and fsynced, then renamed to their final names;
+  3. only then is the catalog replaced (atomically) with one that lists the point.
+A crash before 3 leaves files that no catalog lists; the next run removes them under the host's lock
+before it starts. A crash after 3 leaves a complete point.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.domain.blocks import Carry, carry_over
+from appliance.domain.chain import Chain
+from appliance.domain.models import DiskPoint, Host, Point, point_id_for, slot_name
+from appliance.errors import (
+    ApplianceError,
+    ChainCorruptError,
+    DiskAccessError,
+    RemoteCommandError,
+    StoreFullError,
+)
+from appliance.log import get_logger
+from appliance.ports import RemoteStream, Tools
+from appliance.store import catalog, hosts
+from appliance.store.files import fsync_dir
+from appliance.store.hashes import HashListWriter, iter_chunks
+from appliance.store.layout import Home, hashes_file, partial, point_file
+from appliance.store.lock import HostLock
+from appliance.services.reader_session import ended_early, start_reader
+from appliance.transfer import protocol
+from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, Progress, RemoteFailure, ZeroRun
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class BackupProgress:
+    """What a progress bar shows: bytes read on the host, bytes received, since when."""
+
+    total: int = 0
+    read: int = 0
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        return self.read / max(time.monotonic() - self.started, 1e-6)
+
+
+ProgressFn = Callable[[BackupProgress], None]
+
+
+def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None = None) -> Point:
+    """Take one recovery point of host `name` now and append it to its chain.
+
+    :raises ChainLockedError: another job works on this host.
+    :raises RemoteError, StoreFullError, ImageToolError: the point was not taken; the chain is unchanged.
+    """
+    host = hosts.load(home, name)
+    chain_dir = home.chain_dir(name)
+    with HostLock(chain_dir / "lock", name, "backup"):
+        chain = catalog.load(chain_dir, name)
+        remove_leftovers(home, tools, chain)
+        log.info("backup.started", host=name, previous=chain.newest.id if chain.newest else None)
+        started = time.monotonic()
+        capture = _Capture(home, tools, host, chain, progress or (lambda p: None))
+        try:
+            point = capture.run(started)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFullError(f"the appliance's disk is full while writing {name}'s new point") from exc
+            raise
+        finally:
+            capture.discard_partial()
+        catalog.save(chain_dir, chain.appended(point))
+        _drop_old_hash_lists(chain_dir, chain.appended(point))
+        log.info(
+            "point.created", host=name, point=point.id, depth=len(chain.points) + 1, seconds=round(point.seconds, 2),
+            changed=point.changed_bytes, sent=point.sent_bytes, wire=point.wire_bytes,
+        )
+        return point
+
+
+def remove_leftovers(home: Home, tools: Tools, chain: Chain) -> None:
+    """Delete what an interrupted run left: files no catalog lists, stale FUSE mounts. Caller holds the lock."""
+    run_dir = home.run_dir / chain.host
+    if run_dir.exists():
+        for entry in run_dir.iterdir():
+            tools.images.unmount_stale(entry)
+            entry.unlink(missing_ok=True)
+    chain_dir = home.chain_dir(chain.host)
+    if not chain_dir.exists():
+        return
+    keep = chain.referenced_files()
+    newest = chain.newest
+    if newest is not None:
+        keep |= {hashes_file(d.slot, newest.id) for d in newest.disks}
+    for folder in chain_dir.iterdir():
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            relative = f"{folder.name}/{f.name}"
+            if relative not in keep and (f.name.endswith((".part", ".qcow2", ".hashes"))):
+                log.info("store.leftover_removed", host=chain.host, file=relative)
+                f.unlink()
+
+
+def _drop_old_hash_lists(chain_dir: Path, chain: Chain) -> None:
+    """Only the newest point's hash lists are needed (the next incremental compares to them)."""
+    for p in chain.points[:-1]:
+        for d in p.disks:
+            (chain_dir / hashes_file(d.slot, p.id)).unlink(missing_ok=True)
+
+
+class _Capture:
+    """One run of the reader on the host and the writes it causes on the appliance."""
+
+    def __init__(self, home: Home, tools: Tools, host: Host, chain: Chain, progress: ProgressFn) -> None:
+        self.home = home
+        self.tools = tools
+        self.host = host
+        self.chain = chain
+        self.chain_dir = home.chain_dir(host.name)
+        self.progress_fn = progress
+        self.progress = BackupProgress()
+        self.point_id = point_id_for(datetime.now(UTC), chain.ids())
+        self.created = datetime.now(UTC)
+        self._partials: list[Path] = []
+        self._sender_error: BaseException | None = None
+
+    # -- the run --------------------------------------------------------------------------------------
+
+    def run(self, started: float) -> Point:
+        with self.tools.remote.connect(self.host) as session:
+            stream = start_reader(session, self.host)
+            try:
+                disks = self._exchange(stream)
+            except BaseException:
+                stream.abort()
+                raise
+        self._publish()
+        return Point(
+            id=self.point_id, created=self.created, seconds=time.monotonic() - started, disks=tuple(disks),
+            wire_bytes=stream.bytes_sent + stream.bytes_received,
+        )
+
+    def _exchange(self, stream: RemoteStream) -> list[DiskPoint]:
+        disk_args = [(path, self.host.block_size) for path in self.host.disks]
+        stream.write(protocol.encode_request(disk_args, self.host.pre_hook, self.host.post_hook))
+        records = protocol.RecordReader(stream.recv)
+        hello = self._expect_hello(records, stream)
+        previous = self.chain.newest
+        plans = [self._plan_disk(i, remote.size, previous) for i, remote in enumerate(hello.disks)]
+        self.progress.total = sum(p.size for p in plans)
+        sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
+        sender.start()
+        results = []
+        for plan, remote in zip(plans, hello.disks, strict=True):
+            records.block_size = plan.block_size
+            results.append(self._receive_disk(records, stream, plan, remote.path))
+        finished = self._next(records, stream)
+        if not isinstance(finished, Finished):
+            raise RemoteCommandError(f"{self.host.name}: the reader ended without finishing")
+        hook = finished.post_hook
+        if hook and hook.get("rc") != 0:
+            log.warning("backup.post_hook_failed", host=self.host.name, rc=hook.get("rc"), output=hook.get("output"))
+        sender.join(timeout=30)
+        stream.wait()
+        return results
+
+    def _expect_hello(self, records: protocol.RecordReader, stream: RemoteStream) -> Hello:
+        first = self._next(records, stream, starting=True)
+        if not isinstance(first, Hello):
+            raise RemoteCommandError(f"{self.host.name}: the reader did not start properly")
+        if len(first.disks) != len(self.host.disks):
+            raise RemoteCommandError(f"{self.host.name}: the reader reported {len(first.disks)} disks")
+        log.info("backup.connected", host=self.host.name, python=first.python,
+                 disks=[{"path": d.path, "size": d.size, "kind": d.kind} for d in first.disks])
+        return first
+
+    def _next(self, records: protocol.RecordReader, stream: RemoteStream, starting: bool = False) -> protocol.Record:
+        """The next record, with every way the host side can fail turned into one clear error."""
+        try:
+            record = records.next()
+        except EOFError:
+            raise ended_early(self.host, stream, starting) from None
+        except protocol.ProtocolError as exc:
+            raise RemoteCommandError(f"{self.host.name}: garbled data from the reader: {exc}") from exc
+        if isinstance(record, RemoteFailure):
+            raise _remote_failure(self.host.name, record)
+        return record
+
+    # -- per disk -------------------------------------------------------------------------------------
+
+    def _plan_disk(self, index: int, size: int, previous: Point | None) -> _DiskPlan:
+        slot = slot_name(index)
+        block_size = self.host.block_size
+        prev_disk = None
+        if previous is not None and any(d.slot == slot for d in previous.disks):
+            prev_disk = previous.disk(slot)
+            if prev_disk.block_size != block_size:
+                block_size = prev_disk.block_size  # a chain keeps its block size
+        relative = point_file(slot, self.point_id)
+        (self.chain_dir / slot).mkdir(parents=True, exist_ok=True, mode=0o700)
+        image = self.chain_dir / partial(relative)
+        hash_path = self.chain_dir / partial(hashes_file(slot, self.point_id))
+        self._partials += [image, hash_path]
+        prev_hashes = None
+        if prev_disk is not None:
+            prev_hashes = self.chain_dir / hashes_file(slot, previous.id)  # type: ignore[union-attr]
+            if not prev_hashes.exists():
+                raise ChainCorruptError(
+                    f"{self.host.name}: the block hash list of point {previous.id} ({slot}) is missing",  # type: ignore[union-attr]
+                    hint=f"run `appliance verify {self.host.name} --repair` to rebuild it from the point",
+                )
+        carry = carry_over(prev_disk.size if prev_disk else None, size, block_size)
+        backing = Path(prev_disk.file).name if prev_disk else None
+        self.tools.images.create(image, size, backing)
+        return _DiskPlan(slot, relative, image, hash_path, size, block_size, carry, prev_disk, prev_hashes)
+
+    def _send_old_hashes(self, stream: RemoteStream, plans: list[_DiskPlan]) -> None:
+        try:
+            for plan in plans:
+                previous: Iterator[bytes] = iter_chunks(plan.prev_hashes) if plan.prev_hashes else iter(())
+                old_size = plan.prev.size if plan.prev else 0
+                pending = bytearray()
+                for piece in protocol.encode_old_hashes(previous, plan.carry, old_size, plan.block_size):
+                    pending += piece
+                    if len(pending) >= 1 << 20:
+                        stream.write(bytes(pending))
+                        pending.clear()
+                if pending:
+                    stream.write(bytes(pending))
+        except BaseException as exc:  # the main thread sees the broken stream too; keep the cause for it
+            self._sender_error = exc
+
+    def _receive_disk(self, records: protocol.RecordReader, stream: RemoteStream, plan: _DiskPlan, source: str) -> DiskPoint:
+        hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
+        changed = sent = 0
+        done_before = self.progress.read
+        try:
+            with self.tools.images.export(plan.image, self.home.run_dir / self.host.name, writable=True) as exported:
+                fd = os.open(exported.path, os.O_WRONLY)
+                try:
+                    while True:
+                        record = self._next(records, stream)
+                        if isinstance(record, DataRun):
+                            os.pwrite(fd, record.data, record.first * plan.block_size)
+                            hashes.set(record.first, record.hashes)
+                            changed += len(record.data)
+                            sent += len(record.data)
+                        elif isinstance(record, ZeroRun):
+                            offset = record.first * plan.block_size
+                            length = min(record.count * plan.block_size, plan.size - offset)
+                            self.tools.images.zero_range(fd, offset, length)
+                            hashes.set_zero(record.first, record.count)
+                            changed += length
+                        elif isinstance(record, Progress):
+                            self._report(done_before + record.read, stream)
+                        elif isinstance(record, DiskEnd):
+                            end = record
+                            break
+                        else:
+                            raise RemoteCommandError(f"{self.host.name}: unexpected {type(record).__name__} record")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            digest = hashes.finish()
+        except BaseException:
+            hashes.discard()
+            raise
+        if digest != end.digest:
+            raise ChainCorruptError(
+                f"{self.host.name} {plan.slot}: the received blocks do not add up to the digest the host computed "
+                f"({digest[:12]} != {end.digest[:12]}); the point was not recorded"
+            )
+        self._report(done_before + end.read, stream)
+        return DiskPoint(
+            slot=plan.slot, source=source, file=plan.relative, size=plan.size, block_size=plan.block_size,
+            digest=end.digest, read_bytes=end.read, changed_bytes=changed, sent_bytes=sent,
+        )
+
+    def _report(self, read: int, stream: RemoteStream) -> None:
+        self.progress.read = read
+        self.progress.received = stream.bytes_received
+        self.progress_fn(self.progress)
+
+    # -- making it visible ----------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """fsync every new file, then rename each into place; the caller then writes the catalog."""
+        for path in self._partials:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for path in self._partials:
+            os.rename(path, path.with_name(path.name[1 : -len(".part")]))
+        for folder in {p.parent for p in self._partials}:
+            fsync_dir(folder)
+        self._partials = []
+
+    def discard_partial(self) -> None:
+        for path in self._partials:
+            path.unlink(missing_ok=True)
+        self._partials = []
+
+
+@dataclass(frozen=True, slots=True)
+class _DiskPlan:
+    slot: str
+    relative: str
+    image: Path
+    hash_path: Path
+    size: int
+    block_size: int
+    carry: Carry
+    prev: DiskPoint | None
+    prev_hashes: Path | None
+
+
+def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:
+    if failure.code.startswith("disk-") or failure.code == "read-error":
+        hint = f"check the disk paths with `appliance host show {host}` and on the host itself"
+        return DiskAccessError(f"{host}: {failure.message}", hint=hint)
+    return RemoteCommandError(f"{host}: {failure.message}")

@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Starting the reader on a host and naming what went wrong when it stops early."""
+
+from __future__ import annotations
+
+from appliance.agent import reader as wire
+from appliance.agent import reader_source
+from appliance.domain.models import Host
+from appliance.errors import ApplianceError, ConnectionLostError, RemoteCommandError
+from appliance.ports import RemoteSession, RemoteStream
+
+
+def start_reader(session: RemoteSession, host: Host) -> RemoteStream:
+    """Run the one fixed bootstrap command and send the reader's code over its stdin."""
+    code = reader_source()
+    stream = session.start([host.python, "-c", wire.BOOTSTRAP, str(len(code))])
+    stream.write(code)
+    return stream
+
+
+def ended_early(host: Host, stream: RemoteStream, starting: bool) -> ApplianceError:
+    """The error to show when the reader's output stops before it should."""
+    status = stream.wait(timeout=5)
+    stderr = stream.stderr_text().strip()
+    last = stderr.splitlines()[-1] if stderr else ""
+    if status == 127 or (starting and "not found" in last):
+        return RemoteCommandError(
+            f"{host.python} was not found on {host.name}",
+            hint="the protected host needs python3 (standard library only); install it or set --python",
+        )
+    if starting and status > 0:
+        return RemoteCommandError(f"the reader failed to start on {host.name} (exit {status}): {last}")
+    return ConnectionLostError(f"the connection to {host.name} broke during the transfer")

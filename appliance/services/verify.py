@@ -1,0 +1,195 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Integrity of stored points: qcow2 metadata, the backing chain, and the content digest.
+
+The content check reads each point back through QEMU (the same view a recovery VM would get) and
+recomputes the digest the host computed while reading the source disk. Ranges that `qemu-img map`
+reports as zero are not read: their block hashes are known.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.domain.blocks import DiskDigest, block_count, block_hashes, zero_hash
+from appliance.domain.chain import Chain
+from appliance.domain.models import DiskPoint, Point, Verification
+from appliance.errors import ApplianceError
+from appliance.log import get_logger
+from appliance.ports import Tools
+from appliance.services.backup import remove_leftovers
+from appliance.store import catalog, hosts
+from appliance.store.hashes import digest_of
+from appliance.store.files import write_atomic
+from appliance.store.layout import Home, hashes_file
+from appliance.store.lock import HostLock
+
+log = get_logger(__name__)
+
+READ_CHUNK = 4 << 20
+
+
+@dataclass(slots=True)
+class DiskCheck:
+    slot: str
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PointCheck:
+    point: str
+    disks: list[DiskCheck]
+
+    @property
+    def ok(self) -> bool:
+        return not any(d.problems for d in self.disks)
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(f"{d.slot}: {p}" for d in self.disks for p in d.problems) or "ok"
+
+
+def verify_chain(
+    home: Home, tools: Tools, name: str, *, point_ref: str | None = None, repair: bool = False,
+    on_point: Callable[[PointCheck], None] | None = None,
+) -> list[PointCheck]:
+    """Check every point of a host's chain (or one), record each verdict in the catalog, return them.
+
+    `repair` rebuilds the newest point's block hash list from the point if it is missing or damaged.
+    """
+    chain_dir = home.chain_dir(name)
+    hosts.load(home, name)  # an unknown host is an error, not an empty chain
+    with HostLock(chain_dir / "lock", name, "verify", wait=5.0):
+        chain = catalog.load(chain_dir, name)
+        remove_leftovers(home, tools, chain)
+        targets = [chain.find(point_ref)] if point_ref else list(chain.points)
+        results = []
+        for point in targets:
+            check = _check_point(home, tools, chain, point, repair=repair)
+            results.append(check)
+            chain = chain.with_point(point.verified(Verification(datetime.now(UTC), check.ok, check.summary)))
+            catalog.save(chain_dir, chain)
+            log.info("point.verified", host=name, point=point.id, ok=check.ok, detail=check.summary)
+            if on_point:
+                on_point(check)
+        return results
+
+
+def _check_point(home: Home, tools: Tools, chain: Chain, point: Point, *, repair: bool) -> PointCheck:
+    chain_dir = home.chain_dir(chain.host)
+    upto = chain.points[: chain.index(point.id) + 1]
+    checks = []
+    for disk in point.disks:
+        check = DiskCheck(disk.slot)
+        expected = [p.disk(disk.slot).file for p in reversed(upto) if any(d.slot == disk.slot for d in p.disks)]
+        try:
+            _check_structure(tools, chain_dir, expected, check)
+            if not check.problems:
+                is_newest = point is chain.newest
+                _check_content(tools, chain_dir, home.run_dir / chain.host, point, disk, check,
+                               rebuild_hashes=is_newest, repair=repair)
+        except ApplianceError as exc:
+            check.problems.append(exc.message)
+        checks.append(check)
+    return PointCheck(point.id, checks)
+
+
+def _check_structure(tools: Tools, chain_dir: Path, expected: list[str], check: DiskCheck) -> None:
+    """qemu-img check of the file, and a backing chain that is exactly the chain's earlier points."""
+    top = chain_dir / expected[0]
+    if not top.exists():
+        check.problems.append(f"{expected[0]} is missing")
+        return
+    tools.images.check(top)
+    infos = tools.images.info_chain(top)
+    actual = [str(Path(i["filename"]).resolve()) for i in infos]
+    wanted = [str((chain_dir / f).resolve()) for f in expected]
+    if actual != wanted:
+        check.problems.append(f"backing chain is {_names(actual)}, expected {_names(wanted)}")
+        return
+    for info in infos[:-1]:
+        backing = info.get("backing-filename", "")
+        if backing.startswith("/") or info.get("backing-filename-format") != "qcow2":
+            check.problems.append(f"{Path(info['filename']).name} must name its backing file by relative path, as qcow2")
+
+
+def _names(paths: list[str]) -> str:
+    return " <- ".join(Path(p).name for p in reversed(paths))
+
+
+def _check_content(
+    tools: Tools, chain_dir: Path, run_dir: Path, point: Point, disk: DiskPoint, check: DiskCheck, *, rebuild_hashes: bool, repair: bool
+) -> None:
+    image = chain_dir / disk.file
+    zero = _merged(tools.images.map_zero_extents(image))
+    list_path = chain_dir / hashes_file(disk.slot, point.id)
+    collected: list[bytes] | None = [] if (rebuild_hashes and repair) else None
+    digest = DiskDigest()
+    with tools.images.export(image, run_dir, writable=False) as exported:
+        fd = os.open(exported.path, os.O_RDONLY)
+        try:
+            for offset in range(0, disk.size, READ_CHUNK):
+                length = min(READ_CHUNK, disk.size - offset)
+                if _covered(zero, offset, length):
+                    hashes = _zero_hashes(offset, length, disk)
+                else:
+                    hashes = block_hashes(_pread_exact(fd, length, offset), disk.block_size)
+                digest.add(hashes)
+                if collected is not None:
+                    collected.append(hashes)
+        finally:
+            os.close(fd)
+    found = digest.hexdigest()
+    if found != disk.digest:
+        check.problems.append(f"content digest {found[:16]} differs from the one recorded at capture {disk.digest[:16]}")
+        return
+    if rebuild_hashes:
+        intact = list_path.exists() and digest_of(list_path) == disk.digest
+        if not intact and collected is not None:
+            write_atomic(list_path, b"".join(collected))
+            log.warning("hashes.rebuilt", point=point.id, disk=disk.slot)
+        elif not intact:
+            check.problems.append("the block hash list used by the next incremental is missing or damaged (use --repair)")
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise ApplianceError(f"point reads short at byte {offset + len(data)}")
+        data += more
+    return data
+
+
+def _merged(extents: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Zero extents joined where they touch, as sorted (starts, ends) for bisection."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for start, length in sorted(extents):
+        if ends and start <= ends[-1]:
+            ends[-1] = max(ends[-1], start + length)
+        else:
+            starts.append(start)
+            ends.append(start + length)
+    return starts, ends
+
+
+def _covered(zero: tuple[list[int], list[int]], offset: int, length: int) -> bool:
+    starts, ends = zero
+    i = bisect.bisect_right(starts, offset) - 1
+    return i >= 0 and ends[i] >= offset + length
+
+
+def _zero_hashes(offset: int, length: int, disk: DiskPoint) -> bytes:
+    bs = disk.block_size
+    first = offset // bs
+    n = block_count(length, bs)
+    last_len = disk.size - (first + n - 1) * bs
+    if last_len >= bs:
+        return zero_hash(bs) * n
+    return zero_hash(bs) * (n - 1) + zero_hash(last_len)

@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Where things live under APPLIANCE_HOME.
+
+    $APPLIANCE_HOME/
+      hosts/<host>.json             the protected host's record (address, pinned key, disks, hooks)
+      keys/<host>                   the private key the appliance uses for that host (0600)
+      store/<host>/chain.json       the chain's catalog: a point exists once it is listed here
+      store/<host>/lock             held by the one job working on that host
+      store/<host>/disk0/<id>.qcow2 one qcow2 file per point and disk; backing file = previous point's
+      store/<host>/disk0/<id>.hashes  block hashes of the newest point (what the next incremental compares to)
+      run/                          sockets and FUSE export files of running jobs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.store.files import private_dir
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    root: Path
+
+    @property
+    def hosts_dir(self) -> Path:
+        return self.root / "hosts"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    def host_record(self, name: str) -> Path:
+        return self.hosts_dir / f"{name}.json"
+
+    def key_file(self, name: str) -> Path:
+        return self.keys_dir / name
+
+    def chain_dir(self, name: str) -> Path:
+        return self.store_dir / name
+
+    def ensure(self) -> Home:
+        for d in (self.root, self.hosts_dir, self.keys_dir, self.store_dir, self.run_dir):
+            private_dir(d)
+        return self
+
+
+def point_file(slot: str, point_id: str) -> str:
+    """A point's qcow2 file, relative to the host's chain folder."""
+    return f"{slot}/{point_id}.qcow2"
+
+
+def hashes_file(slot: str, point_id: str) -> str:
+    return f"{slot}/{point_id}.hashes"
+
+
+def partial(relative: str) -> str:
+    """The name a file has while it is being written: hidden, and never listed in the catalog."""
+    folder, _, name = relative.rpartition("/")
+    return f"{folder}/.{name}.part" if folder else f".{name}.part"

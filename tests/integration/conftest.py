@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Integration fixtures: lab hosts in network namespaces, each a real sshd, added to a test's home."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import Lab, LabHost
+from tests.conftest import require, run_cli
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.fail("integration tests run as root (network namespaces, sshd, FUSE)")
+    for binary in ("qemu-img", "qemu-storage-daemon", "/usr/sbin/sshd", "ip"):
+        require(binary)
+    lab = Lab(tmp_path_factory.mktemp("lab"))
+    yield lab
+    lab.down()
+
+
+MakeHost = Callable[..., LabHost]
+
+
+@pytest.fixture
+def make_host(lab: Lab, home: Path) -> Iterator[MakeHost]:
+    """Create a lab host with a fresh disk and (unless add=False) register it in the test's home."""
+    created: list[str] = []
+
+    def make(size: int = 64 << 20, data: float = 0.4, loop: bool = False, add: bool = True, disks: int = 1) -> LabHost:
+        name = f"t{next(_names)}"
+        host = next(h for h in lab.up([name], disk_size=size, data_fraction=data, loop=loop) if h.name == name)
+        created.append(name)
+        if add:
+            extra: list[str] = []
+            for i in range(1, disks):
+                second = Path(host.folder) / f"disk{i}.img"
+                from appliance.lab import disks as lab_disks
+
+                lab_disks.make(second, size // 2 + 512 * 3, 0.3, seed=100 + i)
+                extra += ["--disk", str(second)]
+            r = run_cli(home, "host", "add", name, "--address", f"root@{host.address}", "--disk", host.disk,
+                        *extra, "--key", str(lab.key_file), "--trust-first-use")
+            assert r.rc == 0, r.err
+        return host
+
+    yield make
+    for name in created:
+        lab.remove(name)

@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""What the capture tests compare: a disk's bytes now, and a stored point's bytes through stock qemu-img."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import points_json
+
+
+def file_digest(path: str | Path, size: int | None = None) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        left = size if size is not None else os.lseek(fd, 0, os.SEEK_END)
+        offset = 0
+        while left > 0:
+            chunk = os.pread(fd, min(left, 8 << 20), offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def point_raw_digest(image: Path, size: int, scratch: Path) -> str:
+    """sha256 of the point's first `size` bytes as `qemu-img convert -O raw` gives them (no appliance code)."""
+    raw = scratch / f"{image.stem}.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        total = raw.stat().st_size
+        assert total == -(-size // 512) * 512, f"virtual size {total} for a {size}-byte disk"
+        with open(raw, "rb") as f:
+            f.seek(size)
+            assert f.read() == bytes(total - size), "padding past the disk's end must read as zeroes"
+        return file_digest(raw, size)
+    finally:
+        raw.unlink()
+
+
+def chain_files(home: Path, host: str) -> list[Path]:
+    return [home / "store" / host / p["disks"][0]["file"] for p in points_json(home, host)]  # type: ignore[index]
+
+
+def store_state(home: Path, host: str) -> dict[str, str]:
+    """Every file of a host's store (catalog included) with its content hash: 'unchanged' means equal."""
+    root = home / "store" / host
+    return {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
