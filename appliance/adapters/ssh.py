@@ -93,7 +93,7 @@ def load_private_key(path: Path) -> paramiko.PKey:
         return paramiko.PKey.from_path(str(path))
     except FileNotFoundError as exc:
         raise ConfigError(f"SSH key {path} does not exist") from exc
-    except paramiko.PasswordRequiredException as exc:
+    except (paramiko.PasswordRequiredException, TypeError) as exc:  # TypeError: OpenSSH-format key with a passphrase
         raise ConfigError(
             f"SSH key {path} is protected by a passphrase",
             hint="give the appliance a key of its own without a passphrase; it is stored readable by root only",

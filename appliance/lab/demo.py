@@ -32,7 +32,8 @@ def run_demo(home: Path) -> None:
     lab = Lab(home / "lab")
     print("Tearing down any earlier demo ...", flush=True)
     lab.down()
-    _appliance(home, "host", "remove", HOST, "--purge", check=False)
+    if (home / "hosts" / f"{HOST}.json").exists():
+        _appliance(home, "host", "remove", HOST, "--purge")
     _appliance(home, "lab", "up", "--host", HOST, "--disk-size", "1G", "--data", "0.4")
     h = lab.host(HOST)
     _appliance(home, "host", "add", HOST, "--address", f"root@{h.address}", "--disk", h.disk,

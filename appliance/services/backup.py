@@ -33,6 +33,7 @@ from appliance.errors import (
     RemoteCommandError,
     StoreFullError,
 )
+from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.store import catalog, hosts
@@ -86,7 +87,9 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
             raise
         finally:
             capture.discard_partial()
+        checkpoint("capture.before_catalog")
         catalog.save(chain_dir, chain.appended(point))
+        checkpoint("capture.after_catalog")
         _drop_old_hash_lists(chain_dir, chain.appended(point))
         log.info(
             "point.created", host=name, point=point.id, depth=len(chain.points) + 1, seconds=round(point.seconds, 2),
@@ -230,6 +233,7 @@ class _Capture:
         carry = carry_over(prev_disk.size if prev_disk else None, size, block_size)
         backing = Path(prev_disk.file).name if prev_disk else None
         self.tools.images.create(image, size, backing)
+        checkpoint("capture.created")
         return _DiskPlan(slot, relative, image, hash_path, size, block_size, carry, prev_disk, prev_hashes)
 
     def _send_old_hashes(self, stream: RemoteStream, plans: list[_DiskPlan]) -> None:
@@ -259,6 +263,7 @@ class _Capture:
                     while True:
                         record = self._next(records, stream)
                         if isinstance(record, DataRun):
+                            checkpoint("capture.data")
                             os.pwrite(fd, record.data, record.first * plan.block_size)
                             hashes.set(record.first, record.hashes)
                             changed += len(record.data)
@@ -277,8 +282,10 @@ class _Capture:
                         else:
                             raise RemoteCommandError(f"{self.host.name}: unexpected {type(record).__name__} record")
                     os.fsync(fd)
+                    checkpoint("capture.written")
                 finally:
                     os.close(fd)
+            checkpoint("capture.export_closed")
             digest = hashes.finish()
         except BaseException:
             hashes.discard()
@@ -309,8 +316,10 @@ class _Capture:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        checkpoint("capture.before_rename")
         for path in self._partials:
             os.rename(path, path.with_name(path.name[1 : -len(".part")]))
+            checkpoint("capture.renaming")
         for folder in {p.parent for p in self._partials}:
             fsync_dir(folder)
         self._partials = []

@@ -1,0 +1,25 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Deterministic crash points for the crash tests (as borg's failing chunker: fault injection in the product).
+
+`APPLIANCE_CRASH_AT=name` or `name:n` kills the process with SIGKILL the (n-th) time it reaches the
+checkpoint `name`: no cleanup, no finally blocks, exactly like a power cut of the appliance process.
+Unset (always, outside tests), a checkpoint costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_spec = os.environ.get("APPLIANCE_CRASH_AT", "")
+_name, _, _count = _spec.partition(":")
+_left = int(_count or 1)
+
+
+def checkpoint(name: str) -> None:
+    global _left
+    if not _spec or name != _name:
+        return
+    _left -= 1
+    if _left <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
