@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -95,24 +96,24 @@ class ImageExport:
         self._stop(clean=exc_type is None)
 
     def _start(self) -> None:
-        argv = [QSD, "--chardev", f"socket,id=mon,path={self._socket},server=on,wait=off", "--monitor", "chardev=mon"]
+        # The appliance listens and the daemon connects to it (as qemu.machine does): no race between the
+        # daemon creating its socket and a client connecting to it.
+        qmp = QEMUMonitorProtocol(str(self._socket), server=True)
+        argv = [QSD, "--chardev", f"socket,id=mon,path={self._socket}", "--monitor", "chardev=mon"]
         try:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 preexec_fn=die_with_parent,
             )
         except FileNotFoundError as exc:
+            qmp.close()
             raise ImageToolError(f"{QSD} is not installed (Debian package qemu-system-common)") from exc
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._socket.exists():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise ImageToolError(f"{QSD} did not start: {self._stderr_tail()}")
-            time.sleep(0.005)
-        qmp = QEMUMonitorProtocol(str(self._socket))
         try:
-            qmp.connect()
-        except (QMPError, OSError) as exc:
-            raise ImageToolError(f"cannot talk to {QSD}: {exc}") from exc
+            qmp.accept(timeout=START_TIMEOUT)
+        except (QMPError, OSError, TimeoutError) as exc:
+            with contextlib.suppress(*_QMP_GONE):
+                qmp.close()
+            raise ImageToolError(f"{QSD} did not start: {self._stderr_tail() or exc}") from exc
         self._qmp = qmp
 
     def _qmp_cmd(self, name: str, **args: object) -> object:
@@ -134,17 +135,17 @@ class ImageExport:
             except _QMP_GONE as exc:
                 failure = exc
             with contextlib.suppress(*_QMP_GONE):
-                self._qmp_cmd("quit")
-            with contextlib.suppress(*_QMP_GONE):  # the daemon may already have closed the socket
                 self._qmp.close()
             self._qmp = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()  # the daemon exits cleanly on SIGTERM, closing whatever is still open
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-            if self._proc.returncode != 0 and failure is None:
+            if self._proc.returncode not in (0, -signal.SIGTERM) and failure is None:
                 failure = ImageToolError(f"{QSD} exited {self._proc.returncode}: {self._stderr_tail()}")
             if self._proc.stderr:
                 self._proc.stderr.close()
