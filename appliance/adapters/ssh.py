@@ -34,7 +34,10 @@ from appliance.log import get_logger
 
 log = get_logger(__name__)
 
-WINDOW_SIZE = 64 << 20
+WINDOW_SIZE = 8 << 20  # with reads of a whole window, 8 MiB keeps up with the link (bench: same speed as 32 MiB) at half the memory
+# AES-GCM first: paramiko prefers aes128-ctr + HMAC, which moved 410 MB/s here against 820 MB/s for GCM
+# (authenticated encryption in one pass, done by the cryptography library outside the GIL).
+_GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 MAX_PACKET_SIZE = 256 << 10  # OpenSSH accepts up to 256 KiB; fewer, larger packets cost less CPU per byte
 
 
@@ -102,6 +105,10 @@ def load_private_key(path: Path) -> paramiko.PKey:
         raise ConfigError(f"SSH key {path} cannot be read: {exc}") from exc
 
 
+class _FastTransport(paramiko.Transport):
+    _preferred_ciphers = (*_GCM_FIRST, *(c for c in paramiko.Transport._preferred_ciphers if c not in _GCM_FIRST))
+
+
 class _RejectUnknown(paramiko.MissingHostKeyPolicy):
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         raise HostKeyError(f"{hostname} presented a host key that was never pinned ({fingerprint(key)})")
@@ -135,6 +142,7 @@ class Connection:
                 port=ep.port, username=ep.user, pkey=pkey, sock=sock,
                 look_for_keys=False, allow_agent=False,
                 timeout=ep.timeout, banner_timeout=ep.timeout, auth_timeout=ep.timeout,
+                transport_factory=_FastTransport,
             )
         except paramiko.BadHostKeyException as exc:
             sock.close()
@@ -201,10 +209,14 @@ class RemoteProcess:
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise self._lost(exc) from exc
 
-    def recv(self, n: int) -> bytes:
-        """Up to n bytes of stdout; b'' at end of stream."""
+    def recv_some(self) -> bytes:
+        """Whatever stdout has arrived (waiting for at least one byte); b'' at end of stream.
+
+        Always asks for a whole window: paramiko's receive buffer moves what is left after a partial
+        read, which turns into quadratic copying when the buffer is tens of MiB deep.
+        """
         try:
-            data = self._channel.recv(n)
+            data = self._channel.recv(WINDOW_SIZE)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise self._lost(exc) from exc
         self.bytes_received += len(data)

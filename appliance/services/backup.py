@@ -164,7 +164,7 @@ class _Capture:
     def _exchange(self, stream: RemoteStream) -> list[DiskPoint]:
         disk_args = [(path, self.host.block_size) for path in self.host.disks]
         stream.write(protocol.encode_request(disk_args, self.host.pre_hook, self.host.post_hook))
-        records = protocol.RecordReader(stream.recv)
+        records = protocol.RecordReader(stream.recv_some)
         hello = self._expect_hello(records, stream)
         previous = self.chain.newest
         plans = [self._plan_disk(i, remote.size, previous) for i, remote in enumerate(hello.disks)]

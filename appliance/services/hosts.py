@@ -147,7 +147,7 @@ def probe(tools: Tools, host: Host) -> protocol.Hello:
     with tools.remote.connect(host) as session:
         stream = start_reader(session, host)
         stream.write(protocol.encode_request([(d, host.block_size) for d in host.disks], probe=True))
-        records = protocol.RecordReader(stream.recv)
+        records = protocol.RecordReader(stream.recv_some)
         try:
             hello = records.next()
         except EOFError:

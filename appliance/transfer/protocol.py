@@ -42,7 +42,7 @@ class Hello:
 class DataRun:
     first: int
     hashes: bytes
-    data: bytes
+    data: memoryview  # valid until the next record is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,37 +136,50 @@ class _RunEncoder:
 
 
 class RecordReader:
-    """Decodes the reader's records from `recv`, buffering as little as one record needs."""
+    """Decodes the reader's records from `recv_some`, which returns whatever bytes have arrived (b'' at end).
 
-    def __init__(self, recv: Callable[[int], bytes]) -> None:
-        self._recv = recv
-        self._buf = bytearray()
+    Block data is handed out as a memoryview into the received chunk when a record lies in one chunk,
+    so most bytes are copied once (by the transport) on their way to the disk.
+    """
+
+    def __init__(self, recv_some: Callable[[], bytes]) -> None:
+        self._recv_some = recv_some
+        self._chunk = b""
+        self._pos = 0
         self.block_size = 0  # of the disk being received; the caller sets it before each disk
 
-    def _read(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = self._recv(max(n - len(self._buf), 1 << 20))
+    def _read(self, n: int) -> memoryview:
+        available = len(self._chunk) - self._pos
+        if available >= n:
+            view = memoryview(self._chunk)[self._pos : self._pos + n]
+            self._pos += n
+            return view
+        parts = [memoryview(self._chunk)[self._pos :]]
+        have = available
+        while have < n:
+            chunk = self._recv_some()
             if not chunk:
                 raise EOFError("stream ended")
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+            parts.append(memoryview(chunk))
+            have += len(chunk)
+        joined = b"".join(parts)
+        self._chunk, self._pos = joined, n
+        return memoryview(joined)[:n]
 
     def _json(self) -> dict[str, Any]:
         (length,) = wire.U32.unpack(self._read(wire.U32.size))
         try:
-            return dict(json.loads(self._read(length)))
+            return dict(json.loads(bytes(self._read(length))))
         except ValueError as exc:
             raise ProtocolError(f"bad JSON record: {exc}") from exc
 
     def next(self) -> Record:
-        tag = self._read(1)
+        tag = bytes(self._read(1))
         if tag == b"D":
             first, length = _RUN_HEADER.unpack(self._read(_RUN_HEADER.size))
             count = -(-length // self.block_size)
             hashes = self._read(count * HASH_LEN)
-            return DataRun(first, hashes, self._read(length))
+            return DataRun(first, bytes(hashes), self._read(length))
         if tag == b"Z":
             first, count = _RUN_HEADER.unpack(self._read(_RUN_HEADER.size))
             return ZeroRun(first, count)
@@ -174,7 +187,7 @@ class RecordReader:
             return Progress(_U64.unpack(self._read(_U64.size))[0])
         if tag == b"E":
             (read,) = _U64.unpack(self._read(_U64.size))
-            return DiskEnd(read, self._read(HASH_LEN).hex())
+            return DiskEnd(read, bytes(self._read(HASH_LEN)).hex())
         if tag == b"H":
             obj = self._json()
             disks = tuple(RemoteDisk(d["path"], int(d["size"]), d["kind"], d.get("error", "")) for d in obj["disks"])

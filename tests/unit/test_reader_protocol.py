@@ -25,7 +25,7 @@ def _run_reader(disk: Path, previous: bytes | None, old_size: int | None, block_
     assert proc.stdin and proc.stdout
     proc.stdin.write(code + protocol.encode_request([(str(disk), block_size)]))
     proc.stdin.flush()
-    records = protocol.RecordReader(proc.stdout.read1)
+    records = protocol.RecordReader(lambda: proc.stdout.read1(1 << 20))  # type: ignore[union-attr]
     records.block_size = block_size
     hello = records.next()
     assert isinstance(hello, protocol.Hello)
@@ -77,5 +77,5 @@ def test_missing_disk_is_reported_not_crashed(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
                           input=code + protocol.encode_request([(str(tmp_path / "nope"), BS)]), capture_output=True)
     pieces = iter([proc.stdout, b""])
-    rec = protocol.RecordReader(lambda n: next(pieces)).next()
+    rec = protocol.RecordReader(lambda: next(pieces)).next()
     assert isinstance(rec, protocol.RemoteFailure) and rec.code == "disk-missing"
