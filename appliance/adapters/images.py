@@ -10,8 +10,8 @@ from appliance.adapters import qemu_img, qsd
 
 
 class QemuImages:
-    def create(self, path: Path, size: int, backing: str | None = None) -> None:
-        qemu_img.create(path, size, backing)
+    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> None:
+        qemu_img.create(path, size, backing, cluster_size)
 
     def info_chain(self, path: Path) -> list[dict[str, Any]]:
         return qemu_img.info_chain(path)

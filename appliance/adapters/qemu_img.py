@@ -23,8 +23,8 @@ def qcow2_size(size: int) -> int:
     return -(-size // 512) * 512
 
 
-def create_argv(path: Path, size: int, backing: str | None = None) -> list[str]:
-    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
+def create_argv(path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> list[str]:
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}"]
     if backing is not None:
         argv += ["-b", backing, "-F", "qcow2"]
     return [*argv, str(path), str(qcow2_size(size))]
@@ -44,10 +44,10 @@ def _fail(exc: CommandFailed, what: str) -> ImageToolError:
     return ImageToolError(f"{what}: {exc.last_line}")
 
 
-def create(path: Path, size: int, backing: str | None = None) -> None:
+def create(path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> None:
     """Create a qcow2 image; `backing` is the previous point's file name, relative to `path`'s folder."""
     try:
-        run(create_argv(path, size, backing), cwd=path.parent)
+        run(create_argv(path, size, backing, cluster_size), cwd=path.parent)
     except CommandFailed as exc:
         raise _fail(exc, f"cannot create {path.name}") from exc
 

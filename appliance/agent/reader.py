@@ -26,6 +26,7 @@ Host -> appliance, one record after another, each starting with a one-byte type:
   X u32+JSON  fatal error: {"code", "message", ...}; nothing after it
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -182,23 +183,53 @@ def open_disk(path):
     return fd, size, "block" if stat.S_ISBLK(mode) else "file"
 
 
+ZERO_CHUNK = bytes(CHUNK)
+
+
+class _HoleFinder(object):
+    """Sparse image files: SEEK_DATA says where data is, so holes are never read. Block devices (and
+    file systems without SEEK_DATA) answer nothing useful, and everything is read."""
+
+    def __init__(self, fd, size):
+        self.fd = fd
+        self.size = size
+        self.next_data = 0
+        self.enabled = hasattr(os, "SEEK_DATA") and stat.S_ISREG(os.fstat(fd).st_mode)
+
+    def is_hole(self, offset, length):
+        if not self.enabled:
+            return False
+        if self.next_data < offset:
+            try:
+                self.next_data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset; EINVAL: not supported
+                self.next_data = self.size
+        return self.next_data >= offset + length
+
+
 def chunks(fd, size):
     """Yield (offset, buffer) of the disk, read ahead by a thread so that I/O overlaps hashing."""
     q = queue.Queue(maxsize=4)
+
+    holes = _HoleFinder(fd, size)
 
     def reader():
         offset = 0
         try:
             while offset < size:
                 want = min(CHUNK, size - offset)
-                buf = bytearray(want)
-                view = memoryview(buf)
-                got = 0
-                while got < want:
-                    n = os.preadv(fd, [view[got:]], offset + got) if hasattr(os, "preadv") else _pread_into(fd, view[got:], offset + got)
-                    if n == 0:
-                        raise Fatal("disk-changed", "disk ended at %d bytes, expected %d" % (offset + got, size))
-                    got += n
+                if want == CHUNK and holes.is_hole(offset, want):
+                    q.put((offset, ZERO_CHUNK))  # a hole of a sparse image file reads as zeroes: skip the read
+                    offset += want
+                    continue
+                # pread into a new bytes object: no zero-filling of a fresh buffer, and glibc reuses the
+                # freed chunks, so there are no page faults either (bytearray(want) cost a third of the time)
+                buf = os.pread(fd, want, offset)
+                while len(buf) < want:
+                    more = os.pread(fd, want - len(buf), offset + len(buf))
+                    if not more:
+                        raise Fatal("disk-changed", "disk ended at %d bytes, expected %d" % (offset + len(buf), size))
+                    buf += more
                 q.put((offset, buf))
                 offset += want
             q.put(None)
@@ -218,55 +249,108 @@ def chunks(fd, size):
         yield item
 
 
-def _pread_into(fd, view, offset):
-    data = os.pread(fd, len(view), offset)
-    view[: len(data)] = data
-    return len(data)
-
-
-def send_disk(fd, size, block_size, old, out):
-    """Read one disk, send what changed, return (bytes read, digest)."""
-    digest = hashlib.sha256()
+def hash_chunk(buf, block_size):
+    """Per block of the chunk: (is_zero, sha256). Runs in a worker thread: sha256 releases the GIL."""
     zero_full = bytes(block_size)
     zero_hash_full = hashlib.sha256(zero_full).digest()
-    zero_chunk = bytes(CHUNK)
+    view = memoryview(buf)
+    n = len(buf)
+    out = []
+    for start in range(0, n, block_size):
+        length = min(block_size, n - start)
+        if length == block_size:
+            if buf.startswith(zero_full, start):
+                out.append((True, zero_hash_full))
+                continue
+        elif buf.startswith(bytes(length), start):
+            out.append((True, hashlib.sha256(bytes(length)).digest()))
+            continue
+        out.append((False, hashlib.sha256(view[start : start + length]).digest()))
+    return Hashed(view, out)
+
+
+class Hashed(object):
+    __slots__ = ("buf", "blocks")
+
+    def __init__(self, buf, blocks):
+        self.buf = buf
+        self.blocks = blocks
+
+
+class _Inline:
+    """Stands in for a thread pool on a one-CPU host."""
+
+    class _Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(self, fn, *args):
+        return self._Done(fn(*args))
+
+    def shutdown(self, wait=True):
+        pass
+
+
+def _hash_pool():
+    workers = min(4, os.cpu_count() or 1)
+    if workers < 2:
+        return _Inline()
+    import concurrent.futures
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+
+
+def send_disk(fd, size, block_size, old, out, pool):
+    """Read one disk, send what changed, return (bytes read, digest).
+
+    Chunks are hashed by a pool of threads, a few chunks ahead, and compared in order here.
+    """
+    digest = hashlib.sha256()
+    zero_hash_full = hashlib.sha256(bytes(block_size)).digest()
+    zero_chunk = ZERO_CHUNK
     next_progress = PROGRESS_EVERY
     done = 0
+    pending = collections.deque()
+
+    def settle(item):
+        offset, n, olds, hashed = item
+        if hashed is None:  # all zero before and now: nothing to compare, nothing to send
+            digest.update(zero_hash_full * len(olds))
+        else:
+            _send_chunk(hashed.result(), offset // block_size, block_size, n, olds, digest, out)
+
     for offset, buf in chunks(fd, size):
         n = len(buf)
-        first = offset // block_size
-        nblocks = -(-n // block_size)
-        all_zero_before, olds = old.take(nblocks)
-        if all_zero_before and n % block_size == 0 and buf == zero_chunk[:n]:
-            digest.update(zero_hash_full * nblocks)
+        all_zero_before, olds = old.take(-(-n // block_size))
+        if all_zero_before and n % block_size == 0 and (buf is zero_chunk or buf == zero_chunk[:n]):
+            hashed = None
         else:
-            _send_chunk(buf, first, block_size, olds, digest, out, zero_full, zero_hash_full)
+            hashed = pool.submit(hash_chunk, buf, block_size)
+        pending.append((offset, n, olds, hashed))
+        if len(pending) > 8:
+            settle(pending.popleft())
         done += n
         if done >= next_progress:
             out.send(PROGRESS.pack(b"P", done))
             next_progress += PROGRESS_EVERY
+    while pending:
+        settle(pending.popleft())
     return done, digest.digest()
 
 
-def _send_chunk(buf, first, block_size, olds, digest, out, zero_full, zero_hash_full):
-    view = memoryview(buf)
-    n = len(buf)
+def _send_chunk(hashed, first, block_size, n, olds, digest, out):
+    """Compare one chunk's blocks with the previous point and send the runs of changed blocks."""
     run_start = None  # first block of the pending run of changed data blocks
     run_hashes = []
     zero_start = None
     zero_count = 0
+    buf = hashed.buf
     for j in range(len(olds)):
-        start = j * block_size
-        length = min(block_size, n - start)
-        if length == block_size:
-            is_zero = buf.startswith(zero_full, start)
-            h = zero_hash_full if is_zero else None
-        else:
-            is_zero = buf.startswith(bytes(length), start)
-            h = hashlib.sha256(bytes(length)).digest() if is_zero else None
+        is_zero, h = hashed.blocks[j]
         prev = olds[j]
-        if h is None:
-            h = hashlib.sha256(view[start : start + length]).digest()
         digest.update(h)
         if is_zero:
             changed = prev is not None  # was data or unknown: must become zeroes
@@ -274,7 +358,7 @@ def _send_chunk(buf, first, block_size, olds, digest, out, zero_full, zero_hash_
             changed = prev is None or prev == b"" or prev != h[:PREFIX_LEN]
         # Close the pending runs that this block does not extend.
         if run_start is not None and (not changed or is_zero or (j - run_start) * block_size >= MAX_RUN):
-            _flush_data(out, view, first, run_start, j, block_size, n, run_hashes)
+            _flush_data(out, buf, first, run_start, j, block_size, n, run_hashes)
             run_start, run_hashes = None, []
         if zero_start is not None and not (changed and is_zero):
             out.send(ZERO.pack(b"Z", first + zero_start, zero_count))
@@ -290,12 +374,12 @@ def _send_chunk(buf, first, block_size, olds, digest, out, zero_full, zero_hash_
                 run_start = j
             run_hashes.append(h)
     if run_start is not None:
-        _flush_data(out, view, first, run_start, len(olds), block_size, n, run_hashes)
+        _flush_data(out, buf, first, run_start, len(olds), block_size, n, run_hashes)
     if zero_start is not None:
         out.send(ZERO.pack(b"Z", first + zero_start, zero_count))
 
 
-def _flush_data(out, view, first, start, end, block_size, n, hashes):
+def _flush_data(out, view, first, start, end, block_size, n, hashes):  # view: the chunk's memoryview
     lo = start * block_size
     hi = min(end * block_size, n)
     out.send(DATA.pack(b"D", first + start, hi - lo), b"".join(hashes), view[lo:hi])
@@ -358,8 +442,9 @@ def main():
         }
         out.send(_json_record(b"H", hello))
         old = OldHashes(stdin)
+        pool = _hash_pool()
         for fd, size, kind, d in disks:
-            read, digest = send_disk(fd, size, int(d["block_size"]), old, out)
+            read, digest = send_disk(fd, size, int(d["block_size"]), old, out, pool)
             out.send(END.pack(b"E", read), digest)
         post, post_hook = run_hook(post_hook, "post"), None
         out.send(_json_record(b"F", {"post_hook": post}))

@@ -19,8 +19,9 @@ def capture(
     disk_size: Annotated[str, typer.Option("--disk-size")] = "2G",
     data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
     change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before the incremental")] = 1.0,
+    block_size: Annotated[str, typer.Option("--block-size", help="The appliance's block size for this run")] = "32K",
 ) -> None:
     """Full and incremental capture against rsync and OpenSSH cat: time, bytes on the wire, peak RSS."""
     from appliance.bench.capture import run_capture_bench
 
-    run_capture_bench(state(ctx).home.root, parse_size(disk_size), data, change / 100.0)
+    run_capture_bench(state(ctx).home.root, parse_size(disk_size), data, change / 100.0, block_size)

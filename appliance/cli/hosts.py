@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import size, table
+from appliance.cli._output import parse_size, size, table
 from appliance.cli.context import state
-from appliance.domain.models import HostKey
+from appliance.domain.models import HostKey, validate_block_size
 from appliance.errors import ConfigError
 from appliance.services import hosts as host_service
 from appliance.store import hosts as host_store
@@ -52,6 +52,7 @@ def add(
     trust_first_use: Annotated[bool, typer.Option("--trust-first-use", help="Pin whatever key the host presents now, and print it")] = False,
     python: Annotated[str, typer.Option("--python", help="Python 3 interpreter on the host")] = "python3",
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds without data before a connection counts as lost")] = 60.0,
+    block_size: Annotated[str, typer.Option("--block-size", help="Unit of change detection, 4K..1M (a chain keeps the one it started with)")] = "32K",
 ) -> None:
     """Register a protected host: pin its SSH host key and check that every disk can be read."""
     st = state(ctx)
@@ -59,6 +60,7 @@ def add(
         st.home, st.tools, name=name, address=address, port=port, disks=disk, key=key.expanduser(),
         pre_hook=_hook(pre_hook), post_hook=_hook(post_hook), fingerprint=fingerprint,
         trust_first_use=trust_first_use, confirm=_ask, python=python, timeout=timeout,
+        block_size=validate_block_size(parse_size(block_size)),
     )
     typer.echo(f"pinned host key {host.host_key.fingerprint} ({host.host_key.key_type}) for {host.address}:{host.port}")
     typer.echo(f"added {host.name}: {host.target}, python {hello.python} on the host")
@@ -80,6 +82,7 @@ def set_(
     trust_first_use: Annotated[bool, typer.Option("--trust-first-use")] = False,
     python: Annotated[str | None, typer.Option("--python")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout")] = None,
+    block_size: Annotated[str | None, typer.Option("--block-size", help="For chains started from now on")] = None,
 ) -> None:
     """Change a protected host's settings."""
     st = state(ctx)
@@ -100,6 +103,8 @@ def set_(
         changes["timeout"] = timeout
     if key is not None:
         changes["key"] = key.expanduser()
+    if block_size is not None:
+        changes["block_size"] = validate_block_size(parse_size(block_size))
     if fingerprint:
         changes["fingerprint"] = fingerprint
     if trust_first_use:

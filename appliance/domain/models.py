@@ -12,13 +12,14 @@ from appliance.errors import ConfigError
 HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 POINT_ID_FORMAT = "%Y%m%dT%H%M%SZ"
 
-# Block size of content hashing and change detection. 64 KiB is qcow2's default cluster size: a changed
-# block lands as whole clusters in the overlay, so no copy-on-write of neighbouring data from the backing
-# file; and the hash list stays small (32 bytes per 64 KiB: 0.05 % of the disk, sent once per incremental
-# as 16-byte prefixes with zero blocks run-length coded). Smaller blocks send fewer unchanged bytes around
-# a small write but cost a larger hash exchange and partial-cluster writes; see bench/README.md for the
-# measured trade-off.
-DEFAULT_BLOCK_SIZE = 64 * 1024
+# Block size of content hashing and change detection. A write smaller than a block costs the whole block
+# on the wire, so smaller is cheaper for scattered writes; but every block costs a 16-byte hash prefix sent
+# to the host (zero blocks aside) and a per-block step in Python on both sides. Measured here (bench
+# capture, 2 GiB disk, 40 % data, 1 % changed in 4 KiB..1 MiB extents; bytes on the wire over bytes that
+# really changed): 64K 1.16x, 32K 1.09x, 16K 1.07x, at the same speed for 64K and 32K and 12 % slower at
+# 16K. 32K is the knee. Overlays use qcow2 clusters of the same size, so a changed block fills whole
+# clusters and QEMU never copies the rest of a cluster up from the backing file.
+DEFAULT_BLOCK_SIZE = 32 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,12 @@ def validate_host_name(name: str) -> str:
             f"invalid host name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
         )
     return name
+
+
+def validate_block_size(size: int) -> int:
+    if size < 4096 or size > (1 << 20) or size & (size - 1):
+        raise ConfigError(f"invalid block size {size}: use a power of two from 4K to 1M")
+    return size
 
 
 def parse_address(address: str, port: int | None) -> tuple[str, str, int]:

@@ -162,12 +162,13 @@ class _Capture:
         )
 
     def _exchange(self, stream: RemoteStream) -> list[DiskPoint]:
-        disk_args = [(path, self.host.block_size) for path in self.host.disks]
+        block_sizes = [self._block_size(slot_name(i)) for i in range(len(self.host.disks))]
+        disk_args = list(zip(self.host.disks, block_sizes, strict=True))
         stream.write(protocol.encode_request(disk_args, self.host.pre_hook, self.host.post_hook))
         records = protocol.RecordReader(stream.recv_some)
         hello = self._expect_hello(records, stream)
         previous = self.chain.newest
-        plans = [self._plan_disk(i, remote.size, previous) for i, remote in enumerate(hello.disks)]
+        plans = [self._plan_disk(i, remote.size, block_sizes[i], previous) for i, remote in enumerate(hello.disks)]
         self.progress.total = sum(p.size for p in plans)
         sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
         sender.start()
@@ -209,14 +210,18 @@ class _Capture:
 
     # -- per disk -------------------------------------------------------------------------------------
 
-    def _plan_disk(self, index: int, size: int, previous: Point | None) -> _DiskPlan:
+    def _block_size(self, slot: str) -> int:
+        """A chain keeps the block size it started with; a new disk takes the host's setting."""
+        previous = self.chain.newest
+        if previous is not None and any(d.slot == slot for d in previous.disks):
+            return previous.disk(slot).block_size
+        return self.host.block_size
+
+    def _plan_disk(self, index: int, size: int, block_size: int, previous: Point | None) -> _DiskPlan:
         slot = slot_name(index)
-        block_size = self.host.block_size
         prev_disk = None
         if previous is not None and any(d.slot == slot for d in previous.disks):
             prev_disk = previous.disk(slot)
-            if prev_disk.block_size != block_size:
-                block_size = prev_disk.block_size  # a chain keeps its block size
         relative = point_file(slot, self.point_id)
         (self.chain_dir / slot).mkdir(parents=True, exist_ok=True, mode=0o700)
         image = self.chain_dir / partial(relative)
@@ -232,7 +237,8 @@ class _Capture:
                 )
         carry = carry_over(prev_disk.size if prev_disk else None, size, block_size)
         backing = Path(prev_disk.file).name if prev_disk else None
-        self.tools.images.create(image, size, backing)
+        # Clusters no larger than a block (see DEFAULT_BLOCK_SIZE).
+        self.tools.images.create(image, size, backing, cluster_size=min(block_size, 65536))
         checkpoint("capture.created")
         return _DiskPlan(slot, relative, image, hash_path, size, block_size, carry, prev_disk, prev_hashes)
 

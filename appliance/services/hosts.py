@@ -67,6 +67,7 @@ def add_host(
     confirm: ConfirmKey | None = None,
     python: str = "python3",
     timeout: float = 60.0,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Host, protocol.Hello]:
     """Register a protected host: pin its key, check that the appliance can log in and read every disk.
 
@@ -85,7 +86,7 @@ def add_host(
     host = Host(
         name=name, address=address_only, user=user, port=final_port, key_file=key_file, host_key=host_key,
         disks=tuple(disks), pre_hook=tuple(pre_hook), post_hook=tuple(post_hook), python=python,
-        block_size=DEFAULT_BLOCK_SIZE, timeout=timeout,
+        block_size=block_size, timeout=timeout,
     )
     try:
         hello = probe(tools, host)

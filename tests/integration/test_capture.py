@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from appliance.domain.models import DEFAULT_BLOCK_SIZE
 from appliance.lab import disks
 from tests.conftest import points_json, run_cli
 from tests.integration.helpers import chain_files, file_digest, point_raw_digest
@@ -47,19 +48,20 @@ def test_incremental_sends_only_changed_blocks_and_full_is_sparse(make_host, hom
     unchanged = _backup(home, host.name)
     assert unchanged["sent_bytes"] == 0 and unchanged["changed_bytes"] == 0
     assert unchanged["wire_bytes"] < 200_000  # hash prefixes of data blocks only, zero runs coded
-    # One 4 KiB write: exactly one 64 KiB block travels.
+    # One 4 KiB write: exactly one block travels.
+    block = DEFAULT_BLOCK_SIZE
     fd = os.open(host.disk, os.O_WRONLY)
-    os.pwrite(fd, b"\xab" * 4096, 5 * 65536 + 8192)
+    os.pwrite(fd, b"\xab" * 4096, 5 * block + 8192)
     os.close(fd)
     one = _backup(home, host.name)
-    assert one["sent_bytes"] == 65536
+    assert one["sent_bytes"] == block
 
 
 def _zero_bytes(path: str) -> int:
-    zero = bytes(65536)
+    zero = bytes(DEFAULT_BLOCK_SIZE)
     n = 0
     with open(path, "rb") as f:
-        while block := f.read(65536):
+        while block := f.read(DEFAULT_BLOCK_SIZE):
             n += len(block) if block == zero[: len(block)] else 0
     return n
 
