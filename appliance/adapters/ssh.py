@@ -12,6 +12,7 @@ stream dies at the first rekey ("Key-exchange timed out waiting for key negotiat
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import shlex
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
 
 from appliance.domain.models import Host, HostKey
 from appliance.errors import (
@@ -105,6 +107,62 @@ def load_private_key(path: Path) -> paramiko.PKey:
         raise ConfigError(f"SSH key {path} cannot be read: {exc}") from exc
 
 
+class _PacketQueue:
+    """Received packets as they arrived: what paramiko's BufferedPipe keeps in an `array` instead.
+
+    The array costs two copies of every byte plus page faults on each multi-MiB read; the queue hands
+    whole packets over and joins them once. It serves exactly the operations BufferedPipe performs on
+    its `_buffer`: len(), reading a prefix, and deleting a prefix.
+    """
+
+    def __init__(self) -> None:
+        self._packets: collections.deque[bytes] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        self._packets.append(data)
+        self._size += len(data)
+
+    def prefix(self, limit: int | None) -> bytes:
+        want = self._size if limit is None else min(limit, self._size)
+        if self._packets and len(self._packets[0]) == want:
+            return self._packets[0]
+        out, got = [], 0
+        for packet in self._packets:
+            if got >= want:
+                break
+            out.append(packet[: want - got])
+            got += len(out[-1])
+        return b"".join(out)
+
+    def __delitem__(self, key: slice) -> None:
+        n = self._size if key.stop is None else min(key.stop, self._size)
+        self._size -= n
+        while n:
+            head = self._packets[0]
+            if len(head) <= n:
+                self._packets.popleft()
+                n -= len(head)
+            else:
+                self._packets[0] = head[n:]
+                n = 0
+
+
+class _PacketPipe(BufferedPipe):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = _PacketQueue()
+
+    def _buffer_frombytes(self, data: bytes) -> None:
+        self._buffer.append(bytes(data))
+
+    def _buffer_tobytes(self, limit: int | None = None) -> bytes:
+        return self._buffer.prefix(limit)
+
+
 class _FastTransport(paramiko.Transport):
     _preferred_ciphers = (*_GCM_FIRST, *(c for c in paramiko.Transport._preferred_ciphers if c not in _GCM_FIRST))
 
@@ -175,6 +233,7 @@ class Connection:
             raise ConnectionLostError(f"connection to {self.endpoint.label} is closed")
         try:
             channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
+            channel.in_buffer = _PacketPipe()  # before any data arrives
             channel.settimeout(self.endpoint.timeout)
             channel.exec_command(shlex.join(argv))
         except (paramiko.SSHException, OSError) as exc:

@@ -20,8 +20,12 @@ def capture(
     data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
     change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before the incremental")] = 1.0,
     block_size: Annotated[str, typer.Option("--block-size", help="The appliance's block size for this run")] = "32K",
+    big: Annotated[str, typer.Option("--big", help="Size of the sparse disk of the memory run; 0 skips it")] = "64G",
 ) -> None:
-    """Full and incremental capture against rsync and OpenSSH cat: time, bytes on the wire, peak RSS."""
+    """Full and incremental capture against rsync and OpenSSH cat: time, bytes on the wire, peak RSS.
+
+    Runs on lab hosts of its own (APPLIANCE_HOME is not touched) and prints one table."""
     from appliance.bench.capture import run_capture_bench
 
-    run_capture_bench(state(ctx).home.root, parse_size(disk_size), data, change / 100.0, block_size)
+    run_capture_bench(state(ctx).home.root, parse_size(disk_size), data, change / 100.0, block_size,
+                      big=0 if big in ("0", "") else parse_size(big))
