@@ -40,7 +40,11 @@ def run_cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: 
     full_env = {**os.environ, **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "appliance", "--home", str(home), *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
     )
     return Result(done.returncode, done.stdout, done.stderr)
 

@@ -38,7 +38,7 @@ class Extent:
     data: bool
 
 
-def _fail(exc: CommandFailed, what: str) -> ImageToolError:
+def _fail(exc: CommandFailed, what: str) -> ImageToolError | StoreFullError:
     if "No space left" in exc.stderr:
         return StoreFullError(f"{what}: the appliance's disk is full")
     return ImageToolError(f"{what}: {exc.last_line}")

@@ -92,7 +92,9 @@ class ImageExport:
         log.debug("qsd.exported", image=str(self.image), writable=self.writable)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stop(clean=exc_type is None)
 
     def _start(self) -> None:
@@ -102,7 +104,10 @@ class ImageExport:
         argv = [QSD, "--chardev", f"socket,id=mon,path={self._socket}", "--monitor", "chardev=mon"]
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 preexec_fn=die_with_parent,
             )
         except FileNotFoundError as exc:

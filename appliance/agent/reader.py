@@ -389,7 +389,9 @@ def run_hook(argv, name):
     if not argv:
         return None
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=HOOK_TIMEOUT)
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=HOOK_TIMEOUT
+        )
     except FileNotFoundError:
         return {"hook": name, "rc": 127, "output": "%s: command not found" % argv[0]}
     except subprocess.TimeoutExpired:
@@ -443,7 +445,7 @@ def main():
         out.send(_json_record(b"H", hello))
         old = OldHashes(stdin)
         pool = _hash_pool()
-        for fd, size, kind, d in disks:
+        for fd, size, _, d in disks:
             read, digest = send_disk(fd, size, int(d["block_size"]), old, out, pool)
             out.send(END.pack(b"E", read), digest)
         post, post_hook = run_hook(post_hook, "post"), None

@@ -8,7 +8,6 @@ Peak RSS is the pulling process's own (`wait4`), on the appliance side.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -54,8 +53,12 @@ def _measure(host: LabHost, argv: list[str], stdout: int | None = subprocess.DEV
     with tempfile.NamedTemporaryFile("r") as rss_file:
         before = _wire(host)
         started = time.monotonic()
-        done = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *argv], stdout=stdout,
-                              stderr=subprocess.PIPE, check=False)
+        done = subprocess.run(
+            ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *argv],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
         seconds = time.monotonic() - started
         wire = _wire(host) - before
         if done.returncode != 0:
@@ -87,8 +90,9 @@ def _cache(state: str, *paths: str | Path) -> None:
             subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=False)
 
 
-def run_capture_bench(home_root: Path, disk_size: int, data: float, change: float, block_size: str = "32K",
-                      big: int = 64 << 30) -> list[Row]:
+def run_capture_bench(
+    home_root: Path, disk_size: int, data: float, change: float, block_size: str = "32K", big: int = 64 << 30
+) -> list[Row]:
     work = Path(tempfile.mkdtemp(prefix="bench-capture-", dir="/var/tmp"))
     home = work / "home"
     lab = Lab(work / "lab")
@@ -96,9 +100,27 @@ def run_capture_bench(home_root: Path, disk_size: int, data: float, change: floa
     rows: list[Row] = []
 
     def add(host: LabHost) -> None:
-        subprocess.run([*appliance, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", host.disk,
-                        "--key", str(lab.key_file), "--trust-first-use", "--block-size", block_size,
-                        "--python", "/usr/bin/python3"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *appliance,
+                "host",
+                "add",
+                host.name,
+                "--address",
+                f"root@{host.address}",
+                "--disk",
+                host.disk,
+                "--key",
+                str(lab.key_file),
+                "--trust-first-use",
+                "--block-size",
+                block_size,
+                "--python",
+                "/usr/bin/python3",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     try:
         host = lab.up(["bench1"], disk_size=disk_size, data_fraction=data)[0]
@@ -149,25 +171,33 @@ def _big_disk(lab: Lab, add: Callable[[LabHost], None], appliance: list[str], si
     full = _measure(host, [*appliance, "backup", host.name])
     disks.write_extents(host.disk, size, (64 << 20) / size, seed=3)
     inc = _measure(host, [*appliance, "backup", host.name])
-    print(f"\n{size >> 30} GiB sparse disk with 1 GiB of data: full {full[0]:.1f} s, peak RSS {full[2] / 1024:.0f} MiB; "
-          f"incremental (64 MiB changed) {inc[0]:.1f} s, peak RSS {inc[2] / 1024:.0f} MiB   (target < 200 MiB)")
+    print(
+        f"\n{size >> 30} GiB sparse disk with 1 GiB of data: full {full[0]:.1f} s, peak RSS {full[2] / 1024:.0f} MiB; "
+        f"incremental (64 MiB changed) {inc[0]:.1f} s, peak RSS {inc[2] / 1024:.0f} MiB   (target < 200 MiB)"
+    )
 
 
 def _print(rows: list[Row], disk_size: int, data: float, changed: dict[str, int]) -> None:
     mib = 1 << 20
-    print(f"\ncapture benchmark: {disk_size / (1 << 30):.1f} GiB disk, ~{data:.0%} data; each change touches "
-          f"{changed['warm'] / mib:.1f} / {changed['cold'] / mib:.1f} MiB (4 KiB blocks that differ)\n")
-    print(f"{'tool':<12} {'run':<11} {'cache':<5} {'seconds':>8} {'MB/s':>6} {'wire MiB':>9} {'wire/changed':>12} {'RSS MiB':>8}")
+    print(
+        f"\ncapture benchmark: {disk_size / (1 << 30):.1f} GiB disk, ~{data:.0%} data; each change touches "
+        f"{changed['warm'] / mib:.1f} / {changed['cold'] / mib:.1f} MiB (4 KiB blocks that differ)\n"
+    )
+    header = ("tool", "run", "cache", "seconds", "MB/s", "wire MiB", "wire/changed", "RSS MiB")
+    print("{:<12} {:<11} {:<5} {:>8} {:>6} {:>9} {:>12} {:>8}".format(*header))
     for r in rows:
         ratio = f"{r.wire / changed[r.note]:.2f}x" if r.run != "full" else "-"
-        print(f"{r.tool:<12} {r.run:<11} {r.note:<5} {r.seconds:>8.2f} {disk_size / r.seconds / 1e6:>6.0f} "
-              f"{r.wire / mib:>9.1f} {ratio:>12} {r.rss / 1024:>8.0f}")
+        print(
+            f"{r.tool:<12} {r.run:<11} {r.note:<5} {r.seconds:>8.2f} {disk_size / r.seconds / 1e6:>6.0f} "
+            f"{r.wire / mib:>9.1f} {ratio:>12} {r.rss / 1024:>8.0f}"
+        )
 
     def pick(tool: str, run: str, note: str = "warm") -> Row:
         return next(r for r in rows if r.tool == tool and (r.run == "full") == (run == "full") and r.note == note)
 
     print("\ntargets:")
-    print(f"  full throughput vs OpenSSH cat       {pick('OpenSSH cat', 'full').seconds / pick('appliance', 'full').seconds:.2f}x  (>= 0.8x)")
+    full_ratio = pick("OpenSSH cat", "full").seconds / pick("appliance", "full").seconds
+    print(f"  full throughput vs OpenSSH cat       {full_ratio:.2f}x  (>= 0.8x)")
     for note in ("warm", "cold"):
         app, peer = pick("appliance", "inc", note), pick("rsync", "inc", note)
         print(f"  incremental wire vs rsync ({note})     {app.wire / peer.wire:.2f}x  (<= 1.0x)")

@@ -12,7 +12,7 @@ import signal
 import sys
 import traceback
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -46,10 +46,19 @@ def _version(value: bool) -> None:
 @app.callback()
 def _global(
     ctx: typer.Context,
-    home: Annotated[str | None, typer.Option("--home", envvar="APPLIANCE_HOME", help="Where config, keys and chains live [default: /var/lib/appliance]")] = None,
+    home: Annotated[
+        str | None,
+        typer.Option(
+            "--home", envvar="APPLIANCE_HOME", help="Where config, keys and chains live [default: /var/lib/appliance]"
+        ),
+    ] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log events as JSON lines on stderr")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, and tracebacks of internal errors")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logs, and tracebacks of internal errors")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")
+    ] = False,
 ) -> None:
     log.configure(json=log_json, level="debug" if verbose else "info")
     ctx.obj = State(home_override=home, verbose=verbose)
@@ -90,8 +99,9 @@ def main() -> None:
         show = getattr(exc, "show", None)
         if show is None:
             _internal_error(exc, verbose)
-        show()
-        sys.exit(int(getattr(exc, "exit_code", EXIT_ERROR)))
+        else:
+            show()
+            sys.exit(int(getattr(exc, "exit_code", EXIT_ERROR)))
     except KeyboardInterrupt:
         _error_line("interrupted; nothing half-done was recorded", None)
         sys.exit(EXIT_SIGNAL_BASE + signal.SIGINT)
@@ -102,7 +112,7 @@ def main() -> None:
         _internal_error(exc, verbose)
 
 
-def _internal_error(exc: BaseException, verbose: bool) -> None:
+def _internal_error(exc: BaseException, verbose: bool) -> NoReturn:
     """A bug: say so in one line; the traceback is for --verbose."""
     _error_line(f"internal error: {type(exc).__name__}: {exc}", "run again with --verbose for the traceback")
     if verbose:

@@ -50,8 +50,22 @@ class ProgressLine:
             sys.stderr.write("\n")
 
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+    "T": 1 << 40,
+    "TB": 1 << 40,
+    "TIB": 1 << 40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -60,7 +74,7 @@ def parse_size(text: str) -> int:
 
     t = text.strip().upper()
     number = t.rstrip("KMGTIB")
-    unit = t[len(number):]
+    unit = t[len(number) :]
     try:
         value = float(number)
     except ValueError:

@@ -32,9 +32,11 @@ def backup(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The pro
     finally:
         bar.done()
     depth = len(catalog.load(st.home.chain_dir(name), name).points)
+    read = sum(d.read_bytes for d in point.disks)
     typer.echo(
-        f"{name}: point {point.id} ({point.time_iso}) in {point.seconds:.1f} s: read {size(sum(d.read_bytes for d in point.disks))}, "
-        f"changed {size(point.changed_bytes)}, sent {size(point.sent_bytes)}, on the wire {size(point.wire_bytes)}, depth {depth}"
+        f"{name}: point {point.id} ({point.time_iso}) in {point.seconds:.1f} s: read {size(read)}, "
+        f"changed {size(point.changed_bytes)}, sent {size(point.sent_bytes)}, "
+        f"on the wire {size(point.wire_bytes)}, depth {depth}"
     )
 
 
@@ -47,12 +49,28 @@ def _verified(p: Point) -> str:
 
 def _point_doc(p: Point, depth: int) -> dict[str, Any]:
     return {
-        "id": p.id, "time": p.time_iso, "seconds": round(p.seconds, 3), "depth": depth,
-        "changed_bytes": p.changed_bytes, "sent_bytes": p.sent_bytes, "wire_bytes": p.wire_bytes,
-        "disks": [{"slot": d.slot, "source": d.source, "file": d.file, "size": d.size, "digest": d.digest,
-                   "changed_bytes": d.changed_bytes, "sent_bytes": d.sent_bytes} for d in p.disks],
-        "verified": None if p.verification is None else {
-            "time": p.verification.time.isoformat(), "ok": p.verification.ok, "detail": p.verification.detail},
+        "id": p.id,
+        "time": p.time_iso,
+        "seconds": round(p.seconds, 3),
+        "depth": depth,
+        "changed_bytes": p.changed_bytes,
+        "sent_bytes": p.sent_bytes,
+        "wire_bytes": p.wire_bytes,
+        "disks": [
+            {
+                "slot": d.slot,
+                "source": d.source,
+                "file": d.file,
+                "size": d.size,
+                "digest": d.digest,
+                "changed_bytes": d.changed_bytes,
+                "sent_bytes": d.sent_bytes,
+            }
+            for d in p.disks
+        ],
+        "verified": None
+        if p.verification is None
+        else {"time": p.verification.time.isoformat(), "ok": p.verification.ok, "detail": p.verification.detail},
     }
 
 
@@ -79,7 +97,9 @@ def verify(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The protected host")],
     point: Annotated[str | None, typer.Option("--point", help="Only this point (id or time)")] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the newest point's block hash list if damaged")] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rebuild the newest point's block hash list if damaged")
+    ] = False,
 ) -> None:
     """Check the integrity of every point: qcow2 metadata, backing chain, content digest."""
     st = state(ctx)
@@ -90,6 +110,7 @@ def verify(
     results = verify_chain(st.home, st.tools, name, point_ref=point, repair=repair, on_point=show)
     bad = [r for r in results if not r.ok]
     if bad:
-        raise ChainCorruptError(f"{len(bad)} of {len(results)} points of {name} failed verification: "
-                                + ", ".join(r.point for r in bad))
+        raise ChainCorruptError(
+            f"{len(bad)} of {len(results)} points of {name} failed verification: " + ", ".join(r.point for r in bad)
+        )
     typer.echo(f"{name}: {len(results)} points verified")

@@ -27,5 +27,11 @@ def capture(
     Runs on lab hosts of its own (APPLIANCE_HOME is not touched) and prints one table."""
     from appliance.bench.capture import run_capture_bench
 
-    run_capture_bench(state(ctx).home.root, parse_size(disk_size), data, change / 100.0, block_size,
-                      big=0 if big in ("0", "") else parse_size(big))
+    run_capture_bench(
+        state(ctx).home.root,
+        parse_size(disk_size),
+        data,
+        change / 100.0,
+        block_size,
+        big=0 if big in ("0", "") else parse_size(big),
+    )

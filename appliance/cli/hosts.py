@@ -35,7 +35,9 @@ def _ask(key: HostKey) -> bool:
     if not sys.stdin.isatty():
         return False
     typer.echo(f"The host presents a {key.key_type} key with fingerprint {key.fingerprint}.", err=True)
-    return typer.confirm("Is this the host's key (compare it on the host with ssh-keygen -lf)?", default=False, err=True)
+    return typer.confirm(
+        "Is this the host's key (compare it on the host with ssh-keygen -lf)?", default=False, err=True
+    )
 
 
 @app.command("add")
@@ -43,23 +45,51 @@ def add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="A short name for the host, e.g. web1")],
     address: Annotated[str, typer.Option("--address", help="user@host or user@host:port (user defaults to root)")],
-    disk: Annotated[list[str], typer.Option("--disk", help="A block device or image file on the host; repeat for more disks")],
-    key: Annotated[Path, typer.Option("--key", help="Private SSH key the appliance logs in with (copied, readable by root only)")],
+    disk: Annotated[
+        list[str], typer.Option("--disk", help="A block device or image file on the host; repeat for more disks")
+    ],
+    key: Annotated[
+        Path, typer.Option("--key", help="Private SSH key the appliance logs in with (copied, readable by root only)")
+    ],
     port: Annotated[int | None, typer.Option("--port", help="SSH port [default: 22]")] = None,
-    pre_hook: Annotated[str | None, typer.Option("--pre-hook", help="Command run on the host before the read, e.g. 'fsfreeze -f /'")] = None,
-    post_hook: Annotated[str | None, typer.Option("--post-hook", help="Command run on the host after the read, even if it failed")] = None,
-    fingerprint: Annotated[str | None, typer.Option("--host-key-fingerprint", help="Pin this host key (SHA256:...)")] = None,
-    trust_first_use: Annotated[bool, typer.Option("--trust-first-use", help="Pin whatever key the host presents now, and print it")] = False,
+    pre_hook: Annotated[
+        str | None, typer.Option("--pre-hook", help="Command run on the host before the read, e.g. 'fsfreeze -f /'")
+    ] = None,
+    post_hook: Annotated[
+        str | None, typer.Option("--post-hook", help="Command run on the host after the read, even if it failed")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option("--host-key-fingerprint", help="Pin this host key (SHA256:...)")
+    ] = None,
+    trust_first_use: Annotated[
+        bool, typer.Option("--trust-first-use", help="Pin whatever key the host presents now, and print it")
+    ] = False,
     python: Annotated[str, typer.Option("--python", help="Python 3 interpreter on the host")] = "python3",
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds without data before a connection counts as lost")] = 60.0,
-    block_size: Annotated[str, typer.Option("--block-size", help="Unit of change detection, 4K..1M (a chain keeps the one it started with)")] = "32K",
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds without data before a connection counts as lost")
+    ] = 60.0,
+    block_size: Annotated[
+        str,
+        typer.Option("--block-size", help="Unit of change detection, 4K..1M (a chain keeps the one it started with)"),
+    ] = "32K",
 ) -> None:
     """Register a protected host: pin its SSH host key and check that every disk can be read."""
     st = state(ctx)
     host, hello = host_service.add_host(
-        st.home, st.tools, name=name, address=address, port=port, disks=disk, key=key.expanduser(),
-        pre_hook=_hook(pre_hook), post_hook=_hook(post_hook), fingerprint=fingerprint,
-        trust_first_use=trust_first_use, confirm=_ask, python=python, timeout=timeout,
+        st.home,
+        st.tools,
+        name=name,
+        address=address,
+        port=port,
+        disks=disk,
+        key=key.expanduser(),
+        pre_hook=_hook(pre_hook),
+        post_hook=_hook(post_hook),
+        fingerprint=fingerprint,
+        trust_first_use=trust_first_use,
+        confirm=_ask,
+        python=python,
+        timeout=timeout,
         block_size=validate_block_size(parse_size(block_size)),
     )
     typer.echo(f"pinned host key {host.host_key.fingerprint} ({host.host_key.key_type}) for {host.address}:{host.port}")
@@ -129,9 +159,13 @@ def show(ctx: typer.Context, name: str) -> None:
     """Show one host's settings."""
     h = host_store.load(state(ctx).home, name)
     rows = [
-        ("address", h.target), ("host key", f"{h.host_key.fingerprint} ({h.host_key.key_type})"),
-        ("disks", " ".join(h.disks)), ("pre hook", shlex.join(h.pre_hook) or "-"),
-        ("post hook", shlex.join(h.post_hook) or "-"), ("python", h.python), ("block size", size(h.block_size)),
+        ("address", h.target),
+        ("host key", f"{h.host_key.fingerprint} ({h.host_key.key_type})"),
+        ("disks", " ".join(h.disks)),
+        ("pre hook", shlex.join(h.pre_hook) or "-"),
+        ("post hook", shlex.join(h.post_hook) or "-"),
+        ("python", h.python),
+        ("block size", size(h.block_size)),
         ("timeout", f"{h.timeout:.0f} s"),
     ]
     for k, v in rows:

@@ -13,7 +13,9 @@ from appliance.cli.context import state
 from appliance.lab import Lab, disks, sshd_running
 from appliance.lab.demo import run_demo
 
-app = typer.Typer(help="The built-in lab: protected hosts in network namespaces with a real sshd.", no_args_is_help=True)
+app = typer.Typer(
+    help="The built-in lab: protected hosts in network namespaces with a real sshd.", no_args_is_help=True
+)
 
 
 def _lab(ctx: typer.Context) -> Lab:
@@ -23,18 +25,24 @@ def _lab(ctx: typer.Context) -> Lab:
 @app.command("up")
 def up(
     ctx: typer.Context,
-    host: Annotated[list[str] | None, typer.Option("--host", help="Lab host name; repeat for more [default: lab1]")] = None,
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="Lab host name; repeat for more [default: lab1]")
+    ] = None,
     disk_size: Annotated[str, typer.Option("--disk-size", help="Size of each host's disk")] = "1G",
     data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
-    loop: Annotated[bool, typer.Option("--loop", help="Give each host a loop block device instead of an image file")] = False,
+    loop: Annotated[
+        bool, typer.Option("--loop", help="Give each host a loop block device instead of an image file")
+    ] = False,
     image: Annotated[Path | None, typer.Option("--image", help="Start each disk as a copy of this raw image")] = None,
 ) -> None:
     """Start lab hosts (each a namespace running sshd) and print how to add them."""
     lab = _lab(ctx)
     for h in lab.up(host or ["lab1"], disk_size=parse_size(disk_size), data_fraction=data, loop=loop, disk_image=image):
         typer.echo(f"{h.name}: root@{h.address}, disk {h.disk}")
-        typer.echo(f"  appliance host add {h.name} --address root@{h.address} --disk {h.disk} "
-                   f"--key {lab.key_file} --trust-first-use")
+        typer.echo(
+            f"  appliance host add {h.name} --address root@{h.address} --disk {h.disk} "
+            f"--key {lab.key_file} --trust-first-use"
+        )
 
 
 @app.command("down")
@@ -47,8 +55,10 @@ def down(ctx: typer.Context) -> None:
 @app.command("status")
 def status(ctx: typer.Context) -> None:
     """The lab's hosts."""
-    rows = [[h.name, h.address, h.disk, size(disks.disk_size(h.disk)), "running" if sshd_running(h) else "stopped"]
-            for h in _lab(ctx).hosts()]
+    rows = [
+        [h.name, h.address, h.disk, size(disks.disk_size(h.disk)), "running" if sshd_running(h) else "stopped"]
+        for h in _lab(ctx).hosts()
+    ]
     typer.echo(table(["HOST", "ADDRESS", "DISK", "SIZE", "SSHD"], rows))
 
 

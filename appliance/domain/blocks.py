@@ -63,7 +63,8 @@ def carry_over(old_size: int | None, new_size: int, block_size: int) -> Carry:
     old_total = block_count(old_size, block_size)
     common = min(old_total, total)
     unknown = [
-        i for i in range(max(0, common - 1), common)
+        i
+        for i in range(max(0, common - 1), common)
         if block_length(i, old_size, block_size) != block_length(i, new_size, block_size)
     ]
     known = common - len(unknown)

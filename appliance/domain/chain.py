@@ -35,7 +35,9 @@ class Chain:
     def find(self, ref: str) -> Point:
         """Resolve what a user typed: a point id, its ISO time (2026-11-24T14:00:00Z) or `latest`."""
         if not self.points:
-            raise PointNotFoundError(f"{self.host} has no recovery points yet", hint=f"run `appliance backup {self.host}`")
+            raise PointNotFoundError(
+                f"{self.host} has no recovery points yet", hint=f"run `appliance backup {self.host}`"
+            )
         if ref in ("latest", "newest"):
             return self.points[-1]
         for p in self.points:

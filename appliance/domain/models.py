@@ -56,7 +56,8 @@ class Host:
 def validate_host_name(name: str) -> str:
     if not HOST_NAME.match(name):
         raise ConfigError(
-            f"invalid host name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+            f"invalid host name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
         )
     return name
 

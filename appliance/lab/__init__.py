@@ -84,8 +84,15 @@ class Lab:
 
     # -- up / down ------------------------------------------------------------------------------------
 
-    def up(self, names: list[str], *, disk_size: int, data_fraction: float = 0.4, loop: bool = False,
-           disk_image: Path | None = None) -> list[LabHost]:
+    def up(
+        self,
+        names: list[str],
+        *,
+        disk_size: int,
+        data_fraction: float = 0.4,
+        loop: bool = False,
+        disk_image: Path | None = None,
+    ) -> list[LabHost]:
         """Create one namespace host per name (hosts that already exist are kept)."""
         _require_root()
         state = self._load()
@@ -123,14 +130,29 @@ class Lab:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "appliance-lab", "-f", self.key_file])
 
-    def _make_host(self, lab_id: str, name: str, index: int, disk_size: int, data_fraction: float, loop: bool,
-                   disk_image: Path | None) -> LabHost:
+    def _make_host(
+        self,
+        lab_id: str,
+        name: str,
+        index: int,
+        disk_size: int,
+        data_fraction: float,
+        loop: bool,
+        disk_image: Path | None,
+    ) -> LabHost:
         subnet = _free_subnet()
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         host = LabHost(
-            name=name, netns=f"appl-{lab_id}-{name}"[:40], veth=f"ap{lab_id}{index}", address=f"{subnet}.2",
-            gateway=f"{subnet}.1", folder=str(folder), disk="", image=str(folder / "disk.img"), loop=loop,
+            name=name,
+            netns=f"appl-{lab_id}-{name}"[:40],
+            veth=f"ap{lab_id}{index}",
+            address=f"{subnet}.2",
+            gateway=f"{subnet}.1",
+            folder=str(folder),
+            disk="",
+            image=str(folder / "disk.img"),
+            loop=loop,
         )
         try:
             self._network(host)
@@ -167,12 +189,24 @@ class Lab:
         authorized.write_text(self.key_file.with_suffix(".pub").read_text())
         config = folder / "sshd_config"
         config.write_text(
-            "\n".join([
-                f"ListenAddress {host.address}", "Port 22", f"HostKey {key}", f"PidFile {host.sshd_pid_file}",
-                f"AuthorizedKeysFile {authorized}", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no", "MaxStartups 64",
-                "LogLevel ERROR", "",
-            ])
+            "\n".join(
+                [
+                    f"ListenAddress {host.address}",
+                    "Port 22",
+                    f"HostKey {key}",
+                    f"PidFile {host.sshd_pid_file}",
+                    f"AuthorizedKeysFile {authorized}",
+                    "PermitRootLogin prohibit-password",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PrintMotd no",
+                    "MaxStartups 64",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
         )
         Path("/run/sshd").mkdir(exist_ok=True)
         try:
@@ -196,7 +230,7 @@ class Lab:
                     os.kill(int(pid), signal.SIGKILL)
 
     def _stop_host(self, host: LabHost) -> None:
-        for pid in (run(["ip", "netns", "pids", host.netns]).split() if _netns_exists(host.netns) else []):
+        for pid in run(["ip", "netns", "pids", host.netns]).split() if _netns_exists(host.netns) else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         _kill_pidfile(host.sshd_pid_file)

@@ -19,8 +19,13 @@ def _appliance(home: Path, *args: str, check: bool = True) -> str:
     shown = shlex.join(["appliance", *args])
     print(f"\n$ {shown}", flush=True)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "--home", str(home), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
     print(done.stdout.rstrip(), flush=True)
     if check and done.returncode != 0:
         raise LabError(f"demo step failed (exit {done.returncode}): {shown}")
@@ -36,12 +41,26 @@ def run_demo(home: Path) -> None:
         _appliance(home, "host", "remove", HOST, "--purge")
     _appliance(home, "lab", "up", "--host", HOST, "--disk-size", "1G", "--data", "0.4")
     h = lab.host(HOST)
-    _appliance(home, "host", "add", HOST, "--address", f"root@{h.address}", "--disk", h.disk,
-               "--key", str(lab.key_file), "--trust-first-use")
+    _appliance(
+        home,
+        "host",
+        "add",
+        HOST,
+        "--address",
+        f"root@{h.address}",
+        "--disk",
+        h.disk,
+        "--key",
+        str(lab.key_file),
+        "--trust-first-use",
+    )
     _appliance(home, "backup", HOST)
     _appliance(home, "lab", "change", HOST, "--percent", "1")
     _appliance(home, "backup", HOST)
     _appliance(home, "points", HOST)
     _appliance(home, "verify", HOST)
-    print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} points {HOST}`; "
-          f"`appliance --home {home} lab down` removes it.", flush=True)
+    print(
+        f"\nDemo complete. The lab host is still up: try `appliance --home {home} points {HOST}`; "
+        f"`appliance --home {home} lab down` removes it.",
+        flush=True,
+    )

@@ -39,7 +39,12 @@ def make(path: Path, size: int, data_fraction: float, seed: int = 0) -> None:
 
 
 def write_extents(
-    path: Path | str, size: int, fraction: float, *, seed: int, extent: tuple[int, int] = (4096, 1 << 20),
+    path: Path | str,
+    size: int,
+    fraction: float,
+    *,
+    seed: int,
+    extent: tuple[int, int] = (4096, 1 << 20),
     zero_fraction: float = 0.0,
 ) -> int:
     """Overwrite about `fraction` of the disk in random 4 KiB-aligned extents (and zero `zero_fraction`).
@@ -96,4 +101,3 @@ def disk_size(path: str) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
-

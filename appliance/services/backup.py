@@ -36,12 +36,12 @@ from appliance.errors import (
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
+from appliance.services.reader_session import ended_early, start_reader
 from appliance.store import catalog, hosts
 from appliance.store.files import fsync_dir
 from appliance.store.hashes import HashListWriter, iter_chunks
 from appliance.store.layout import Home, hashes_file, partial, point_file
 from appliance.store.lock import HostLock
-from appliance.services.reader_session import ended_early, start_reader
 from appliance.transfer import protocol
 from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, Progress, RemoteFailure, ZeroRun
 
@@ -92,8 +92,14 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
         checkpoint("capture.after_catalog")
         _drop_old_hash_lists(chain_dir, chain.appended(point))
         log.info(
-            "point.created", host=name, point=point.id, depth=len(chain.points) + 1, seconds=round(point.seconds, 2),
-            changed=point.changed_bytes, sent=point.sent_bytes, wire=point.wire_bytes,
+            "point.created",
+            host=name,
+            point=point.id,
+            depth=len(chain.points) + 1,
+            seconds=round(point.seconds, 2),
+            changed=point.changed_bytes,
+            sent=point.sent_bytes,
+            wire=point.wire_bytes,
         )
         return point
 
@@ -157,7 +163,10 @@ class _Capture:
                 raise
         self._publish()
         return Point(
-            id=self.point_id, created=self.created, seconds=time.monotonic() - started, disks=tuple(disks),
+            id=self.point_id,
+            created=self.created,
+            seconds=time.monotonic() - started,
+            disks=tuple(disks),
             wire_bytes=stream.bytes_sent + stream.bytes_received,
         )
 
@@ -192,8 +201,12 @@ class _Capture:
             raise RemoteCommandError(f"{self.host.name}: the reader did not start properly")
         if len(first.disks) != len(self.host.disks):
             raise RemoteCommandError(f"{self.host.name}: the reader reported {len(first.disks)} disks")
-        log.info("backup.connected", host=self.host.name, python=first.python,
-                 disks=[{"path": d.path, "size": d.size, "kind": d.kind} for d in first.disks])
+        log.info(
+            "backup.connected",
+            host=self.host.name,
+            python=first.python,
+            disks=[{"path": d.path, "size": d.size, "kind": d.kind} for d in first.disks],
+        )
         return first
 
     def _next(self, records: protocol.RecordReader, stream: RemoteStream, starting: bool = False) -> protocol.Record:
@@ -258,7 +271,9 @@ class _Capture:
         except BaseException as exc:  # the main thread sees the broken stream too; keep the cause for it
             self._sender_error = exc
 
-    def _receive_disk(self, records: protocol.RecordReader, stream: RemoteStream, plan: _DiskPlan, source: str) -> DiskPoint:
+    def _receive_disk(
+        self, records: protocol.RecordReader, stream: RemoteStream, plan: _DiskPlan, source: str
+    ) -> DiskPoint:
         hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
         changed = sent = 0
         done_before = self.progress.read
@@ -303,8 +318,15 @@ class _Capture:
             )
         self._report(done_before + end.read, stream)
         return DiskPoint(
-            slot=plan.slot, source=source, file=plan.relative, size=plan.size, block_size=plan.block_size,
-            digest=end.digest, read_bytes=end.read, changed_bytes=changed, sent_bytes=sent,
+            slot=plan.slot,
+            source=source,
+            file=plan.relative,
+            size=plan.size,
+            block_size=plan.block_size,
+            digest=end.digest,
+            read_bytes=end.read,
+            changed_bytes=changed,
+            sent_bytes=sent,
         )
 
     def _report(self, read: int, stream: RemoteStream) -> None:

@@ -80,13 +80,23 @@ def add_host(
     _check_disks(disks)
     if not key.is_file():
         raise ConfigError(f"SSH key {key} does not exist")
-    host_key = pin_host_key(tools, address_only, final_port, fingerprint=fingerprint,
-                            trust_first_use=trust_first_use, confirm=confirm)
+    host_key = pin_host_key(
+        tools, address_only, final_port, fingerprint=fingerprint, trust_first_use=trust_first_use, confirm=confirm
+    )
     key_file = hosts.install_key(home, name, key)
     host = Host(
-        name=name, address=address_only, user=user, port=final_port, key_file=key_file, host_key=host_key,
-        disks=tuple(disks), pre_hook=tuple(pre_hook), post_hook=tuple(post_hook), python=python,
-        block_size=block_size, timeout=timeout,
+        name=name,
+        address=address_only,
+        user=user,
+        port=final_port,
+        key_file=key_file,
+        host_key=host_key,
+        disks=tuple(disks),
+        pre_hook=tuple(pre_hook),
+        post_hook=tuple(post_hook),
+        python=python,
+        block_size=block_size,
+        timeout=timeout,
     )
     try:
         hello = probe(tools, host)
@@ -106,7 +116,8 @@ def set_host(home: Home, tools: Tools, name: str, **changes: object) -> Host:
     key = changes.pop("key", None)
     if "address" in changes or "port" in changes:
         user, address_only, final_port = parse_address(
-            str(changes.pop("address", f"{host.user}@{host.address}")), changes.pop("port", None)  # type: ignore[arg-type]
+            str(changes.pop("address", f"{host.user}@{host.address}")),
+            changes.pop("port", None),  # type: ignore[arg-type]
         )
         changes.update(user=user, address=address_only, port=final_port)
     if "disks" in changes:
@@ -116,8 +127,14 @@ def set_host(home: Home, tools: Tools, name: str, **changes: object) -> Host:
     if fingerprint or trust or moved:
         host = dataclasses.replace(
             host,
-            host_key=pin_host_key(tools, host.address, host.port, fingerprint=str(fingerprint) if fingerprint else None,
-                                  trust_first_use=trust, confirm=None),
+            host_key=pin_host_key(
+                tools,
+                host.address,
+                host.port,
+                fingerprint=str(fingerprint) if fingerprint else None,
+                trust_first_use=trust,
+                confirm=None,
+            ),
         )
     if key is not None:
         host = dataclasses.replace(host, key_file=hosts.install_key(home, name, Path(str(key))))
@@ -158,7 +175,9 @@ def probe(tools: Tools, host: Host) -> protocol.Hello:
         raise RemoteCommandError(f"{host.name}: the reader answered the probe with {type(hello).__name__}")
     for disk in hello.disks:
         if disk.error and not host.pre_hook:
-            raise DiskAccessError(f"{host.name}: {disk.error}", hint="give the disk as a block device or image file path on the host")
+            raise DiskAccessError(
+                f"{host.name}: {disk.error}", hint="give the disk as a block device or image file path on the host"
+            )
         if disk.error:
             log.warning("host.disk_not_there_yet", host=host.name, disk=disk.path, error=disk.error)
     return hello

@@ -23,8 +23,8 @@ from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.backup import remove_leftovers
 from appliance.store import catalog, hosts
-from appliance.store.hashes import digest_of
 from appliance.store.files import write_atomic
+from appliance.store.hashes import digest_of
 from appliance.store.layout import Home, hashes_file
 from appliance.store.lock import HostLock
 
@@ -54,7 +54,12 @@ class PointCheck:
 
 
 def verify_chain(
-    home: Home, tools: Tools, name: str, *, point_ref: str | None = None, repair: bool = False,
+    home: Home,
+    tools: Tools,
+    name: str,
+    *,
+    point_ref: str | None = None,
+    repair: bool = False,
     on_point: Callable[[PointCheck], None] | None = None,
 ) -> list[PointCheck]:
     """Check every point of a host's chain (or one), record each verdict in the catalog, return them.
@@ -90,8 +95,16 @@ def _check_point(home: Home, tools: Tools, chain: Chain, point: Point, *, repair
             _check_structure(tools, chain_dir, expected, check)
             if not check.problems:
                 is_newest = point is chain.newest
-                _check_content(tools, chain_dir, home.run_dir / chain.host, point, disk, check,
-                               rebuild_hashes=is_newest, repair=repair)
+                _check_content(
+                    tools,
+                    chain_dir,
+                    home.run_dir / chain.host,
+                    point,
+                    disk,
+                    check,
+                    rebuild_hashes=is_newest,
+                    repair=repair,
+                )
         except ApplianceError as exc:
             check.problems.append(exc.message)
         checks.append(check)
@@ -114,7 +127,9 @@ def _check_structure(tools: Tools, chain_dir: Path, expected: list[str], check: 
     for info in infos[:-1]:
         backing = info.get("backing-filename", "")
         if backing.startswith("/") or info.get("backing-filename-format") != "qcow2":
-            check.problems.append(f"{Path(info['filename']).name} must name its backing file by relative path, as qcow2")
+            check.problems.append(
+                f"{Path(info['filename']).name} must name its backing file by relative path, as qcow2"
+            )
 
 
 def _names(paths: list[str]) -> str:
@@ -122,7 +137,15 @@ def _names(paths: list[str]) -> str:
 
 
 def _check_content(
-    tools: Tools, chain_dir: Path, run_dir: Path, point: Point, disk: DiskPoint, check: DiskCheck, *, rebuild_hashes: bool, repair: bool
+    tools: Tools,
+    chain_dir: Path,
+    run_dir: Path,
+    point: Point,
+    disk: DiskPoint,
+    check: DiskCheck,
+    *,
+    rebuild_hashes: bool,
+    repair: bool,
 ) -> None:
     image = chain_dir / disk.file
     zero = _merged(tools.images.map_zero_extents(image))
@@ -145,7 +168,9 @@ def _check_content(
             os.close(fd)
     found = digest.hexdigest()
     if found != disk.digest:
-        check.problems.append(f"content digest {found[:16]} differs from the one recorded at capture {disk.digest[:16]}")
+        check.problems.append(
+            f"content digest {found[:16]} differs from the one recorded at capture {disk.digest[:16]}"
+        )
         return
     if rebuild_hashes:
         intact = list_path.exists() and digest_of(list_path) == disk.digest
@@ -153,7 +178,9 @@ def _check_content(
             write_atomic(list_path, b"".join(collected))
             log.warning("hashes.rebuilt", point=point.id, disk=disk.slot)
         elif not intact:
-            check.problems.append("the block hash list used by the next incremental is missing or damaged (use --repair)")
+            check.problems.append(
+                "the block hash list used by the next incremental is missing or damaged (use --repair)"
+            )
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:

@@ -45,14 +45,24 @@ def _doc(p: Point) -> dict[str, Any]:
         "wire_bytes": p.wire_bytes,
         "disks": [
             {
-                "slot": d.slot, "source": d.source, "file": d.file, "size": d.size, "block_size": d.block_size,
-                "digest": d.digest, "read_bytes": d.read_bytes, "changed_bytes": d.changed_bytes,
+                "slot": d.slot,
+                "source": d.source,
+                "file": d.file,
+                "size": d.size,
+                "block_size": d.block_size,
+                "digest": d.digest,
+                "read_bytes": d.read_bytes,
+                "changed_bytes": d.changed_bytes,
                 "sent_bytes": d.sent_bytes,
             }
             for d in p.disks
         ],
-        "verification": None if p.verification is None else {
-            "time": p.verification.time.isoformat(), "ok": p.verification.ok, "detail": p.verification.detail,
+        "verification": None
+        if p.verification is None
+        else {
+            "time": p.verification.time.isoformat(),
+            "ok": p.verification.ok,
+            "detail": p.verification.detail,
         },
         "extra": p.extra,
     }
@@ -67,12 +77,20 @@ def _point(doc: dict[str, Any]) -> Point:
         wire_bytes=int(doc.get("wire_bytes", 0)),
         disks=tuple(
             DiskPoint(
-                slot=d["slot"], source=d["source"], file=d["file"], size=int(d["size"]),
-                block_size=int(d["block_size"]), digest=d["digest"], read_bytes=int(d.get("read_bytes", 0)),
-                changed_bytes=int(d.get("changed_bytes", 0)), sent_bytes=int(d.get("sent_bytes", 0)),
+                slot=d["slot"],
+                source=d["source"],
+                file=d["file"],
+                size=int(d["size"]),
+                block_size=int(d["block_size"]),
+                digest=d["digest"],
+                read_bytes=int(d.get("read_bytes", 0)),
+                changed_bytes=int(d.get("changed_bytes", 0)),
+                sent_bytes=int(d.get("sent_bytes", 0)),
             )
             for d in doc["disks"]
         ),
-        verification=None if v is None else Verification(datetime.fromisoformat(v["time"]), bool(v["ok"]), v.get("detail", "")),
+        verification=None
+        if v is None
+        else Verification(datetime.fromisoformat(v["time"]), bool(v["ok"]), v.get("detail", "")),
         extra=dict(doc.get("extra") or {}),
     )

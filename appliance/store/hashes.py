@@ -8,6 +8,7 @@ whatever the disk size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +76,5 @@ class HashListWriter:
         return digest_of(self.path)
 
     def discard(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._fd)
-        except OSError:
-            pass

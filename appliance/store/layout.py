@@ -1,14 +1,14 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Where things live under APPLIANCE_HOME.
 
-    $APPLIANCE_HOME/
-      hosts/<host>.json             the protected host's record (address, pinned key, disks, hooks)
-      keys/<host>                   the private key the appliance uses for that host (0600)
-      store/<host>/chain.json       the chain's catalog: a point exists once it is listed here
-      store/<host>/lock             held by the one job working on that host
-      store/<host>/disk0/<id>.qcow2 one qcow2 file per point and disk; backing file = previous point's
-      store/<host>/disk0/<id>.hashes  block hashes of the newest point (what the next incremental compares to)
-      run/                          sockets and FUSE export files of running jobs
+$APPLIANCE_HOME/
+  hosts/<host>.json             the protected host's record (address, pinned key, disks, hooks)
+  keys/<host>                   the private key the appliance uses for that host (0600)
+  store/<host>/chain.json       the chain's catalog: a point exists once it is listed here
+  store/<host>/lock             held by the one job working on that host
+  store/<host>/disk0/<id>.qcow2 one qcow2 file per point and disk; backing file = previous point's
+  store/<host>/disk0/<id>.hashes  block hashes of the newest point (what the next incremental compares to)
+  run/                          sockets and FUSE export files of running jobs
 """
 
 from __future__ import annotations

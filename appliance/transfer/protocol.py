@@ -78,7 +78,11 @@ Record = Hello | DataRun | ZeroRun | Progress | DiskEnd | Finished | RemoteFailu
 
 
 def encode_request(
-    disks: Sequence[tuple[str, int]], pre_hook: Sequence[str] = (), post_hook: Sequence[str] = (), *, probe: bool = False
+    disks: Sequence[tuple[str, int]],
+    pre_hook: Sequence[str] = (),
+    post_hook: Sequence[str] = (),
+    *,
+    probe: bool = False,
 ) -> bytes:
     body = json.dumps(
         {

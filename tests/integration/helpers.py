@@ -51,4 +51,6 @@ def chain_files(home: Path, host: str) -> list[Path]:
 def store_state(home: Path, host: str) -> dict[str, str]:
     """Every file of a host's store (catalog included) with its content hash: 'unchanged' means equal."""
     root = home / "store" / host
-    return {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
+    return {
+        str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"
+    }

@@ -32,7 +32,9 @@ def test_every_point_reads_back_exactly_as_the_disk_was(make_host, home: Path, t
     for f, want in zip(files, expected, strict=True):
         assert point_raw_digest(f, 64 << 20, tmp_path) == want
     # A plain qcow2 chain with relative backing names, as stock tools see it.
-    info = subprocess.run(["qemu-img", "info", "--backing-chain", str(files[-1])], capture_output=True, text=True, check=True).stdout
+    info = subprocess.run(
+        ["qemu-img", "info", "--backing-chain", str(files[-1])], capture_output=True, text=True, check=True
+    ).stdout
     for older in files[:-1]:
         assert f"backing file: {older.name} " in info
     assert "backing file format: qcow2" in info

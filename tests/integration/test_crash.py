@@ -45,8 +45,13 @@ def _next_run_completes(home: Path, host, expected_points: int) -> None:  # type
 
 
 CRASH_POINTS = [
-    "capture.created", "capture.data:3", "capture.written", "capture.export_closed",
-    "capture.before_rename", "capture.renaming", "capture.before_catalog",
+    "capture.created",
+    "capture.data:3",
+    "capture.written",
+    "capture.export_closed",
+    "capture.before_rename",
+    "capture.renaming",
+    "capture.before_catalog",
 ]
 
 
@@ -79,8 +84,11 @@ def test_killed_at_random_moments(make_host, home: Path) -> None:
     for attempt in range(6):
         disks.write_extents(host.disk, 512 << 20, 0.04, seed=10 + attempt)
         before = store_state(home, host.name)
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.05, 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -94,8 +102,12 @@ def test_connection_cut_mid_transfer(make_host, lab: Lab, home: Path) -> None:
     marks = Path(host.folder) / "post.log"
     assert run_cli(home, "host", "set", host.name, "--post-hook", f"sh -c 'echo thawed >> {marks}'").rc == 0
     before = store_state(home, host.name) if (home / "store" / host.name).exists() else {}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     lab.cut(host.name)
     _, err = proc.communicate(timeout=120)
@@ -113,8 +125,12 @@ def test_connection_cut_mid_transfer(make_host, lab: Lab, home: Path) -> None:
 def test_link_down_times_out_with_a_clear_error(make_host, lab: Lab, home: Path) -> None:
     host = make_host(size=1 << 30, data=0.5)
     assert run_cli(home, "host", "set", host.name, "--timeout", "3").rc == 0
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     subprocess.run(["ip", "link", "set", host.veth, "down"], check=True)
     try:
@@ -134,8 +150,19 @@ def test_store_full(make_host, lab: Lab, tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(home)], check=True)
     try:
         host = make_host(add=False, size=64 << 20, data=0.5)
-        r = run_cli(home, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", host.disk,
-                    "--key", str(lab.key_file), "--trust-first-use")
+        r = run_cli(
+            home,
+            "host",
+            "add",
+            host.name,
+            "--address",
+            f"root@{host.address}",
+            "--disk",
+            host.disk,
+            "--key",
+            str(lab.key_file),
+            "--trust-first-use",
+        )
         assert r.rc == 0, r.err
         r = run_cli(home, "backup", host.name)
         assert r.rc == StoreFullError.exit_code, r.err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -33,12 +34,25 @@ def _one_clear_line(r: Result, exit_code: int, *needles: str) -> None:
 
 
 def _add(home: Path, lab: Lab, host, *extra: str) -> Result:  # type: ignore[no-untyped-def]
-    return run_cli(home, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", host.disk,
-                   "--key", str(lab.key_file), *extra)
+    return run_cli(
+        home,
+        "host",
+        "add",
+        host.name,
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        host.disk,
+        "--key",
+        str(lab.key_file),
+        *extra,
+    )
 
 
 def _fingerprint(host) -> str:  # type: ignore[no-untyped-def]
-    out = subprocess.run(["ssh-keygen", "-lf", str(host.host_key_pub)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ssh-keygen", "-lf", str(host.host_key_pub)], capture_output=True, text=True, check=True
+    ).stdout
     return out.split()[1]
 
 
@@ -85,8 +99,19 @@ def test_host_files_are_private(make_host, home: Path) -> None:
 
 def test_missing_disk(make_host, lab: Lab, home: Path) -> None:
     host = make_host(add=False)
-    r = run_cli(home, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", "/dev/nope",
-                "--key", str(lab.key_file), "--trust-first-use")
+    r = run_cli(
+        home,
+        "host",
+        "add",
+        host.name,
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        "/dev/nope",
+        "--key",
+        str(lab.key_file),
+        "--trust-first-use",
+    )
     _one_clear_line(r, DiskAccessError.exit_code, "/dev/nope does not exist")
     assert _add(home, lab, host, "--trust-first-use").rc == 0
     assert run_cli(home, "backup", host.name).rc == 0
@@ -105,19 +130,52 @@ def test_missing_disk(make_host, lab: Lab, home: Path) -> None:
 
 def test_relative_disk_path_and_bad_names_are_config_errors(make_host, lab: Lab, home: Path) -> None:
     host = make_host(add=False)
-    r = run_cli(home, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", "sda",
-                "--key", str(lab.key_file), "--trust-first-use")
+    r = run_cli(
+        home,
+        "host",
+        "add",
+        host.name,
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        "sda",
+        "--key",
+        str(lab.key_file),
+        "--trust-first-use",
+    )
     _one_clear_line(r, ConfigError.exit_code, "absolute path")
-    r = run_cli(home, "host", "add", "Bad Name", "--address", f"root@{host.address}", "--disk", "/dev/sda",
-                "--key", str(lab.key_file), "--trust-first-use")
+    r = run_cli(
+        home,
+        "host",
+        "add",
+        "Bad Name",
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        "/dev/sda",
+        "--key",
+        str(lab.key_file),
+        "--trust-first-use",
+    )
     _one_clear_line(r, ConfigError.exit_code, "invalid host name")
 
 
 def test_unreachable_host(make_host, lab: Lab, home: Path) -> None:
     host = make_host()
     subnet = host.address.rsplit(".", 1)[0]
-    r = run_cli(home, "host", "add", "ghost", "--address", f"root@{subnet}.1:2", "--disk", "/dev/sda",
-                "--key", str(lab.key_file), "--trust-first-use")
+    r = run_cli(
+        home,
+        "host",
+        "add",
+        "ghost",
+        "--address",
+        f"root@{subnet}.1:2",
+        "--disk",
+        "/dev/sda",
+        "--key",
+        str(lab.key_file),
+        "--trust-first-use",
+    )
     _one_clear_line(r, HostUnreachableError.exit_code, "cannot reach", "refused")
     pid = int(host.sshd_pid_file.read_text())
     os.kill(pid, 15)
@@ -131,13 +189,35 @@ def test_authentication_refused(make_host, lab: Lab, home: Path, tmp_path: Path)
     host = make_host(add=False)
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    r = run_cli(home, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", host.disk,
-                "--key", str(stranger), "--trust-first-use")
+    r = run_cli(
+        home,
+        "host",
+        "add",
+        host.name,
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        host.disk,
+        "--key",
+        str(stranger),
+        "--trust-first-use",
+    )
     _one_clear_line(r, AuthenticationError.exit_code, "refused the appliance's key")
     protected = tmp_path / "protected"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(protected)], check=True)
-    r = run_cli(home, "host", "add", host.name, "--address", f"root@{host.address}", "--disk", host.disk,
-                "--key", str(protected), "--trust-first-use")
+    r = run_cli(
+        home,
+        "host",
+        "add",
+        host.name,
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        host.disk,
+        "--key",
+        str(protected),
+        "--trust-first-use",
+    )
     _one_clear_line(r, ConfigError.exit_code, "passphrase")
 
 
@@ -150,8 +230,12 @@ def test_python_missing_on_the_host(make_host, home: Path) -> None:
 
 def test_second_run_for_the_same_host_refuses(make_host, home: Path) -> None:
     host = make_host(size=768 << 20, data=0.6)
-    first = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.8)
     second = run_cli(home, "backup", host.name)
     _one_clear_line(second, ChainLockedError.exit_code, "busy", "backup (pid")
@@ -177,3 +261,35 @@ def test_hooks_run_around_the_read_and_after_a_failure(make_host, home: Path) ->
     r = run_cli(home, "backup", host.name)
     _one_clear_line(r, RemoteCommandError.exit_code, "pre hook exited 1")
     assert marks.read_text().split()[-1] == "post"
+
+
+def test_a_terminal_is_asked_about_an_unknown_key(make_host, lab: Lab, home: Path) -> None:
+    host = make_host(add=False)
+    add = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "--home",
+        str(home),
+        "host",
+        "add",
+        host.name,
+        "--address",
+        f"root@{host.address}",
+        "--disk",
+        host.disk,
+        "--key",
+        str(lab.key_file),
+    ]
+    for answer, expected_rc in (("n\n", HostKeyError.exit_code), ("y\n", 0)):
+        done = subprocess.run(
+            ["script", "-qec", shlex.join(add), "/dev/null"],
+            input=answer,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert _fingerprint(host) in done.stdout  # shown before the question
+        assert done.returncode == expected_rc, done.stdout
+    assert f"pinned host key {_fingerprint(host)}" in done.stdout

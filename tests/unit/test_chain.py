@@ -37,8 +37,12 @@ def test_point_ids_are_unique_within_a_second() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("root@10.0.0.5", ("root", "10.0.0.5", 22)), ("10.0.0.5", ("root", "10.0.0.5", 22)),
-     ("backup@web1:2222", ("backup", "web1", 2222)), ("root@[fe80::1]:22", ("root", "fe80::1", 22))],
+    [
+        ("root@10.0.0.5", ("root", "10.0.0.5", 22)),
+        ("10.0.0.5", ("root", "10.0.0.5", 22)),
+        ("backup@web1:2222", ("backup", "web1", 2222)),
+        ("root@[fe80::1]:22", ("root", "fe80::1", 22)),
+    ],
 )
 def test_parse_address(text: str, expected: tuple[str, str, int]) -> None:
     assert parse_address(text, None) == expected

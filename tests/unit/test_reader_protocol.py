@@ -18,10 +18,16 @@ from appliance.transfer import protocol
 BS = 65536
 
 
-def _run_reader(disk: Path, previous: bytes | None, old_size: int | None, block_size: int = BS) -> list[protocol.Record]:
+def _run_reader(
+    disk: Path, previous: bytes | None, old_size: int | None, block_size: int = BS
+) -> list[protocol.Record]:
     code = reader_source()
-    proc = subprocess.Popen([sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdin and proc.stdout
     proc.stdin.write(code + protocol.encode_request([(str(disk), block_size)]))
     proc.stdin.flush()
@@ -74,8 +80,11 @@ def test_incremental_sends_changed_and_zeroed_blocks(tmp_path: Path) -> None:
 
 def test_missing_disk_is_reported_not_crashed(tmp_path: Path) -> None:
     code = reader_source()
-    proc = subprocess.run([sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
-                          input=code + protocol.encode_request([(str(tmp_path / "nope"), BS)]), capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
+        input=code + protocol.encode_request([(str(tmp_path / "nope"), BS)]),
+        capture_output=True,
+    )
     pieces = iter([proc.stdout, b""])
     rec = protocol.RecordReader(lambda: next(pieces)).next()
     assert isinstance(rec, protocol.RemoteFailure) and rec.code == "disk-missing"
