@@ -49,6 +49,12 @@ def run_cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: 
     return Result(done.returncode, done.stdout, done.stderr)
 
 
+def start_cli(home: Path, *args: str) -> subprocess.Popen[str]:
+    """The real `appliance` command in the background, to race it, cut it or kill it."""
+    argv = [sys.executable, "-m", "appliance", "--home", str(home), *args]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def require(binary: str) -> None:
     if shutil.which(binary) is None:
         pytest.fail(f"{binary} is required for this test: run ./install --dev")

@@ -48,30 +48,9 @@ def _verified(p: Point) -> str:
 
 
 def _point_doc(p: Point, depth: int) -> dict[str, Any]:
-    return {
-        "id": p.id,
-        "time": p.time_iso,
-        "seconds": round(p.seconds, 3),
-        "depth": depth,
-        "changed_bytes": p.changed_bytes,
-        "sent_bytes": p.sent_bytes,
-        "wire_bytes": p.wire_bytes,
-        "disks": [
-            {
-                "slot": d.slot,
-                "source": d.source,
-                "file": d.file,
-                "size": d.size,
-                "digest": d.digest,
-                "changed_bytes": d.changed_bytes,
-                "sent_bytes": d.sent_bytes,
-            }
-            for d in p.disks
-        ],
-        "verified": None
-        if p.verification is None
-        else {"time": p.verification.time.isoformat(), "ok": p.verification.ok, "detail": p.verification.detail},
-    }
+    doc = catalog.point_doc(p)
+    doc["verified"] = doc.pop("verification")
+    return {**doc, "time": p.time_iso, "depth": depth, "changed_bytes": p.changed_bytes, "sent_bytes": p.sent_bytes}
 
 
 def points(

@@ -38,7 +38,7 @@ from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.reader_session import ended_early, start_reader
 from appliance.store import catalog, hosts
-from appliance.store.files import fsync_dir
+from appliance.store.files import fsync_dir, read_json, write_json
 from appliance.store.hashes import HashListWriter, iter_chunks
 from appliance.store.layout import Home, hashes_file, partial, point_file
 from appliance.store.lock import HostLock
@@ -46,6 +46,8 @@ from appliance.transfer import protocol
 from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, Progress, RemoteFailure, ZeroRun
 
 log = get_logger(__name__)
+
+INTENT = "publishing.json"  # the files an unfinished publication renamed into place
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
         checkpoint("capture.before_catalog")
         catalog.save(chain_dir, chain.appended(point))
         checkpoint("capture.after_catalog")
+        (chain_dir / INTENT).unlink()
         _drop_old_hash_lists(chain_dir, chain.appended(point))
         log.info(
             "point.created",
@@ -105,7 +108,13 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
 
 
 def remove_leftovers(home: Home, tools: Tools, chain: Chain) -> None:
-    """Delete what an interrupted run left: files no catalog lists, stale FUSE mounts. Caller holds the lock."""
+    """Delete what an interrupted run left behind. The caller holds the host's lock.
+
+    Safe by construction: `.part` files are never listed; hash lists of listed points other than the
+    newest are no longer needed; and an unlisted point file is removed only if the publishing intent of
+    an interrupted run names it. Any other unlisted point file (say, the catalog was lost) is refused:
+    recovery points are never deleted on a guess.
+    """
     run_dir = home.run_dir / chain.host
     if run_dir.exists():
         for entry in run_dir.iterdir():
@@ -114,18 +123,38 @@ def remove_leftovers(home: Home, tools: Tools, chain: Chain) -> None:
     chain_dir = home.chain_dir(chain.host)
     if not chain_dir.exists():
         return
-    keep = chain.referenced_files()
+    intent_path = chain_dir / INTENT
+    intent = read_json(intent_path) if intent_path.exists() else {"point": None, "files": []}
+    published = set() if intent["point"] in chain.ids() else set(intent["files"])
+    listed = chain.referenced_files()
     newest = chain.newest
-    if newest is not None:
-        keep |= {hashes_file(d.slot, newest.id) for d in newest.disks}
-    for folder in chain_dir.iterdir():
-        if not folder.is_dir():
-            continue
+    needed_hashes = {hashes_file(d.slot, newest.id) for d in newest.disks} if newest else set()
+    doomed, strangers = [], []
+    for folder in (f for f in chain_dir.iterdir() if f.is_dir()):
         for f in folder.iterdir():
             relative = f"{folder.name}/{f.name}"
-            if relative not in keep and (f.name.endswith((".part", ".qcow2", ".hashes"))):
-                log.info("store.leftover_removed", host=chain.host, file=relative)
-                f.unlink()
+            if _is_leftover(relative, published, needed_hashes):
+                doomed.append(f)
+            elif f.name.endswith(".qcow2") and relative not in listed:
+                strangers.append(relative)
+    if strangers:
+        raise ChainCorruptError(
+            f"{chain.host}: {len(strangers)} point files are not in the catalog ({', '.join(sorted(strangers)[:3])}"
+            f"{', ...' if len(strangers) > 3 else ''}); not touching them",
+            hint=f"the catalog {chain_dir / catalog.NAME} may have been lost or replaced; restore it from a copy",
+        )
+    for f in doomed:
+        log.info("store.leftover_removed", host=chain.host, file=f"{f.parent.name}/{f.name}")
+        f.unlink()
+    intent_path.unlink(missing_ok=True)
+
+
+def _is_leftover(relative: str, published: set[str], needed_hashes: set[str]) -> bool:
+    """Partial files, files an unfinished publication renamed, hash lists nothing compares to any more."""
+    name = relative.rpartition("/")[2]
+    return (
+        name.endswith(".part") or relative in published or (name.endswith(".hashes") and relative not in needed_hashes)
+    )
 
 
 def _drop_old_hash_lists(chain_dir: Path, chain: Chain) -> None:
@@ -337,13 +366,19 @@ class _Capture:
     # -- making it visible ----------------------------------------------------------------------------
 
     def _publish(self) -> None:
-        """fsync every new file, then rename each into place; the caller then writes the catalog."""
+        """fsync every new file, record the intent, rename each into place; the caller then writes the
+        catalog. The intent names the files being published, so that after a crash between the renames
+        and the catalog the next run knows these unlisted files are its own to remove, and nothing else."""
         for path in self._partials:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        final = [path.with_name(path.name[1 : -len(".part")]) for path in self._partials]
+        write_json(
+            self.chain_dir / INTENT, {"point": self.point_id, "files": [f"{p.parent.name}/{p.name}" for p in final]}
+        )
         checkpoint("capture.before_rename")
         for path in self._partials:
             os.rename(path, path.with_name(path.name[1 : -len(".part")]))

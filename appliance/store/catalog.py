@@ -34,10 +34,11 @@ def load(chain_dir: Path, host: str) -> Chain:
 
 
 def save(chain_dir: Path, chain: Chain) -> None:
-    write_json(chain_dir / NAME, {"format": FORMAT, "host": chain.host, "points": [_doc(p) for p in chain.points]})
+    write_json(chain_dir / NAME, {"format": FORMAT, "host": chain.host, "points": [point_doc(p) for p in chain.points]})
 
 
-def _doc(p: Point) -> dict[str, Any]:
+def point_doc(p: Point) -> dict[str, Any]:
+    """A point as JSON: the catalog's own record, also the base of `points --json`."""
     return {
         "id": p.id,
         "created": p.created.isoformat(),

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.lab import Lab, LabHost
 from tests.conftest import require, run_cli
+from tests.integration.helpers import host_add
 
 _names = itertools.count(1)
 
@@ -47,20 +48,7 @@ def make_host(lab: Lab, home: Path) -> Iterator[MakeHost]:
 
                 lab_disks.make(second, size // 2 + 512 * 3, 0.3, seed=100 + i)
                 extra += ["--disk", str(second)]
-            r = run_cli(
-                home,
-                "host",
-                "add",
-                name,
-                "--address",
-                f"root@{host.address}",
-                "--disk",
-                host.disk,
-                *extra,
-                "--key",
-                str(lab.key_file),
-                "--trust-first-use",
-            )
+            r = run_cli(home, *host_add(host, lab.key_file, *extra, "--trust-first-use"))
             assert r.rc == 0, r.err
         return host
 

@@ -54,3 +54,11 @@ def store_state(home: Path, host: str) -> dict[str, str]:
     return {
         str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"
     }
+
+
+def host_add(host, key: Path | str, *extra: str, disk: str | None = None, name: str | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    """The CLI arguments that register a lab host, as a user would type them."""
+    return [
+        "host", "add", name or host.name, "--address", f"root@{host.address}",
+        "--disk", disk or host.disk, "--key", str(key), *extra,
+    ]  # fmt: skip

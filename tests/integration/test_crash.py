@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConnectionLostError, StoreFullError
+from appliance.errors import ChainCorruptError, ConnectionLostError, StoreFullError
 from appliance.lab import Lab, disks
-from tests.conftest import points_json, run_cli
-from tests.integration.helpers import chain_files, file_digest, point_raw_digest, store_state
+from appliance.services.backup import INTENT
+from tests.conftest import points_json, run_cli, start_cli
+from tests.integration.helpers import chain_files, file_digest, host_add, point_raw_digest, store_state
 
 
 def _assert_unchanged(home: Path, host: str, before: dict[str, str]) -> None:
@@ -28,7 +29,7 @@ def _assert_unchanged(home: Path, host: str, before: dict[str, str]) -> None:
             continue  # a leftover of an earlier interrupted run: the next run removes it
         assert after.get(name) == digest, f"{name} changed"
     extra = set(after) - set(before)
-    assert all(Path(e).name.startswith(".") or e.endswith((".qcow2", ".hashes")) for e in extra), extra
+    assert all(Path(e).name.startswith(".") or e.endswith((".qcow2", ".hashes")) or e == INTENT for e in extra), extra
     listed = {p["id"] for p in points_json(home, host)}
     assert all(Path(e).name.split(".")[0].lstrip(".") not in listed for e in extra)
 
@@ -102,12 +103,7 @@ def test_connection_cut_mid_transfer(make_host, lab: Lab, home: Path) -> None:
     marks = Path(host.folder) / "post.log"
     assert run_cli(home, "host", "set", host.name, "--post-hook", f"sh -c 'echo thawed >> {marks}'").rc == 0
     before = store_state(home, host.name) if (home / "store" / host.name).exists() else {}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(home, "backup", host.name)
     time.sleep(1.0)
     lab.cut(host.name)
     _, err = proc.communicate(timeout=120)
@@ -125,12 +121,7 @@ def test_connection_cut_mid_transfer(make_host, lab: Lab, home: Path) -> None:
 def test_link_down_times_out_with_a_clear_error(make_host, lab: Lab, home: Path) -> None:
     host = make_host(size=1 << 30, data=0.5)
     assert run_cli(home, "host", "set", host.name, "--timeout", "3").rc == 0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(home, "backup", host.name)
     time.sleep(1.0)
     subprocess.run(["ip", "link", "set", host.veth, "down"], check=True)
     try:
@@ -150,19 +141,7 @@ def test_store_full(make_host, lab: Lab, tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(home)], check=True)
     try:
         host = make_host(add=False, size=64 << 20, data=0.5)
-        r = run_cli(
-            home,
-            "host",
-            "add",
-            host.name,
-            "--address",
-            f"root@{host.address}",
-            "--disk",
-            host.disk,
-            "--key",
-            str(lab.key_file),
-            "--trust-first-use",
-        )
+        r = run_cli(home, *host_add(host, lab.key_file, "--trust-first-use"))
         assert r.rc == 0, r.err
         r = run_cli(home, "backup", host.name)
         assert r.rc == StoreFullError.exit_code, r.err
@@ -182,3 +161,23 @@ def test_store_full(make_host, lab: Lab, tmp_path: Path) -> None:
         assert run_cli(home, "verify", host.name).rc == 0
     finally:
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_a_lost_catalog_never_deletes_points(make_host, home: Path) -> None:
+    host = make_host(size=8 << 20)
+    for seed in range(2):
+        disks.write_extents(host.disk, 8 << 20, 0.05, seed=seed)
+        assert run_cli(home, "backup", host.name).rc == 0
+    files = sorted((home / "store" / host.name).rglob("*.qcow2"))
+    (home / "store" / host.name / "chain.json").unlink()
+    r = run_cli(home, "backup", host.name)
+    assert r.rc == ChainCorruptError.exit_code and "not in the catalog" in r.err
+    assert sorted((home / "store" / host.name).rglob("*.qcow2")) == files
+
+
+def test_a_lost_catalog_of_a_single_point_is_not_taken_for_a_leftover(make_host, home: Path) -> None:
+    host = make_host(size=8 << 20)
+    assert run_cli(home, "backup", host.name).rc == 0
+    (home / "store" / host.name / "chain.json").unlink()
+    assert run_cli(home, "backup", host.name).rc == ChainCorruptError.exit_code
+    assert len(list((home / "store" / host.name).rglob("*.qcow2"))) == 1

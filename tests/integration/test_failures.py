@@ -20,8 +20,8 @@ from appliance.errors import (
     RemoteCommandError,
 )
 from appliance.lab import Lab
-from tests.conftest import Result, points_json, run_cli
-from tests.integration.helpers import store_state
+from tests.conftest import Result, points_json, run_cli, start_cli
+from tests.integration.helpers import host_add, store_state
 
 
 def _one_clear_line(r: Result, exit_code: int, *needles: str) -> None:
@@ -34,19 +34,7 @@ def _one_clear_line(r: Result, exit_code: int, *needles: str) -> None:
 
 
 def _add(home: Path, lab: Lab, host, *extra: str) -> Result:  # type: ignore[no-untyped-def]
-    return run_cli(
-        home,
-        "host",
-        "add",
-        host.name,
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        host.disk,
-        "--key",
-        str(lab.key_file),
-        *extra,
-    )
+    return run_cli(home, *host_add(host, lab.key_file, *extra))
 
 
 def _fingerprint(host) -> str:  # type: ignore[no-untyped-def]
@@ -99,19 +87,7 @@ def test_host_files_are_private(make_host, home: Path) -> None:
 
 def test_missing_disk(make_host, lab: Lab, home: Path) -> None:
     host = make_host(add=False)
-    r = run_cli(
-        home,
-        "host",
-        "add",
-        host.name,
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        "/dev/nope",
-        "--key",
-        str(lab.key_file),
-        "--trust-first-use",
-    )
+    r = run_cli(home, *host_add(host, lab.key_file, "--trust-first-use", disk="/dev/nope"))
     _one_clear_line(r, DiskAccessError.exit_code, "/dev/nope does not exist")
     assert _add(home, lab, host, "--trust-first-use").rc == 0
     assert run_cli(home, "backup", host.name).rc == 0
@@ -130,33 +106,9 @@ def test_missing_disk(make_host, lab: Lab, home: Path) -> None:
 
 def test_relative_disk_path_and_bad_names_are_config_errors(make_host, lab: Lab, home: Path) -> None:
     host = make_host(add=False)
-    r = run_cli(
-        home,
-        "host",
-        "add",
-        host.name,
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        "sda",
-        "--key",
-        str(lab.key_file),
-        "--trust-first-use",
-    )
+    r = run_cli(home, *host_add(host, lab.key_file, "--trust-first-use", disk="sda"))
     _one_clear_line(r, ConfigError.exit_code, "absolute path")
-    r = run_cli(
-        home,
-        "host",
-        "add",
-        "Bad Name",
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        "/dev/sda",
-        "--key",
-        str(lab.key_file),
-        "--trust-first-use",
-    )
+    r = run_cli(home, *host_add(host, lab.key_file, "--trust-first-use", name="Bad Name", disk="/dev/sda"))
     _one_clear_line(r, ConfigError.exit_code, "invalid host name")
 
 
@@ -189,35 +141,11 @@ def test_authentication_refused(make_host, lab: Lab, home: Path, tmp_path: Path)
     host = make_host(add=False)
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    r = run_cli(
-        home,
-        "host",
-        "add",
-        host.name,
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        host.disk,
-        "--key",
-        str(stranger),
-        "--trust-first-use",
-    )
+    r = run_cli(home, *host_add(host, stranger, "--trust-first-use"))
     _one_clear_line(r, AuthenticationError.exit_code, "refused the appliance's key")
     protected = tmp_path / "protected"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(protected)], check=True)
-    r = run_cli(
-        home,
-        "host",
-        "add",
-        host.name,
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        host.disk,
-        "--key",
-        str(protected),
-        "--trust-first-use",
-    )
+    r = run_cli(home, *host_add(host, protected, "--trust-first-use"))
     _one_clear_line(r, ConfigError.exit_code, "passphrase")
 
 
@@ -230,12 +158,7 @@ def test_python_missing_on_the_host(make_host, home: Path) -> None:
 
 def test_second_run_for_the_same_host_refuses(make_host, home: Path) -> None:
     host = make_host(size=768 << 20, data=0.6)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "--home", str(home), "backup", host.name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_cli(home, "backup", host.name)
     time.sleep(0.8)
     second = run_cli(home, "backup", host.name)
     _one_clear_line(second, ChainLockedError.exit_code, "busy", "backup (pid")
@@ -265,22 +188,7 @@ def test_hooks_run_around_the_read_and_after_a_failure(make_host, home: Path) ->
 
 def test_a_terminal_is_asked_about_an_unknown_key(make_host, lab: Lab, home: Path) -> None:
     host = make_host(add=False)
-    add = [
-        sys.executable,
-        "-m",
-        "appliance",
-        "--home",
-        str(home),
-        "host",
-        "add",
-        host.name,
-        "--address",
-        f"root@{host.address}",
-        "--disk",
-        host.disk,
-        "--key",
-        str(lab.key_file),
-    ]
+    add = [sys.executable, "-m", "appliance", "--home", str(home), *host_add(host, lab.key_file)]
     for answer, expected_rc in (("n\n", HostKeyError.exit_code), ("y\n", 0)):
         done = subprocess.run(
             ["script", "-qec", shlex.join(add), "/dev/null"],
