@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import points_json
@@ -62,3 +63,25 @@ def host_add(host, key: Path | str, *extra: str, disk: str | None = None, name: 
         "host", "add", name or host.name, "--address", f"root@{host.address}",
         "--disk", disk or host.disk, "--key", str(key), *extra,
     ]  # fmt: skip
+
+
+def wait_for_transfer(home: Path, host: str, min_bytes: int = 32 << 20, timeout: float = 60.0) -> None:
+    """Block until a running backup has written `min_bytes` into its new point: data is flowing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = list((home / "store" / host).glob("*/.*.qcow2.part"))
+        if sum(p.stat().st_blocks * 512 for p in parts if p.exists()) >= min_bytes:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no backup of {host} got going within {timeout} s")
+
+
+def wait_for_lock(home: Path, host: str, timeout: float = 60.0) -> None:
+    """Block until some job holds the host's lock (its record is written once the lock is taken)."""
+    lock = home / "store" / host / "lock"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lock.exists() and lock.read_text().strip():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no job took {host}'s lock within {timeout} s")

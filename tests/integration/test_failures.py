@@ -21,7 +21,7 @@ from appliance.errors import (
 )
 from appliance.lab import Lab
 from tests.conftest import Result, points_json, run_cli, start_cli
-from tests.integration.helpers import host_add, store_state
+from tests.integration.helpers import host_add, store_state, wait_for_lock
 
 
 def _one_clear_line(r: Result, exit_code: int, *needles: str) -> None:
@@ -157,9 +157,10 @@ def test_python_missing_on_the_host(make_host, home: Path) -> None:
 
 
 def test_second_run_for_the_same_host_refuses(make_host, home: Path) -> None:
-    host = make_host(size=768 << 20, data=0.6)
+    host = make_host(size=16 << 20)
+    assert run_cli(home, "host", "set", host.name, "--pre-hook", "sleep 3").rc == 0  # holds the lock a while
     first = start_cli(home, "backup", host.name)
-    time.sleep(0.8)
+    wait_for_lock(home, host.name)
     second = run_cli(home, "backup", host.name)
     _one_clear_line(second, ChainLockedError.exit_code, "busy", "backup (pid")
     assert first.wait(120) == 0, first.stderr.read()  # type: ignore[union-attr]
