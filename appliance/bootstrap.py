@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 
 from appliance.adapters.images import QemuImages
+from appliance.adapters.libvirt_host import LibvirtHypervisor
 from appliance.adapters.ssh import ParamikoShell
 from appliance.ports import Tools
 from appliance.store.layout import Home
 
 DEFAULT_HOME = "/var/lib/appliance"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 
 
 def home(override: str | None = None) -> Home:
@@ -19,4 +21,5 @@ def home(override: str | None = None) -> Home:
 
 
 def tools(home: Home) -> Tools:
-    return Tools(remote=ParamikoShell(home.root), images=QemuImages())
+    uri = os.environ.get("APPLIANCE_LIBVIRT_URI") or DEFAULT_LIBVIRT_URI
+    return Tools(remote=ParamikoShell(home.root), images=QemuImages(), hypervisor=LibvirtHypervisor(uri))

@@ -114,3 +114,11 @@ class ImageToolError(ApplianceError):
 
 class LabError(ApplianceError):
     exit_code = 40
+
+
+class HypervisorError(ApplianceError):
+    exit_code = 50
+
+
+class FailoverError(ApplianceError):
+    exit_code = 51

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 import typer
 
 from appliance.cli._output import ProgressLine, size, table
-from appliance.cli.context import state
+from appliance.cli.context import State, state
 from appliance.domain.models import Point
 from appliance.errors import ChainCorruptError
 from appliance.services.backup import back_up
+from appliance.services.failover import verify_boot
 from appliance.services.verify import PointCheck, verify_chain
 from appliance.store import catalog, hosts
 
@@ -38,13 +39,17 @@ def backup(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The pro
         f"changed {size(point.changed_bytes)}, sent {size(point.sent_bytes)}, "
         f"on the wire {size(point.wire_bytes)}, depth {depth}"
     )
+    if hosts.load(st.home, name).verify_boot:
+        _verify_boot(st, name, point.id, 300.0)
 
 
 def _verified(p: Point) -> str:
     v = p.verification
-    if v is None:
-        return "-"
-    return ("ok " if v.ok else "FAILED ") + v.time.strftime("%Y-%m-%d %H:%M")
+    text = "-" if v is None else ("ok " if v.ok else "FAILED ") + v.time.strftime("%Y-%m-%d %H:%M")
+    boot = p.extra.get("boot")
+    if isinstance(boot, dict):
+        text += ", boot " + (f"ok {boot.get('rto_seconds')} s" if boot.get("ok") else "FAILED")
+    return text
 
 
 def _point_doc(p: Point, depth: int) -> dict[str, Any]:
@@ -72,6 +77,17 @@ def points(
     typer.echo(table(["ID", "TIME", "CHANGED", "SENT", "SECONDS", "DEPTH", "VERIFIED"], rows))
 
 
+def _verify_boot(st: State, name: str, point: str, timeout: float) -> None:
+    verdict = verify_boot(
+        st.home, st.tools, name, point_ref=point, timeout=timeout, say=lambda t: typer.echo(t, err=True)
+    )
+    rto = f", RTO {verdict['rto_seconds']:.1f} s" if verdict["ok"] else ""
+    typer.echo(f"{name}: boot {'ok' if verdict['ok'] else 'FAILED'}{rto}: {verdict['detail']}")
+    typer.echo(f"screenshot: {verdict['screenshot'] or '-'}")
+    if not verdict["ok"]:
+        raise ChainCorruptError(f"a point of {name} did not boot: {verdict['detail']}")
+
+
 def verify(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The protected host")],
@@ -79,9 +95,14 @@ def verify(
     repair: Annotated[
         bool, typer.Option("--repair", help="Rebuild the newest point's block hash list if damaged")
     ] = False,
+    boot: Annotated[bool, typer.Option("--boot", help="Boot the point (default: newest) in isolation")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="With --boot: seconds to wait for the boot")] = 300.0,
 ) -> None:
-    """Check the integrity of every point: qcow2 metadata, backing chain, content digest."""
+    """Check every point: qcow2 metadata, backing chain, content digest; with --boot, that it boots."""
     st = state(ctx)
+    if boot:
+        _verify_boot(st, name, point or "latest", timeout)
+        return
 
     def show(check: PointCheck) -> None:
         typer.echo(f"{check.point}: {'ok' if check.ok else 'FAILED: ' + check.summary}")

@@ -14,6 +14,7 @@ import typer
 from appliance.cli._output import parse_size, size, table
 from appliance.cli.context import state
 from appliance.domain.models import HostKey, validate_block_size
+from appliance.domain.recovery import BootCheck, Network, VmSettings
 from appliance.errors import ConfigError
 from appliance.services import hosts as host_service
 from appliance.store import hosts as host_store
@@ -113,10 +114,18 @@ def set_(
     python: Annotated[str | None, typer.Option("--python")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout")] = None,
     block_size: Annotated[str | None, typer.Option("--block-size", help="For chains started from now on")] = None,
+    boot_check: Annotated[str | None, typer.Option("--boot-check", help="console:REGEX, screen or tcp:PORT")] = None,
+    verify_boot: Annotated[
+        bool | None, typer.Option("--verify-boot/--no-verify-boot", help="Boot-verify each new point")
+    ] = None,
+    vm_memory: Annotated[int | None, typer.Option("--vm-memory", help="Recovery VM memory, MiB")] = None,
+    vm_cpus: Annotated[int | None, typer.Option("--vm-cpus", help="Recovery VM CPUs")] = None,
+    vm_network: Annotated[str | None, typer.Option("--vm-network", help="user, none or bridge=NAME")] = None,
+    vm_disk_bus: Annotated[str | None, typer.Option("--vm-disk-bus", help="virtio, sata or ide")] = None,
 ) -> None:
     """Change a protected host's settings."""
     st = state(ctx)
-    changes: dict[str, object] = {}
+    changes: dict[str, object] = _vm_changes(boot_check, verify_boot, vm_memory, vm_cpus, vm_network, vm_disk_bus)
     if address is not None:
         changes["address"] = address
     if port is not None:
@@ -143,6 +152,21 @@ def set_(
     typer.echo(f"updated {host.name}: {host.target}, host key {host.host_key.fingerprint}")
 
 
+def _vm_changes(boot_check: str | None, verify_boot: bool | None, memory: int | None, cpus: int | None,
+                network: str | None, disk_bus: str | None) -> dict[str, object]:  # fmt: skip
+    """Recovery-VM settings, checked the way `failover` will read them."""
+    changes: dict[str, object] = {}
+    if boot_check is not None:
+        changes["boot_check"] = str(BootCheck.parse(boot_check))
+    if verify_boot is not None:
+        changes["verify_boot"] = verify_boot
+    vm = {"vm_memory_mib": memory, "vm_cpus": cpus, "vm_network": network, "vm_disk_bus": disk_bus}
+    changes.update({k: v for k, v in vm.items() if v is not None})
+    if network is not None or disk_bus is not None or memory is not None or cpus is not None:
+        VmSettings(memory or 1024, cpus or 1, Network.parse(network or "user"), disk_bus or "virtio")
+    return changes
+
+
 @app.command("list")
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the protected hosts."""
@@ -167,6 +191,8 @@ def show(ctx: typer.Context, name: str) -> None:
         ("python", h.python),
         ("block size", size(h.block_size)),
         ("timeout", f"{h.timeout:.0f} s"),
+        ("recovery VM", f"{h.vm_memory_mib} MiB, {h.vm_cpus} CPU, network {h.vm_network}, disks on {h.vm_disk_bus}"),
+        ("boot check", h.boot_check + (", after every backup" if h.verify_boot else "")),
     ]
     for k, v in rows:
         typer.echo(f"{k + ':':12} {v}")

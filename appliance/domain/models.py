@@ -47,6 +47,13 @@ class Host:
     python: str = "python3"
     block_size: int = DEFAULT_BLOCK_SIZE
     timeout: float = 60.0
+    # Recovery VM defaults: what `failover` uses unless told otherwise.
+    vm_memory_mib: int = 1024
+    vm_cpus: int = 1
+    vm_network: str = "user"
+    vm_disk_bus: str = "virtio"
+    boot_check: str = "screen"  # see domain.recovery.BootCheck
+    verify_boot: bool = False  # boot-verify every new point after its backup
 
     @property
     def target(self) -> str:

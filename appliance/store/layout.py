@@ -48,6 +48,17 @@ class Home:
     def chain_dir(self, name: str) -> Path:
         return self.store_dir / name
 
+    def failover_dir(self, name: str, purpose: str = "failover") -> Path:
+        base = self.root / "failover" / name
+        return base if purpose == "failover" else base / purpose
+
+    def screenshot(self, name: str, point_id: str) -> Path:
+        return self.root / "screenshots" / name / f"{point_id}.png"
+
+    @property
+    def accel_file(self) -> Path:
+        return self.root / "accel.json"
+
     def ensure(self) -> Home:
         for d in (self.root, self.hosts_dir, self.keys_dir, self.store_dir, self.run_dir):
             private_dir(d)

@@ -145,6 +145,7 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 dpkg-deb -x "$kernel_deb" "$work/kernel"
 dpkg-deb -x "$busybox_deb" "$work/busybox"
@@ -252,13 +253,13 @@ part_size=$((size - part_start))
 truncate -s "$size" "$img"
 printf 'label: dos\nstart=%d, size=%d, type=83, bootable\n' $((part_start / 512)) $((part_size / 512)) |
 	sfdisk --quiet "$img"
-# 64bit off: syslinux 6.04 reads ext4 but not every feature of newer mke2fs defaults.
-mke2fs -q -t ext4 -L approot -O ^64bit -d "$root" -E offset=$part_start "$img" $((part_size / 1024))k
+mke2fs -q -t ext4 -L approot -d "$root" -E offset=$part_start "$img" $((part_size / 1024))k
 dd if="$mbr_bin" of="$img" bs=440 count=1 conv=notrunc status=none
 loop=$(losetup --find --show --offset $part_start --sizelimit $part_size "$img")
 mkdir "$work/mnt"
 mount "$loop" "$work/mnt"
-extlinux --install "$work/mnt/boot/extlinux" >"$work/extlinux.log" 2>&1 || die "extlinux --install: $(tail -n 1 "$work/extlinux.log")"
+extlinux --install "$work/mnt/boot/extlinux" >"$work/extlinux.log" 2>&1 ||
+	die "extlinux --install: $(tail -n 1 "$work/extlinux.log")"
 umount "$work/mnt"
 losetup -d "$loop"
 loop=""

@@ -36,9 +36,13 @@ def make_host(lab: Lab, home: Path) -> Iterator[MakeHost]:
     """Create a lab host with a fresh disk and (unless add=False) register it in the test's home."""
     created: list[str] = []
 
-    def make(size: int = 64 << 20, data: float = 0.4, loop: bool = False, add: bool = True, disks: int = 1) -> LabHost:
+    def make(
+        size: int = 64 << 20, data: float = 0.4, loop: bool = False, add: bool = True, disks: int = 1,
+        image: Path | None = None,
+    ) -> LabHost:  # fmt: skip
         name = f"t{next(_names)}"
-        host = next(h for h in lab.up([name], disk_size=size, data_fraction=data, loop=loop) if h.name == name)
+        up = lab.up([name], disk_size=size, data_fraction=data, loop=loop, disk_image=image)
+        host = next(h for h in up if h.name == name)
         created.append(name)
         if add:
             extra: list[str] = []
@@ -55,3 +59,11 @@ def make_host(lab: Lab, home: Path) -> Iterator[MakeHost]:
     yield make
     for name in created:
         lab.remove(name)
+
+
+@pytest.fixture(scope="session")
+def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The lab guest (images/guest), built once per run: a bootable 1 GiB disk that prints its marker."""
+    from appliance.lab.guest import build_guest_image
+
+    return build_guest_image(tmp_path_factory.mktemp("guest") / "guest.img", size=1 << 30)

@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""libvirt: recovery VMs defined, started, watched, photographed and removed through libvirt-python."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+
+from appliance.adapters import libvirt_xml
+from appliance.domain.recovery import DomainSpec, DomainState
+from appliance.errors import HypervisorError
+from appliance.log import get_logger
+
+log = get_logger(__name__)
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; the appliance reports them itself."""
+
+
+libvirt.registerErrorHandler(_silence, None)
+
+_START_HINT = (
+    "start libvirt: `systemctl start libvirtd`, or without systemd `mkdir -p /var/log/libvirt && virtlogd -d "
+    "&& libvirtd -d` (./install does this)"
+)
+
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+
+
+class LibvirtHypervisor:
+    """The Hypervisor port over one libvirt connection (qemu:///system by default)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._connection: libvirt.virConnect | None = None
+
+    @property
+    def _conn(self) -> libvirt.virConnect:
+        if self._connection is None:
+            try:
+                self._connection = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(
+                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}", hint=_START_HINT
+                ) from exc
+        return self._connection
+
+    def _domain(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+
+    def kvm_available(self) -> bool:
+        """KVM as libvirt sees it: /dev/kvm usable and a kvm domain type offered."""
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return False
+        try:
+            self._conn.getDomainCapabilities(None, "x86_64", None, "kvm")
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    def exists(self, name: str) -> bool:
+        return self._domain(name) is not None
+
+    def start(self, spec: DomainSpec) -> None:
+        """Define the domain and start it; on failure nothing stays defined."""
+        xml = libvirt_xml.render(spec)
+        try:
+            dom = self._conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt refused the recovery VM: {exc.get_error_message()}") from exc
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            dom.undefine()
+            raise HypervisorError(f"the recovery VM did not start: {exc.get_error_message()}") from exc
+
+    def state(self, name: str) -> DomainState:
+        dom = self._domain(name)
+        if dom is None:
+            return DomainState(False, "gone", "")
+        state, reason = dom.state()
+        return DomainState(state == libvirt.VIR_DOMAIN_RUNNING, _STATES.get(state, str(state)), str(reason))
+
+    def remove(self, name: str) -> None:
+        """Stop the domain at once (power off) and forget its definition."""
+        dom = self._domain(name)
+        if dom is None:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot remove {name}: {exc.get_error_message()}") from exc
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI); the caller waits and forces it if needed."""
+        dom = self._domain(name)
+        if dom is not None and dom.isActive():
+            try:
+                dom.shutdown()
+            except libvirt.libvirtError as exc:
+                log.warning("libvirt.shutdown_failed", domain=name, error=exc.get_error_message())
+
+    def vnc_display(self, name: str) -> str:
+        dom = self._domain(name)
+        if dom is None:
+            return ""
+        port = libvirt_xml.vnc_port(dom.XMLDesc(0))
+        return f"127.0.0.1:{port}" if port else ""
+
+    def guest_addresses(self, name: str) -> list[str]:
+        """IPv4 addresses the guest was seen with on the network (ARP), for a TCP boot check."""
+        dom = self._domain(name)
+        if dom is None or not dom.isActive():
+            return []
+        try:
+            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)
+        except libvirt.libvirtError:
+            return []
+        return [a["addr"] for i in ifaces.values() for a in (i.get("addrs") or []) if a.get("type") == 0]
+
+    def screenshot_ppm(self, name: str) -> bytes:
+        """The guest's screen as PPM (what QEMU hands to libvirt)."""
+        dom = self._domain(name)
+        if dom is None:
+            raise HypervisorError(f"{name} is not running")
+        stream = self._conn.newStream(0)
+        try:
+            dom.screenshot(stream, 0, 0)
+            chunks: list[bytes] = []
+            stream.recvAll(lambda _s, data, acc: acc.append(data) or 0, chunks)
+            stream.finish()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"screenshot of {name} failed: {exc.get_error_message()}") from exc
+        return b"".join(chunks)
+
+    def screenshot_png(self, name: str, path: Path) -> None:
+        """Save the guest's screen as PNG, encoded by QEMU itself (QMP screendump)."""
+        self.monitor(name, {"execute": "screendump", "arguments": {"filename": str(path), "format": "png"}})
+
+    def qemu_log_tail(self, name: str, lines: int = 5) -> str:
+        path = Path("/var/log/libvirt/qemu") / f"{name}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def monitor(self, name: str, command: dict[str, Any]) -> Any:
+        """A QMP command to the domain's QEMU, through libvirt (which owns the monitor socket)."""
+        dom = self._domain(name)
+        if dom is None:
+            raise HypervisorError(f"{name} is not running")
+        try:
+            reply = libvirt_qemu.qemuMonitorCommand(dom, json.dumps(command), 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"QMP {command.get('execute')} on {name} failed: {exc.get_error_message()}") from exc
+        return json.loads(reply).get("return")
+
+    def free_memory_mib(self) -> int:
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) // 1024
+        except OSError:
+            pass
+        return int(self._conn.getFreeMemory()) >> 20
+
+    def bridge_exists(self, name: str) -> bool:
+        return Path("/sys/class/net", name, "bridge").is_dir()
+
+    def recovery_domains(self) -> list[tuple[str, dict[str, str]]]:
+        """(name, metadata) of every domain this appliance created, running or not."""
+        try:
+            domains = self._conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+        found = []
+        for dom in domains:
+            meta = libvirt_xml.recovery_metadata(dom.XMLDesc(0))
+            if meta is not None:
+                found.append((dom.name(), meta))
+        return found
+
+
+def ppm_pixels(ppm: bytes) -> tuple[int, int, bytes]:
+    """(width, height, RGB bytes) of a binary PPM (P6, maxval 255), as libvirt's QEMU screenshots are."""
+    parts: list[bytes] = []
+    pos = 0
+    while len(parts) < 4:
+        while ppm[pos : pos + 1].isspace():
+            pos += 1
+        if ppm[pos : pos + 1] == b"#":
+            pos = ppm.index(b"\n", pos) + 1
+            continue
+        end = pos
+        while not ppm[end : end + 1].isspace():
+            end += 1
+        parts.append(ppm[pos:end])
+        pos = end
+    if parts[0] != b"P6" or parts[3] != b"255":
+        raise HypervisorError("unexpected screenshot format")
+    width, height = int(parts[1]), int(parts[2])
+    return width, height, ppm[pos + 1 : pos + 1 + width * height * 3]

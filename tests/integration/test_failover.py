@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Failover boot on real libvirtd and QEMU: the lab guest's disk, backed up point by point, booted back.
+
+Each point of the lab host's disk carries its own marker; booting point N must print marker N. The
+chain's files must not change by a single byte while a recovery VM runs and writes to its disk.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ChainCorruptError, FailoverError, HypervisorError, PointNotFoundError
+from appliance.lab import guest
+from tests.conftest import points_json, run_cli
+from tests.integration.helpers import store_state
+
+UP = "console:APPLIANCE-GUEST-UP"
+
+
+@pytest.fixture
+def guest_host(make_host, guest_image: Path, home: Path):  # type: ignore[no-untyped-def]
+    """A lab host whose disk is the lab guest, with three points: markers point-1, point-2, point-3."""
+    host = make_host(image=guest_image)
+    assert run_cli(home, "host", "set", host.name, "--boot-check", UP, "--vm-memory", "256").rc == 0
+    for n in (1, 2, 3):
+        guest.set_marker(host.disk, f"point-{n}")
+        if n == 2:  # the guest of point 2 writes to its own disk when it boots
+            guest.write_autorun(host.disk, "echo written-by-the-recovery-vm > /root/from-guest.txt\n")
+        r = run_cli(home, "backup", host.name)
+        assert r.rc == 0, r.err
+    yield host
+    run_cli(home, "failover", "stop", host.name)
+
+
+def _virsh_list() -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True, text=True).stdout
+
+
+def test_booting_a_point_shows_that_points_data_and_never_writes_the_chain(guest_host, home: Path) -> None:
+    ids = [p["id"] for p in points_json(home, guest_host.name)]
+    before = store_state(home, guest_host.name)
+    r = run_cli(home, "failover", guest_host.name, "--point", str(ids[1]), "--timeout", "180")
+    assert r.rc == 0, r.out + r.err
+    assert "marker=point-2" in r.out and "RTO:" in r.out
+    assert f"recovery-{guest_host.name}" in _virsh_list()
+    status = run_cli(home, "failover", "status")
+    assert guest_host.name in status.out and str(ids[1]) in status.out and "running" in status.out
+    overlay = home / "failover" / guest_host.name / "disk0.qcow2"
+    for _ in range(300):  # the guest's autorun writes to its disk: into the overlay, never the chain
+        if "APPLIANCE-AUTORUN-DONE rc=0" in (home / "failover" / guest_host.name / "console.log").read_text():
+            break
+        time.sleep(0.1)
+    stop = run_cli(home, "failover", "stop", guest_host.name, "--keep")
+    assert stop.rc == 0, stop.err
+    assert f"recovery-{guest_host.name}" not in _virsh_list()
+    assert store_state(home, guest_host.name) == before
+    raw = overlay.with_suffix(".raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(overlay), str(raw)], check=True)
+    assert guest.read_file(raw, "/from-guest.txt") == b"written-by-the-recovery-vm\n"
+    assert run_cli(home, "failover", "stop", guest_host.name).rc == 0
+    assert not overlay.exists()
+
+
+def test_the_newest_point_boots_by_default_on_sata_and_ide(guest_host, home: Path) -> None:
+    for bus in ("sata", "ide"):
+        r = run_cli(home, "failover", guest_host.name, "--disk-bus", bus, "--timeout", "180")
+        assert r.rc == 0, r.out + r.err
+        assert "marker=point-3" in r.out
+        assert run_cli(home, "failover", "stop", guest_host.name).rc == 0
+
+
+def test_boot_verification_records_verdict_rto_and_screenshot(guest_host, home: Path) -> None:
+    r = run_cli(home, "verify", guest_host.name, "--boot", "--timeout", "180")
+    assert r.rc == 0, r.out + r.err
+    newest = points_json(home, guest_host.name)[-1]
+    boot = newest["extra"]["boot"]  # type: ignore[index]
+    assert boot["ok"] is True and boot["rto_seconds"] > 0 and "marker=point-3" in boot["detail"]
+    shot = Path(boot["screenshot"])
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 1000
+    assert "boot ok" in run_cli(home, "points", guest_host.name).out
+    assert f"verify-{guest_host.name}" not in _virsh_list()
+    assert not (home / "failover" / guest_host.name / "verify").exists()
+
+
+def test_bad_requests_are_refused_clearly(guest_host, home: Path) -> None:
+    r = run_cli(home, "failover", guest_host.name, "--point", "2001-01-01T00:00:00Z")
+    assert r.rc == PointNotFoundError.exit_code and "no recovery point" in r.err
+    r = run_cli(home, "failover", guest_host.name, "--network", "bridge=nosuchbr0")
+    assert r.rc == FailoverError.exit_code and "no bridge 'nosuchbr0'" in r.err
+    r = run_cli(home, "failover", guest_host.name, "--memory", str(1 << 19))  # 512 GiB
+    assert r.rc == FailoverError.exit_code and "not enough memory" in r.err
+    r = run_cli(home, "failover", guest_host.name, env={"APPLIANCE_LIBVIRT_URI": "qemu:///system?socket=/nonexistent"})
+    assert r.rc == HypervisorError.exit_code and "cannot connect to libvirt" in r.err and "libvirtd -d" in r.err
+    assert run_cli(home, "failover", guest_host.name, "--timeout", "180").rc == 0
+    r = run_cli(home, "failover", guest_host.name)
+    assert r.rc == FailoverError.exit_code and "already running" in r.err
+    for r in (run_cli(home, "failover", "stop", "nohost"), run_cli(home, "failover", "nohost")):
+        assert r.rc != 0 and "Traceback" not in r.err
+
+
+def test_a_point_that_failed_verification_is_refused_unless_forced(guest_host, home: Path) -> None:
+    newest = home / "store" / guest_host.name / str(points_json(home, guest_host.name)[-1]["disks"][0]["file"])  # type: ignore[index]
+    with open(newest, "r+b") as f:  # damage the newest point: its qcow2 magic
+        f.write(b"\0" * 4)
+    assert run_cli(home, "verify", guest_host.name).rc == ChainCorruptError.exit_code
+    r = run_cli(home, "failover", guest_host.name)
+    assert r.rc == FailoverError.exit_code and "failed verification" in r.err and "--force" in r.err
