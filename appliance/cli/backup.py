@@ -15,7 +15,7 @@ from appliance.errors import ChainCorruptError
 from appliance.services.backup import back_up
 from appliance.services.failover import verify_boot
 from appliance.services.verify import PointCheck, verify_chain
-from appliance.store import catalog, hosts
+from appliance.store import catalog, hosts, recovery
 
 
 def register(app: typer.Typer) -> None:
@@ -67,14 +67,17 @@ def points(
     home = state(ctx).home
     hosts.load(home, name)
     chain = catalog.load(home.chain_dir(name), name)
+    pins = recovery.pinned_points(home, name)
     if as_json:
-        typer.echo(json.dumps([_point_doc(p, i + 1) for i, p in enumerate(chain.points)], indent=1))
+        docs = [{**_point_doc(p, i + 1), "pinned": pins.get(p.id)} for i, p in enumerate(chain.points)]
+        typer.echo(json.dumps(docs, indent=1))
         return
     rows = [
-        [p.id, p.time_iso, size(p.changed_bytes), size(p.sent_bytes), f"{p.seconds:.1f}", str(i + 1), _verified(p)]
+        [p.id, p.time_iso, size(p.changed_bytes), size(p.sent_bytes), f"{p.seconds:.1f}", str(i + 1), _verified(p),
+         pins.get(p.id, "")]
         for i, p in enumerate(chain.points)
-    ]
-    typer.echo(table(["ID", "TIME", "CHANGED", "SENT", "SECONDS", "DEPTH", "VERIFIED"], rows))
+    ]  # fmt: skip
+    typer.echo(table(["ID", "TIME", "CHANGED", "SENT", "SECONDS", "DEPTH", "VERIFIED", "IN USE BY"], rows))
 
 
 def _verify_boot(st: State, name: str, point: str, timeout: float) -> None:

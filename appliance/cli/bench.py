@@ -35,3 +35,14 @@ def capture(
         block_size,
         big=0 if big in ("0", "") else parse_size(big),
     )
+
+
+@app.command("failover")
+def failover(
+    big: Annotated[str, typer.Option("--big", help="Size of the large guest disk")] = "64G",
+    big_data: Annotated[str, typer.Option("--big-data", help="Data written into the large disk")] = "8G",
+) -> None:
+    """RTO of failover for a small and a large disk, against booting the raw disk and a naive restore."""
+    from appliance.bench.failover import run_failover_bench
+
+    run_failover_bench(parse_size(big), parse_size(big_data))

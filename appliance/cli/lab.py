@@ -34,10 +34,18 @@ def up(
         bool, typer.Option("--loop", help="Give each host a loop block device instead of an image file")
     ] = False,
     image: Annotated[Path | None, typer.Option("--image", help="Start each disk as a copy of this raw image")] = None,
+    blank: Annotated[bool, typer.Option("--blank", help="Random data instead of the bootable lab guest")] = False,
 ) -> None:
-    """Start lab hosts (each a namespace running sshd) and print how to add them."""
+    """Start lab hosts (each a namespace running sshd) and print how to add them.
+
+    Each host's disk is the lab guest (images/guest), a small Linux that prints its marker when it
+    boots, unless --blank (random data, --data of the disk) or --image."""
     lab = _lab(ctx)
-    for h in lab.up(host or ["lab1"], disk_size=parse_size(disk_size), data_fraction=data, loop=loop, disk_image=image):
+    hosts = lab.up(
+        host or ["lab1"], disk_size=parse_size(disk_size), data_fraction=data, loop=loop, disk_image=image,
+        with_guest=not blank and image is None,
+    )  # fmt: skip
+    for h in hosts:
         typer.echo(f"{h.name}: root@{h.address}, disk {h.disk}")
         typer.echo(
             f"  appliance host add {h.name} --address root@{h.address} --disk {h.disk} "
@@ -66,14 +74,15 @@ def status(ctx: typer.Context) -> None:
 def change(
     ctx: typer.Context,
     host: str,
-    percent: Annotated[float, typer.Option("--percent", help="Share of the disk to overwrite")] = 1.0,
+    percent: Annotated[float, typer.Option("--percent", help="Share of the disk to write")] = 1.0,
+    marker: Annotated[
+        str | None, typer.Option("--marker", help="New marker of the lab guest (shown when it boots)")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
 ) -> None:
-    """Write to a lab host's disk as a busy server would: random extents, 4 KiB to 1 MiB each."""
-    h = _lab(ctx).host(host)
-    total = disks.disk_size(h.disk)
-    written = disks.write_extents(h.disk, total, percent / 100.0, seed=seed)
-    typer.echo(f"{host}: wrote {size(written)} in random extents of {h.disk}")
+    """Write to a lab host's disk as a busy server would (and set the lab guest's marker)."""
+    written = _lab(ctx).change(host, percent / 100.0, marker=marker, seed=seed)
+    typer.echo(f"{host}: wrote {size(written)}" + (f", marker {marker}" if marker else ""))
 
 
 @app.command("cut")

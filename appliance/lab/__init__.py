@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.adapters.process import CommandFailed, run
 from appliance.errors import LabError
-from appliance.lab import disks
+from appliance.lab import disks, guest
 from appliance.log import get_logger
 
 log = get_logger(__name__)
@@ -49,6 +49,15 @@ class LabHost:
     @property
     def host_key_pub(self) -> Path:
         return Path(self.folder) / "ssh_host_ed25519_key.pub"
+
+
+@dataclass(frozen=True, slots=True)
+class _DiskRecipe:
+    size: int
+    data_fraction: float
+    loop: bool
+    image: Path | None
+    guest: bool
 
 
 class Lab:
@@ -92,8 +101,13 @@ class Lab:
         data_fraction: float = 0.4,
         loop: bool = False,
         disk_image: Path | None = None,
+        with_guest: bool = False,
     ) -> list[LabHost]:
-        """Create one namespace host per name (hosts that already exist are kept)."""
+        """Create one namespace host per name (hosts that already exist are kept).
+
+        Each disk is `disk_size` bytes of random data (`data_fraction` of it), a copy of `disk_image`, or
+        `with_guest`, the lab guest (images/guest); `loop` makes it a block device."""
+        recipe = _DiskRecipe(disk_size, data_fraction, loop, disk_image, with_guest)
         _require_root()
         state = self._load()
         lab_id = str(state.get("id") or secrets.token_hex(2))
@@ -103,7 +117,7 @@ class Lab:
         for name in names:
             if name in existing:
                 continue
-            host = self._make_host(lab_id, name, len(created), disk_size, data_fraction, loop, disk_image)
+            host = self._make_host(lab_id, name, len(created), recipe)
             created.append(host)
             self._save({"id": lab_id, "hosts": [asdict(h) for h in created]})
             log.info("lab.host_up", host=name, address=host.address, disk=host.disk)
@@ -135,10 +149,7 @@ class Lab:
         lab_id: str,
         name: str,
         index: int,
-        disk_size: int,
-        data_fraction: float,
-        loop: bool,
-        disk_image: Path | None,
+        recipe: _DiskRecipe,
     ) -> LabHost:
         subnet = _free_subnet()
         folder = self.root / name
@@ -152,15 +163,17 @@ class Lab:
             folder=str(folder),
             disk="",
             image=str(folder / "disk.img"),
-            loop=loop,
+            loop=recipe.loop,
         )
         try:
             self._network(host)
-            if disk_image is not None:
-                disks.copy_sparse(disk_image, Path(host.image))
+            if recipe.guest:
+                guest.build_guest_image(Path(host.image), size=recipe.size)
+            elif recipe.image is not None:
+                disks.copy_sparse(recipe.image, Path(host.image))
             else:
-                disks.make(Path(host.image), disk_size, data_fraction, seed=index)
-            host.disk = disks.attach_loop(Path(host.image)) if loop else host.image
+                disks.make(Path(host.image), recipe.size, recipe.data_fraction, seed=index)
+            host.disk = disks.attach_loop(Path(host.image)) if recipe.loop else host.image
             self._start_sshd(host)
         except BaseException:
             self._stop_host(host)
@@ -219,6 +232,24 @@ class Lab:
         host = self.host(name)
         _kill_pidfile(host.sshd_pid_file)
         self._start_sshd(host)
+
+    def change(self, name: str, fraction: float, *, marker: str | None = None, seed: int = 1) -> int:
+        """Write to a lab host's disk as its server would; returns the bytes written.
+
+        On the lab guest the change is a file of new data in its file system (and a new marker, so a boot
+        shows which point it came from); on a plain disk, random extents.
+        """
+        host = self.host(name)
+        size = disks.disk_size(host.disk)
+        if guest.is_guest_disk(host.disk):
+            data = disks.noise(int(size * fraction), seed)
+            guest.write_file(host.disk, f"/change-{seed}.bin", data)
+            if marker:
+                guest.set_marker(host.disk, marker)
+            return len(data)
+        if marker:
+            raise LabError(f"{name}'s disk is not the lab guest: it has no marker")
+        return disks.write_extents(host.disk, size, fraction, seed=seed)
 
     def cut(self, name: str) -> None:
         """Kill every SSH session of the host at once: a cut mid-transfer, as a crashed link looks."""

@@ -1,8 +1,13 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""`appliance lab demo`: the main job, end to end, on a lab host; each step is the real CLI command."""
+"""`appliance lab demo`: the main job, end to end, on a lab host; each step is the real CLI command.
+
+The lab host's disk is the lab guest, a small Linux that prints its marker when it boots. Each backup
+is taken after a new marker is written, so the failover at the end proves which point it booted.
+"""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -15,52 +20,51 @@ from appliance.lab import Lab
 HOST = "lab1"
 
 
-def _appliance(home: Path, *args: str, check: bool = True) -> str:
+def _appliance(home: Path, *args: str) -> str:
     shown = shlex.join(["appliance", *args])
     print(f"\n$ {shown}", flush=True)
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "appliance", "--home", str(home), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
-    )
-    print(done.stdout.rstrip(), flush=True)
-    if check and done.returncode != 0:
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
+    )  # fmt: skip
+    print("\n".join(line for line in done.stdout.splitlines() if "[info     ]" not in line), flush=True)
+    if done.returncode != 0:
         raise LabError(f"demo step failed (exit {done.returncode}): {shown}")
     print(f"  [{time.monotonic() - started:.1f} s]", flush=True)
+    return done.stdout
+
+
+def _quiet(home: Path, *args: str, check: bool = True) -> str:
+    done = subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), *args],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if check and done.returncode != 0:
+        raise LabError(f"demo step failed (exit {done.returncode}): appliance {shlex.join(args)}")
     return done.stdout
 
 
 def run_demo(home: Path) -> None:
     lab = Lab(home / "lab")
     print("Tearing down any earlier demo ...", flush=True)
-    lab.down()
     if (home / "hosts" / f"{HOST}.json").exists():
+        _quiet(home, "failover", "stop", HOST, check=False)
         _appliance(home, "host", "remove", HOST, "--purge")
-    _appliance(home, "lab", "up", "--host", HOST, "--disk-size", "1G", "--data", "0.4")
+    lab.down()
+    _appliance(home, "lab", "up", "--host", HOST, "--disk-size", "1G")
     h = lab.host(HOST)
-    _appliance(
-        home,
-        "host",
-        "add",
-        HOST,
-        "--address",
-        f"root@{h.address}",
-        "--disk",
-        h.disk,
-        "--key",
-        str(lab.key_file),
-        "--trust-first-use",
-    )
+    _appliance(home, "host", "add", HOST, "--address", f"root@{h.address}", "--disk", h.disk,
+               "--key", str(lab.key_file), "--trust-first-use")  # fmt: skip
+    _appliance(home, "host", "set", HOST, "--boot-check", "console:APPLIANCE-GUEST-UP", "--vm-memory", "512")
+    _appliance(home, "lab", "change", HOST, "--percent", "10", "--marker", "monday")
     _appliance(home, "backup", HOST)
-    _appliance(home, "lab", "change", HOST, "--percent", "1")
+    _appliance(home, "lab", "change", HOST, "--percent", "1", "--marker", "tuesday", "--seed", "2")
     _appliance(home, "backup", HOST)
     _appliance(home, "points", HOST)
     _appliance(home, "verify", HOST)
-    print(
-        f"\nDemo complete. The lab host is still up: try `appliance --home {home} points {HOST}`; "
-        f"`appliance --home {home} lab down` removes it.",
-        flush=True,
-    )
+    first = json.loads(_quiet(home, "points", HOST, "--json"))[0]["id"]
+    print("\nThe server dies. Boot Monday's point, the older one, as a VM:", flush=True)
+    _appliance(home, "failover", HOST, "--point", first)
+    _appliance(home, "failover", "status")
+    _appliance(home, "failover", "stop", HOST)
+    print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
+          f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip

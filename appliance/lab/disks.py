@@ -31,6 +31,11 @@ class _Noise:
         return bytes(out)
 
 
+def noise(n: int, seed: int) -> bytes:
+    """`n` bytes of incompressible data."""
+    return _Noise(seed).take(n)
+
+
 def make(path: Path, size: int, data_fraction: float, seed: int = 0) -> None:
     """A sparse disk of `size` bytes with about `data_fraction` of it in random extents of data."""
     with open(path, "wb") as f:

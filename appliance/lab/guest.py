@@ -83,6 +83,17 @@ def write_autorun(disk: Path | str, script_text: str) -> None:
     write_file(disk, AUTORUN_FILE, script_text.encode(), mode=0o755)
 
 
+def is_guest_disk(disk: Path | str) -> bool:
+    """Whether `disk` holds the lab guest (an MBR whose first partition is ext4 labelled approot)."""
+    try:
+        part = _first_partition(str(disk))
+        with open(part.disk, "rb") as f:
+            f.seek(part.offset + 1024 + 0x78)  # the ext superblock's volume name
+            return f.read(16).rstrip(b"\0") == LABEL.encode()
+    except (OSError, LabError):
+        return False
+
+
 def marker_from_console(text: str) -> str | None:
     """The marker in a console log; the last one if the log holds several boots, None if none is up yet."""
     found = UP_PATTERN.findall(text)

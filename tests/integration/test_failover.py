@@ -47,6 +47,8 @@ def test_booting_a_point_shows_that_points_data_and_never_writes_the_chain(guest
     assert r.rc == 0, r.out + r.err
     assert "marker=point-2" in r.out and "RTO:" in r.out
     assert f"recovery-{guest_host.name}" in _virsh_list()
+    pinned = {p["id"]: p["pinned"] for p in points_json(home, guest_host.name)}
+    assert pinned[ids[1]] and f"recovery-{guest_host.name}" in str(pinned[ids[1]]) and pinned[ids[0]] is None
     status = run_cli(home, "failover", "status")
     assert guest_host.name in status.out and str(ids[1]) in status.out and "running" in status.out
     overlay = home / "failover" / guest_host.name / "disk0.qcow2"
