@@ -26,8 +26,8 @@ def _silence(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_silence, None)
 
 _START_HINT = (
-    "start libvirt: `systemctl start libvirtd`, or without systemd `mkdir -p /var/log/libvirt && virtlogd -d "
-    "&& libvirtd -d` (./install does this)"
+    "start libvirt: `systemctl start libvirtd`, or without systemd `setsid -f tools/run-libvirt` from the "
+    "appliance's source folder (./install does this)"
 )
 
 
@@ -141,20 +141,13 @@ class LibvirtHypervisor:
             return []
         return [a["addr"] for i in ifaces.values() for a in (i.get("addrs") or []) if a.get("type") == 0]
 
-    def screenshot_ppm(self, name: str) -> bytes:
-        """The guest's screen as PPM (what QEMU hands to libvirt)."""
-        dom = self._domain(name)
-        if dom is None:
-            raise HypervisorError(f"{name} is not running")
-        stream = self._conn.newStream(0)
+    def screenshot_ppm(self, name: str, path: Path) -> bytes:
+        """The guest's screen as raw PPM (QMP screendump into `path`): cheap to compare pixel by pixel."""
+        self.monitor(name, {"execute": "screendump", "arguments": {"filename": str(path), "format": "ppm"}})
         try:
-            dom.screenshot(stream, 0, 0)
-            chunks: list[bytes] = []
-            stream.recvAll(lambda _s, data, acc: acc.append(data) or 0, chunks)
-            stream.finish()
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"screenshot of {name} failed: {exc.get_error_message()}") from exc
-        return b"".join(chunks)
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
 
     def screenshot_png(self, name: str, path: Path) -> None:
         """Save the guest's screen as PNG, encoded by QEMU itself (QMP screendump)."""
@@ -203,24 +196,3 @@ class LibvirtHypervisor:
             if meta is not None:
                 found.append((dom.name(), meta))
         return found
-
-
-def ppm_pixels(ppm: bytes) -> tuple[int, int, bytes]:
-    """(width, height, RGB bytes) of a binary PPM (P6, maxval 255), as libvirt's QEMU screenshots are."""
-    parts: list[bytes] = []
-    pos = 0
-    while len(parts) < 4:
-        while ppm[pos : pos + 1].isspace():
-            pos += 1
-        if ppm[pos : pos + 1] == b"#":
-            pos = ppm.index(b"\n", pos) + 1
-            continue
-        end = pos
-        while not ppm[end : end + 1].isspace():
-            end += 1
-        parts.append(ppm[pos:end])
-        pos = end
-    if parts[0] != b"P6" or parts[3] != b"255":
-        raise HypervisorError("unexpected screenshot format")
-    width, height = int(parts[1]), int(parts[2])
-    return width, height, ppm[pos + 1 : pos + 1 + width * height * 3]

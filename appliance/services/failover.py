@@ -193,19 +193,14 @@ def _await_boot(home: Home, tools: Tools, vm: RecoveryVm, check: BootCheck, star
         state = hv.state(vm.name)
         if not state.running:
             failure = hv.qemu_log_tail(vm.name, 20)
-            if vm.accel == "kvm" and (_KVM_FAILURE.search(failure) or state.state in ("paused", "crashed")):
-                reason = (_KVM_FAILURE.search(failure) or re.search(".*", state.state)).group(0)  # type: ignore[union-attr]
-                say(f"KVM failed on this machine ({reason}); restarting the VM with TCG (software emulation)")
-                _remember_kvm_broken(home, reason)
-                hv.remove(vm.name)
-                vm = replace(vm, accel="tcg")
-                recovery.save(home, vm)
-                hv.start(_spec(vm))
-                vm = replace(vm, vnc=hv.vnc_display(vm.name))
-                recovery.save(home, vm)
+            kvm_broke = _KVM_FAILURE.search(failure)
+            if vm.accel == "kvm" and (kvm_broke or state.state in ("paused", "crashed")):
+                reason = kvm_broke.group(0) if kvm_broke else f"the VM {state.state}"
+                vm = _restart_with_tcg(home, tools, vm, reason, say)
                 watcher = _BootWatcher(tools, vm, check)
                 continue
-            raise FailoverError(f"the recovery VM {vm.name} stopped ({state.state}): {failure.splitlines()[-1:]}")
+            last = (failure.splitlines() or ["no log"])[-1]
+            raise FailoverError(f"the recovery VM {vm.name} stopped ({state.state}): {last}")
         if watcher.booted():
             vm = replace(vm, rto_seconds=round(time.monotonic() - started, 2))
             recovery.save(home, vm)
@@ -213,6 +208,20 @@ def _await_boot(home: Home, tools: Tools, vm: RecoveryVm, check: BootCheck, star
             return vm
         time.sleep(0.1)
     log.warning("failover.boot_not_seen", host=vm.host, vm=vm.name, timeout=timeout, check=str(check))
+    return vm
+
+
+def _restart_with_tcg(home: Home, tools: Tools, vm: RecoveryVm, reason: str, say: Say) -> RecoveryVm:
+    """KVM is there but cannot run the guest (nested KVM): remember that, and run it under TCG."""
+    say(f"KVM failed on this machine ({reason}); restarting the VM with TCG (software emulation)")
+    log.warning("failover.kvm_fallback", host=vm.host, vm=vm.name, reason=reason)
+    _remember_kvm_broken(home, reason)
+    tools.hypervisor.remove(vm.name)
+    vm = replace(vm, accel="tcg")
+    recovery.save(home, vm)
+    tools.hypervisor.start(_spec(vm))
+    vm = replace(vm, vnc=tools.hypervisor.vnc_display(vm.name))
+    recovery.save(home, vm)
     return vm
 
 
@@ -239,13 +248,12 @@ class _BootWatcher:
         return bool(self.console_line)
 
     def _screen(self) -> bool:
-        """Not blank, and unchanged for a few seconds: booted to a login screen (or stuck, which the
-        screenshot then shows)."""
-        shot = self.hv.screenshot_ppm(self.vm.name)
-        pixels = shot[-(64 << 10) :]
-        blank = pixels.count(pixels[:1]) == len(pixels)
+        """Not blank, and settled for a few seconds (a blinking cursor aside): booted to a login screen,
+        or stuck, which the screenshot then shows."""
+        shot = self.hv.screenshot_ppm(self.vm.name, Path(self.vm.console_log).with_name("screen.ppm"))
         now = time.monotonic()
-        if blank or shot != self._last_screen:
+        blank = len(set(shot[-(len(shot) // 2) :: 31])) <= 1  # sampled: one colour across the screen
+        if blank or not _alike(shot, self._last_screen):
             self._last_screen, self._stable_since = shot, now
             return False
         return now - self._stable_since >= SCREEN_SETTLE_SECONDS
@@ -258,6 +266,14 @@ class _BootWatcher:
             except OSError:
                 continue
         return False
+
+
+def _alike(a: bytes, b: bytes) -> bool:
+    """Two screenshots that differ by no more than a cursor's worth of pixels."""
+    if len(a) != len(b):
+        return False
+    differing_bits = (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).bit_count()
+    return differing_bits <= 8 * 16 * 3 * 8  # one 8x16 character cell, every bit flipped
 
 
 def find_console_line(console_log: str, pattern: str) -> str:

@@ -96,7 +96,11 @@ def test_bad_requests_are_refused_clearly(guest_host, home: Path) -> None:
     r = run_cli(home, "failover", guest_host.name, "--memory", str(1 << 19))  # 512 GiB
     assert r.rc == FailoverError.exit_code and "not enough memory" in r.err
     r = run_cli(home, "failover", guest_host.name, env={"APPLIANCE_LIBVIRT_URI": "qemu:///system?socket=/nonexistent"})
-    assert r.rc == HypervisorError.exit_code and "cannot connect to libvirt" in r.err and "libvirtd -d" in r.err
+    assert (
+        r.rc == HypervisorError.exit_code
+        and "cannot connect to libvirt" in r.err
+        and "systemctl start libvirtd" in r.err
+    )
     assert run_cli(home, "failover", guest_host.name, "--timeout", "180").rc == 0
     r = run_cli(home, "failover", guest_host.name)
     assert r.rc == FailoverError.exit_code and "already running" in r.err
@@ -111,3 +115,32 @@ def test_a_point_that_failed_verification_is_refused_unless_forced(guest_host, h
     assert run_cli(home, "verify", guest_host.name).rc == ChainCorruptError.exit_code
     r = run_cli(home, "failover", guest_host.name)
     assert r.rc == FailoverError.exit_code and "failed verification" in r.err and "--force" in r.err
+
+
+def test_every_disk_is_attached_in_order_and_the_screen_check_sees_the_boot(make_host, guest_image, home) -> None:  # type: ignore[no-untyped-def]
+    host = make_host(image=guest_image, disks=2)
+    assert run_cli(home, "host", "set", host.name, "--vm-memory", "256").rc == 0
+    assert run_cli(home, "backup", host.name).rc == 0
+    r = run_cli(home, "failover", host.name, "--boot-check", "screen", "--timeout", "180")
+    try:
+        assert r.rc == 0, r.out + r.err
+        assert "RTO:" in r.out and "(screen)" in r.out
+        xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", f"recovery-{host.name}"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        overlays = [line for line in xml.splitlines() if "<source file=" in line and "/failover/" in line]
+        assert len(overlays) == 2 and "disk0.qcow2" in overlays[0] and "disk1.qcow2" in overlays[1]
+        assert "dev='vda'" in xml and "dev='vdb'" in xml
+        # the screen check waited for a settled screen, so the guest had printed its UP line by then
+        assert "APPLIANCE-GUEST-UP" in (home / "failover" / host.name / "console.log").read_text()
+    finally:
+        run_cli(home, "failover", "stop", host.name)
+
+
+def test_verify_boot_after_every_backup_when_the_host_asks(guest_host, home: Path) -> None:
+    assert run_cli(home, "host", "set", guest_host.name, "--verify-boot").rc == 0
+    guest.set_marker(guest_host.disk, "point-4")
+    r = run_cli(home, "backup", guest_host.name)
+    assert r.rc == 0, r.out + r.err
+    assert "boot ok" in r.out and "marker=point-4" in r.out
+    newest = points_json(home, guest_host.name)[-1]
+    assert newest["extra"]["boot"]["ok"] is True  # type: ignore[index]
