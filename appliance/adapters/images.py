@@ -19,6 +19,15 @@ class QemuImages:
     def check(self, path: Path) -> dict[str, Any]:
         return qemu_img.check(path)
 
+    def commit(self, top: Path) -> None:
+        qemu_img.commit(top)
+
+    def resize(self, path: Path, size: int) -> None:
+        qemu_img.resize(path, size)
+
+    def virtual_size(self, path: Path) -> int:
+        return qemu_img.virtual_size(path)
+
     def map_zero_extents(self, path: Path) -> list[tuple[int, int]]:
         return [(e.start, e.length) for e in qemu_img.map_extents(path) if e.zero]
 

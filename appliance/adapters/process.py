@@ -31,8 +31,10 @@ class CommandFailed(Exception):
         return lines[-1] if lines else "(no output)"
 
 
-def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path | None = None) -> str:
-    """Run argv to completion and return its stdout; raise CommandFailed on a non-zero exit."""
+def run(
+    argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path | None = None, ok: tuple[int, ...] = (0,)
+) -> str:
+    """Run argv to completion and return its stdout; raise CommandFailed on an exit status not in `ok`."""
     args = [str(a) for a in argv]
     log.debug("process.run", argv=args)
     try:
@@ -41,7 +43,7 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
         raise CommandFailed(args, 127, f"{args[0]}: not installed ({exc})") from exc
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(args, -1, f"timed out after {timeout} s") from exc
-    if done.returncode != 0:
+    if done.returncode not in ok:
         raise CommandFailed(args, done.returncode, done.stderr or done.stdout)
     return done.stdout
 

@@ -63,12 +63,13 @@ def info_chain(path: Path) -> list[dict[str, Any]]:
 
 
 def check(path: Path) -> dict[str, Any]:
-    """`qemu-img check` of one file (not its backing files); raises on corruption or leaks."""
-    argv = [QEMU_IMG, "check", "-U", "--output=json", str(path)]
+    """`qemu-img check` of one file (not its backing files); raises on corruption.
+
+    Leaked clusters (exit 3) are not corruption: space an interrupted write allocated and never used.
+    """
     try:
-        return dict(json.loads(run(argv)))
+        return dict(json.loads(run([QEMU_IMG, "check", "-U", "--output=json", str(path)], ok=(0, 3))))
     except CommandFailed as exc:
-        # Exit 2 = corruption, 3 = leaked clusters; both print the JSON report on stdout too.
         raise ChainCorruptError(f"qemu-img check failed on {path.name}: {exc.last_line}") from exc
 
 
@@ -79,3 +80,27 @@ def map_extents(path: Path) -> list[Extent]:
     except CommandFailed as exc:
         raise ChainCorruptError(f"cannot map {path.name}: {exc.last_line}") from exc
     return [Extent(int(e["start"]), int(e["length"]), bool(e["zero"]), bool(e["data"])) for e in json.loads(out)]
+
+
+def commit(top: Path) -> None:
+    """Write `top`'s clusters into its backing file, leaving `top` as it is (`-d`).
+
+    While this runs, `top` and everything above it read exactly as before: the backing file only gains
+    clusters that `top` shadows anyway.
+    """
+    try:
+        run([QEMU_IMG, "commit", "-q", "-d", "-f", "qcow2", str(top)])
+    except CommandFailed as exc:
+        raise _fail(exc, f"cannot merge {top.name} into its backing file") from exc
+
+
+def resize(path: Path, size: int) -> None:
+    """Set the virtual size (a merged point keeps the size of the point it replaces)."""
+    try:
+        run([QEMU_IMG, "resize", "-q", "--shrink", "-f", "qcow2", str(path), str(qcow2_size(size))])
+    except CommandFailed as exc:
+        raise _fail(exc, f"cannot resize {path.name}") from exc
+
+
+def virtual_size(path: Path) -> int:
+    return int(info_chain(path)[0]["virtual-size"])

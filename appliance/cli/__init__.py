@@ -19,6 +19,7 @@ import typer
 from appliance import __version__, log
 from appliance.cli import backup as backup_cmds
 from appliance.cli import bench as bench_cmds
+from appliance.cli import consolidate as consolidate_cmds
 from appliance.cli import failover as failover_cmds
 from appliance.cli import hosts as host_cmds
 from appliance.cli import lab as lab_cmds
@@ -37,6 +38,7 @@ app.add_typer(failover_cmds.app, name="failover")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(bench_cmds.app, name="bench")
 backup_cmds.register(app)
+consolidate_cmds.register(app)
 
 
 def _version(value: bool) -> None:

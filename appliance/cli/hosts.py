@@ -13,8 +13,9 @@ import typer
 
 from appliance.cli._output import parse_size, size, table
 from appliance.cli.context import state
-from appliance.domain.models import HostKey, validate_block_size
+from appliance.domain.models import HostKey, format_duration, parse_duration, validate_block_size
 from appliance.domain.recovery import BootCheck, Network, VmSettings
+from appliance.domain.retention import RetentionPolicy
 from appliance.errors import ConfigError
 from appliance.services import hosts as host_service
 from appliance.store import hosts as host_store
@@ -122,10 +123,28 @@ def set_(
     vm_cpus: Annotated[int | None, typer.Option("--vm-cpus", help="Recovery VM CPUs")] = None,
     vm_network: Annotated[str | None, typer.Option("--vm-network", help="user, none or bridge=NAME")] = None,
     vm_disk_bus: Annotated[str | None, typer.Option("--vm-disk-bus", help="virtio, sata or ide")] = None,
+    interval: Annotated[str | None, typer.Option("--interval", help="Backup every 15m, 1h, ... (the daemon)")] = None,
+    keep_last: Annotated[int | None, typer.Option("--keep-last", help="Keep the N newest points")] = None,
+    keep_hourly: Annotated[int | None, typer.Option("--keep-hourly", help="Newest point of each of N hours")] = None,
+    keep_daily: Annotated[int | None, typer.Option("--keep-daily", help="Newest point of each of N days")] = None,
+    keep_weekly: Annotated[int | None, typer.Option("--keep-weekly", help="Newest point of each of N weeks")] = None,
+    keep_monthly: Annotated[int | None, typer.Option("--keep-monthly", help="Newest point of N months")] = None,
 ) -> None:
     """Change a protected host's settings."""
     st = state(ctx)
     changes: dict[str, object] = _vm_changes(boot_check, verify_boot, vm_memory, vm_cpus, vm_network, vm_disk_bus)
+    keep = {
+        "last": keep_last,
+        "hourly": keep_hourly,
+        "daily": keep_daily,
+        "weekly": keep_weekly,
+        "monthly": keep_monthly,
+    }
+    if any(v is not None for v in keep.values()):
+        RetentionPolicy(**{k: v or 0 for k, v in keep.items()})  # validates the counts
+        changes.update({f"keep_{k}": v for k, v in keep.items() if v is not None})
+    if interval is not None:
+        changes["interval"] = parse_duration(interval)
     if address is not None:
         changes["address"] = address
     if port is not None:
@@ -193,6 +212,8 @@ def show(ctx: typer.Context, name: str) -> None:
         ("timeout", f"{h.timeout:.0f} s"),
         ("recovery VM", f"{h.vm_memory_mib} MiB, {h.vm_cpus} CPU, network {h.vm_network}, disks on {h.vm_disk_bus}"),
         ("boot check", h.boot_check + (", after every backup" if h.verify_boot else "")),
+        ("interval", format_duration(h.interval) if h.interval else "- (no scheduled backups)"),
+        ("retention", str(RetentionPolicy(h.keep_last, h.keep_hourly, h.keep_daily, h.keep_weekly, h.keep_monthly))),
     ]
     for k, v in rows:
         typer.echo(f"{k + ':':12} {v}")

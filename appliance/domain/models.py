@@ -54,6 +54,13 @@ class Host:
     vm_disk_bus: str = "virtio"
     boot_check: str = "screen"  # see domain.recovery.BootCheck
     verify_boot: bool = False  # boot-verify every new point after its backup
+    # Schedule and retention (see domain.retention): 0 means "not set".
+    interval: float = 0.0  # seconds between scheduled backups
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
 
     @property
     def target(self) -> str:
@@ -67,6 +74,25 @@ def validate_host_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'15m', '1h', '30s', '1d' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"invalid interval {text!r}: use e.g. 30s, 15m, 1h, 1d")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds >= _SECONDS[unit] and seconds % _SECONDS[unit] == 0:
+            return f"{int(seconds // _SECONDS[unit])}{unit}"
+    return f"{seconds:g}s"
 
 
 def validate_block_size(size: int) -> int:
@@ -132,6 +158,7 @@ class Point:
     wire_bytes: int = 0  # everything that crossed the connection, both ways, framing and hashes included
     verification: Verification | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    dropping: bool = False  # consolidation is merging it away: it no longer reads as itself
 
     @property
     def time_iso(self) -> str:

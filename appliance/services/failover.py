@@ -125,6 +125,8 @@ def _refuse_unfit(home: Home, tools: Tools, host: Host, chain: Chain, point: Poi
     if hv.exists(vm_name(host.name, purpose)):
         raise FailoverError(f"a libvirt domain named {vm_name(host.name, purpose)} already exists",
                             hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
+    if point.dropping:
+        raise FailoverError(f"point {point.id} is being merged away by consolidation", hint="choose another point")
     v = point.verification
     if v is not None and not v.ok and not force:
         raise FailoverError(

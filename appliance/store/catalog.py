@@ -66,6 +66,7 @@ def point_doc(p: Point) -> dict[str, Any]:
             "detail": p.verification.detail,
         },
         "extra": p.extra,
+        "dropping": p.dropping,
     }
 
 
@@ -94,4 +95,5 @@ def _point(doc: dict[str, Any]) -> Point:
         if v is None
         else Verification(datetime.fromisoformat(v["time"]), bool(v["ok"]), v.get("detail", "")),
         extra=dict(doc.get("extra") or {}),
+        dropping=bool(doc.get("dropping", False)),
     )
