@@ -20,6 +20,7 @@ from appliance import __version__, log
 from appliance.cli import backup as backup_cmds
 from appliance.cli import bench as bench_cmds
 from appliance.cli import consolidate as consolidate_cmds
+from appliance.cli import daemon as daemon_cmds
 from appliance.cli import failover as failover_cmds
 from appliance.cli import hosts as host_cmds
 from appliance.cli import lab as lab_cmds
@@ -39,6 +40,7 @@ app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(bench_cmds.app, name="bench")
 backup_cmds.register(app)
 consolidate_cmds.register(app)
+daemon_cmds.register(app)
 
 
 def _version(value: bool) -> None:
