@@ -46,3 +46,11 @@ def failover(
     from appliance.bench.failover import run_failover_bench
 
     run_failover_bench(parse_size(big), parse_size(big_data))
+
+
+@app.command("consolidate")
+def consolidate_bench() -> None:
+    """Merging a middle point away against qemu-img convert and commit; 100-deep against 1-deep reads."""
+    from appliance.bench.consolidate import run_consolidate_bench
+
+    run_consolidate_bench()

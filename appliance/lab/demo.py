@@ -2,7 +2,8 @@
 """`appliance lab demo`: the main job, end to end, on a lab host; each step is the real CLI command.
 
 The lab host's disk is the lab guest, a small Linux that prints its marker when it boots. Each backup
-is taken after a new marker is written, so the failover at the end proves which point it booted.
+is taken after a new marker is written, so the failover proves which point it booted; then a
+consolidation thins the chain to the two newest points.
 """
 
 from __future__ import annotations
@@ -66,5 +67,13 @@ def run_demo(home: Path) -> None:
     _appliance(home, "failover", HOST, "--point", first)
     _appliance(home, "failover", "status")
     _appliance(home, "failover", "stop", HOST)
+    print("\nNightly consolidation: keep the two newest points; Monday's is merged into Tuesday's.", flush=True)
+    _appliance(home, "lab", "change", HOST, "--percent", "1", "--marker", "wednesday", "--seed", "3")
+    _appliance(home, "backup", HOST)
+    _appliance(home, "host", "set", HOST, "--keep-last", "2")
+    _appliance(home, "consolidate", HOST, "--dry-run")
+    _appliance(home, "consolidate", HOST)
+    _appliance(home, "points", HOST)
+    _appliance(home, "verify", HOST)
     print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
           f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from appliance.domain.chain import Chain
 from appliance.domain.models import Host, Point
 from appliance.domain.retention import DEFER, DROP, Decision, RetentionPolicy, plan
-from appliance.errors import ChainCorruptError
+from appliance.errors import ChainCorruptError, ChainError
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import Tools
@@ -80,6 +80,21 @@ def consolidate(home: Home, tools: Tools, name: str, *, dry_run: bool = False, w
     log.info("chain.consolidated", host=name, merged=len(report.merged), deferred=len(report.deferred),
              kept=len(chain.points), seconds=round(report.seconds, 2))  # fmt: skip
     return report
+
+
+def drop_point(home: Home, tools: Tools, name: str, point_ref: str, *, wait: float = 0.0) -> Point:
+    """Merge one point away by hand (the same crash-safe merge as consolidation); pinned points refused.
+
+    :raises ChainError: the point is the newest, pinned, or older than a pinned point.
+    """
+    with HostLock(home.chain_dir(name) / "lock", name, "consolidation", wait=wait):
+        chain = catalog.load(home.chain_dir(name), name)
+        point = chain.find(point_ref)
+        pins = recovery.pinned_points(home, name)
+        for pinned in [p for p in chain.points[chain.index(point.id) :] if p.id in pins]:
+            raise ChainError(f"{name}: point {pinned.id} is in use ({pins[pinned.id]}); not merging {point.id}")
+        _drop(home, tools, chain, point)
+        return point
 
 
 def _finish_interrupted(home: Home, tools: Tools, chain: Chain) -> Chain:
