@@ -31,8 +31,11 @@ class QemuImages:
     def map_zero_extents(self, path: Path) -> list[tuple[int, int]]:
         return [(e.start, e.length) for e in qemu_img.map_extents(path) if e.zero]
 
-    def export(self, image: Path, run_dir: Path, *, writable: bool) -> qsd.ImageExport:
-        return qsd.ImageExport(image, run_dir, writable=writable)
+    def export(self, image: Path, run_dir: Path, *, writable: bool, backing: bool = True) -> qsd.ImageExport:
+        return qsd.ImageExport(image, run_dir, writable=writable, backing=backing)
+
+    def own_extents(self, path: Path) -> list[tuple[int, int, bool]]:
+        return [(e.start, e.length, e.zero) for e in qemu_img.map_extents(path) if e.depth == 0 and (e.data or e.zero)]
 
     def zero_range(self, fd: int, offset: int, length: int) -> None:
         qsd.zero_range(fd, offset, length)

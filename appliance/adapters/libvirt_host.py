@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,34 @@ class LibvirtHypervisor:
         try:
             if dom.isActive():
                 dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM if hasattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM") else 0)
+            # checkpoints (failback's dirty bitmaps) and snapshots are libvirt metadata of this VM only
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            )
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot remove {name}: {exc.get_error_message()}") from exc
+
+    def destroy_keep(self, name: str) -> None:
+        """Power the domain off at once, keeping its definition and checkpoints."""
+        dom = self._domain(name)
+        if dom is not None and dom.isActive():
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"cannot stop {name}: {exc.get_error_message()}") from exc
+
+    def drop_checkpoints(self, name: str) -> None:
+        """Delete the domain's checkpoints and their dirty bitmaps."""
+        dom = self._domain(name)
+        if dom is None:
+            return
+        try:
+            for checkpoint in dom.listAllCheckpoints(0):
+                checkpoint.delete(0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot delete the checkpoints of {name}: {exc.get_error_message()}") from exc
 
     def shutdown(self, name: str) -> None:
         """Ask the guest to power off (ACPI); the caller waits and forces it if needed."""
@@ -140,6 +166,44 @@ class LibvirtHypervisor:
         except libvirt.libvirtError:
             return []
         return [a["addr"] for i in ifaces.values() for a in (i.get("addrs") or []) if a.get("type") == 0]
+
+    def start_paused(self, name: str) -> None:
+        """Start the defined domain with its CPUs stopped: QEMU runs (for block jobs), the guest does not."""
+        dom = self._domain(name)
+        if dom is None:
+            raise HypervisorError(f"{name} is not defined")
+        try:
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot start {name} paused: {exc.get_error_message()}") from exc
+
+    def backup(self, name: str, targets: list[tuple[str, Path]], checkpoint: str, since: str | None) -> None:
+        """A point-in-time copy of the disks into local qcow2 files, made by QEMU (libvirt push backup).
+
+        With `since`, only the clusters written after that checkpoint; either way a new checkpoint (a
+        persistent dirty bitmap) starts now. Waits for the job to finish."""
+        dom = self._domain(name)
+        if dom is None:
+            raise HypervisorError(f"{name} is not running")
+        disks = "".join(
+            f"<disk name='{dev}' backup='yes' type='file'><target file='{path}'/><driver type='qcow2'/></disk>"
+            for dev, path in targets
+        )
+        incremental = f"<incremental>{since}</incremental>" if since else ""
+        backup_xml = f"<domainbackup mode='push'>{incremental}<disks>{disks}</disks></domainbackup>"
+        checkpoint_disks = "".join(f"<disk name='{dev}' checkpoint='bitmap'/>" for dev, _ in targets)
+        checkpoint_xml = (
+            f"<domaincheckpoint><name>{checkpoint}</name><disks>{checkpoint_disks}</disks></domaincheckpoint>"
+        )
+        try:
+            dom.backupBegin(backup_xml, checkpoint_xml, 0)
+            while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                time.sleep(0.05)
+            stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"backup of {name} failed: {exc.get_error_message()}") from exc
+        if stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
+            raise HypervisorError(f"backup of {name} failed: {stats.get('errmsg', 'job did not complete')}")
 
     def screenshot_ppm(self, name: str, path: Path) -> bytes:
         """The guest's screen as raw PPM (QMP screendump into `path`): cheap to compare pixel by pixel."""

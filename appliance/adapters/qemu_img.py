@@ -36,6 +36,7 @@ class Extent:
     length: int
     zero: bool
     data: bool
+    depth: int = 0  # 0: allocated in the image itself; n: in its n-th backing file
 
 
 def _fail(exc: CommandFailed, what: str) -> ImageToolError | StoreFullError:
@@ -79,7 +80,10 @@ def map_extents(path: Path) -> list[Extent]:
         out = run([QEMU_IMG, "map", "-U", "--output=json", str(path)])
     except CommandFailed as exc:
         raise ChainCorruptError(f"cannot map {path.name}: {exc.last_line}") from exc
-    return [Extent(int(e["start"]), int(e["length"]), bool(e["zero"]), bool(e["data"])) for e in json.loads(out)]
+    return [
+        Extent(int(e["start"]), int(e["length"]), bool(e["zero"]), bool(e["data"]), int(e.get("depth", 0)))
+        for e in json.loads(out)
+    ]
 
 
 def commit(top: Path) -> None:

@@ -53,9 +53,10 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 class ImageExport:
     """Context manager: `image` exported as the plain file `self.path` while the block is open."""
 
-    def __init__(self, image: Path, run_dir: Path, *, writable: bool) -> None:
+    def __init__(self, image: Path, run_dir: Path, *, writable: bool, backing: bool = True) -> None:
         self.image = image
         self.writable = writable
+        self.backing = backing  # False: unallocated clusters read as zeroes, the backing file is not opened
         token = uuid.uuid4().hex[:12]
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / f"export-{token}"
@@ -67,15 +68,15 @@ class ImageExport:
         self.path.touch(mode=0o600)
         try:
             self._start()
-            self._qmp_cmd(
-                "blockdev-add",
-                **{
-                    "driver": "qcow2",
-                    "node-name": "img",
-                    "read-only": not self.writable,
-                    "file": {"driver": "file", "filename": str(self.image.resolve())},
-                },
-            )
+            node: dict[str, object] = {
+                "driver": "qcow2",
+                "node-name": "img",
+                "read-only": not self.writable,
+                "file": {"driver": "file", "filename": str(self.image.resolve())},
+            }
+            if not self.backing:
+                node["backing"] = None
+            self._qmp_cmd("blockdev-add", **node)
             self._qmp_cmd(
                 "block-export-add",
                 **{

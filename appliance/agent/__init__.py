@@ -7,3 +7,8 @@ from pathlib import Path
 def reader_source() -> bytes:
     """The reader's source, exactly as it is sent to the host."""
     return (Path(__file__).with_name("reader.py")).read_bytes()
+
+
+def writer_source() -> bytes:
+    """The failback writer's source, exactly as it is sent to the target."""
+    return (Path(__file__).with_name("writer.py")).read_bytes()

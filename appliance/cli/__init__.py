@@ -21,6 +21,7 @@ from appliance.cli import backup as backup_cmds
 from appliance.cli import bench as bench_cmds
 from appliance.cli import consolidate as consolidate_cmds
 from appliance.cli import daemon as daemon_cmds
+from appliance.cli import failback as failback_cmds
 from appliance.cli import failover as failover_cmds
 from appliance.cli import hosts as host_cmds
 from appliance.cli import lab as lab_cmds
@@ -36,6 +37,7 @@ app = typer.Typer(
 )
 app.add_typer(host_cmds.app, name="host")
 app.add_typer(failover_cmds.app, name="failover")
+app.add_typer(failback_cmds.app, name="failback")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(bench_cmds.app, name="bench")
 backup_cmds.register(app)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
+
+from typer.core import TyperGroup
 
 from appliance.services.backup import BackupProgress
 
@@ -82,3 +85,14 @@ def parse_size(text: str) -> int:
     if unit not in _UNITS or value <= 0:
         raise ConfigError(f"invalid size {text!r}: use e.g. 512M, 2G")
     return int(value * _UNITS[unit])
+
+
+class HostOrCommand(TyperGroup):
+    """`failover web1` means `failover boot web1` (the first command of the group): the command users type
+    on the worst day is the short one."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = [next(iter(self.commands)), *args]
+        result: list[str] = super().parse_args(ctx, args)
+        return result

@@ -3,30 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
-from appliance.cli._output import table
+from appliance.cli._output import HostOrCommand, table
 from appliance.cli.context import state
 from appliance.domain.recovery import BootCheck
 from appliance.services import failover as service
 from appliance.store import hosts
 
-
-class _HostOrCommand(TyperGroup):
-    """`failover web1` means `failover boot web1`: the command users type on the worst day is the short one."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["boot", *args]
-        result: list[str] = super().parse_args(ctx, args)
-        return result
-
-
 app = typer.Typer(
-    cls=_HostOrCommand,
+    cls=HostOrCommand,
     help="Boot a recovery point as a VM (failover HOST), list them (status), stop one (stop HOST).",
     no_args_is_help=True,
 )

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
-from appliance.domain.blocks import Carry, carry_over
+from appliance.domain.blocks import HASH_LEN, Carry, block_length, carry_over, zero_hash
 from appliance.domain.chain import Chain
 from appliance.domain.models import DiskPoint, Host, Point, point_id_for, slot_name
 from appliance.errors import (
@@ -36,6 +37,7 @@ from appliance.errors import (
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
+from appliance.services.image_reader import read_chunks
 from appliance.services.reader_session import ended_early, start_reader
 from appliance.store import catalog, hosts
 from appliance.store.files import fsync_dir, read_json, write_json
@@ -74,21 +76,46 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
     :raises RemoteError, StoreFullError, ImageToolError: the point was not taken; the chain is unchanged.
     """
     host = hosts.load(home, name)
+    return _append_point(home, tools, host, "backup", lambda chain: _Capture(home, tools, host, chain, progress))
+
+
+def import_point(home: Home, tools: Tools, name: str, sources: list[tuple[str, Path, int]], origin: str) -> Point:
+    """Append a point whose disks are local qcow2 images, e.g. a recovery VM's final state after failback.
+
+    `sources`: (the disk's path on the host, the image, its size) in the host's disk order. Only blocks
+    that differ from the newest point are written, exactly as a backup would write them.
+    """
+    host = hosts.load(home, name)
+    return _append_point(
+        home, tools, host, "failback", lambda chain: _Import(home, tools, host, chain, sources, origin), wait=60.0
+    )
+
+
+class _PointWriter(Protocol):
+    def run(self, started: float) -> Point: ...
+    def discard_partial(self) -> None: ...
+
+
+def _append_point(
+    home: Home, tools: Tools, host: Host, purpose: str, make: Callable[[Chain], _PointWriter], wait: float = 0.0
+) -> Point:
+    """Write a new point under the host's lock and list it last: see the module doc for why it is atomic."""
+    name = host.name
     chain_dir = home.chain_dir(name)
-    with HostLock(chain_dir / "lock", name, "backup"):
+    with HostLock(chain_dir / "lock", name, purpose, wait=wait):
         chain = catalog.load(chain_dir, name)
         remove_leftovers(home, tools, chain)
-        log.info("backup.started", host=name, previous=chain.newest.id if chain.newest else None)
+        log.info("backup.started", host=name, previous=chain.newest.id if chain.newest else None, purpose=purpose)
         started = time.monotonic()
-        capture = _Capture(home, tools, host, chain, progress or (lambda p: None))
+        writer = make(chain)
         try:
-            point = capture.run(started)
+            point = writer.run(started)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFullError(f"the appliance's disk is full while writing {name}'s new point") from exc
             raise
         finally:
-            capture.discard_partial()
+            writer.discard_partial()
         checkpoint("capture.before_catalog")
         catalog.save(chain_dir, chain.appended(point))
         checkpoint("capture.after_catalog")
@@ -103,6 +130,7 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
             changed=point.changed_bytes,
             sent=point.sent_bytes,
             wire=point.wire_bytes,
+            purpose=purpose,
         )
         return point
 
@@ -167,13 +195,13 @@ def _drop_old_hash_lists(chain_dir: Path, chain: Chain) -> None:
 class _Capture:
     """One run of the reader on the host and the writes it causes on the appliance."""
 
-    def __init__(self, home: Home, tools: Tools, host: Host, chain: Chain, progress: ProgressFn) -> None:
+    def __init__(self, home: Home, tools: Tools, host: Host, chain: Chain, progress: ProgressFn | None = None) -> None:
         self.home = home
         self.tools = tools
         self.host = host
         self.chain = chain
         self.chain_dir = home.chain_dir(host.name)
-        self.progress_fn = progress
+        self.progress_fn = progress or (lambda _: None)
         self.progress = BackupProgress()
         self.point_id = point_id_for(datetime.now(UTC), chain.ids())
         self.created = datetime.now(UTC)
@@ -411,3 +439,83 @@ def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:
         hint = f"check the disk paths with `appliance host show {host}` and on the host itself"
         return DiskAccessError(f"{host}: {failure.message}", hint=hint)
     return RemoteCommandError(f"{host}: {failure.message}")
+
+
+class _Import(_Capture):
+    """A point from local images instead of a host: same plan, same writes, same publication."""
+
+    def __init__(
+        self, home: Home, tools: Tools, host: Host, chain: Chain, sources: list[tuple[str, Path, int]], origin: str
+    ) -> None:
+        super().__init__(home, tools, host, chain)
+        self.sources = sources
+        self.origin = origin
+
+    def run(self, started: float) -> Point:
+        previous = self.chain.newest
+        disks = []
+        for index, (source, image, size) in enumerate(self.sources):
+            plan = self._plan_disk(index, size, self._block_size(slot_name(index)), previous)
+            disks.append(self._import_disk(plan, source, image))
+        self._publish()
+        return Point(
+            id=self.point_id, created=self.created, seconds=time.monotonic() - started, disks=tuple(disks),
+            extra={"origin": self.origin},
+        )  # fmt: skip
+
+    def _import_disk(self, plan: _DiskPlan, source: str, image: Path) -> DiskPoint:
+        hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
+        old = _OldHashes(plan)
+        changed = 0
+        bs = plan.block_size
+        run_dir = self.home.run_dir / self.host.name
+        try:
+            with self.tools.images.export(plan.image, run_dir, writable=True) as exported:
+                fd = os.open(exported.path, os.O_WRONLY)
+                try:
+                    for chunk in read_chunks(self.tools, image, run_dir, plan.size, bs):
+                        first = chunk.offset // bs
+                        for j in range(len(chunk.hashes) // HASH_LEN):
+                            h = chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
+                            if old.get(first + j) == h:
+                                continue
+                            start = j * bs
+                            length = min(bs, chunk.length - start)
+                            if chunk.data is None or h == zero_hash(length):
+                                self.tools.images.zero_range(fd, chunk.offset + start, length)
+                            else:
+                                os.pwrite(fd, chunk.data[start : start + length], chunk.offset + start)
+                            hashes.set(first + j, h)
+                            changed += length
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            digest = hashes.finish()
+        except BaseException:
+            hashes.discard()
+            raise
+        finally:
+            old.close()
+        return DiskPoint(slot=plan.slot, source=source, file=plan.relative, size=plan.size, block_size=bs,
+                         digest=digest, read_bytes=plan.size, changed_bytes=changed)  # fmt: skip
+
+
+class _OldHashes:
+    """The previous point's hash of each block, as the new overlay reads it before any write."""
+
+    def __init__(self, plan: _DiskPlan) -> None:
+        self.plan = plan
+        self.file = open(plan.prev_hashes, "rb") if plan.prev_hashes else None  # noqa: SIM115 (closed by close())
+
+    def get(self, index: int) -> bytes | None:
+        carry = self.plan.carry
+        if index in carry.unknown:
+            return None
+        if index < carry.known and self.file is not None:
+            self.file.seek(index * HASH_LEN)
+            return self.file.read(HASH_LEN)
+        return zero_hash(block_length(index, self.plan.size, self.plan.block_size))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

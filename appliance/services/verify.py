@@ -8,20 +8,19 @@ reports as zero are not read: their block hashes are known.
 
 from __future__ import annotations
 
-import bisect
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.domain.blocks import DiskDigest, block_count, block_hashes, zero_hash
+from appliance.domain.blocks import DiskDigest
 from appliance.domain.chain import Chain
 from appliance.domain.models import DiskPoint, Point, Verification
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.backup import remove_leftovers
+from appliance.services.image_reader import read_chunks
 from appliance.store import catalog, hosts
 from appliance.store.files import write_atomic
 from appliance.store.hashes import digest_of
@@ -29,8 +28,6 @@ from appliance.store.layout import Home, hashes_file
 from appliance.store.lock import HostLock
 
 log = get_logger(__name__)
-
-READ_CHUNK = 4 << 20
 
 
 @dataclass(slots=True)
@@ -147,25 +144,13 @@ def _check_content(
     rebuild_hashes: bool,
     repair: bool,
 ) -> None:
-    image = chain_dir / disk.file
-    zero = _merged(tools.images.map_zero_extents(image))
     list_path = chain_dir / hashes_file(disk.slot, point.id)
     collected: list[bytes] | None = [] if (rebuild_hashes and repair) else None
     digest = DiskDigest()
-    with tools.images.export(image, run_dir, writable=False) as exported:
-        fd = os.open(exported.path, os.O_RDONLY)
-        try:
-            for offset in range(0, disk.size, READ_CHUNK):
-                length = min(READ_CHUNK, disk.size - offset)
-                if _covered(zero, offset, length):
-                    hashes = _zero_hashes(offset, length, disk)
-                else:
-                    hashes = block_hashes(_pread_exact(fd, length, offset), disk.block_size)
-                digest.add(hashes)
-                if collected is not None:
-                    collected.append(hashes)
-        finally:
-            os.close(fd)
+    for chunk in read_chunks(tools, chain_dir / disk.file, run_dir, disk.size, disk.block_size):
+        digest.add(chunk.hashes)
+        if collected is not None:
+            collected.append(chunk.hashes)
     found = digest.hexdigest()
     if found != disk.digest:
         check.problems.append(
@@ -181,42 +166,3 @@ def _check_content(
             check.problems.append(
                 "the block hash list used by the next incremental is missing or damaged (use --repair)"
             )
-
-
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise ApplianceError(f"point reads short at byte {offset + len(data)}")
-        data += more
-    return data
-
-
-def _merged(extents: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Zero extents joined where they touch, as sorted (starts, ends) for bisection."""
-    starts: list[int] = []
-    ends: list[int] = []
-    for start, length in sorted(extents):
-        if ends and start <= ends[-1]:
-            ends[-1] = max(ends[-1], start + length)
-        else:
-            starts.append(start)
-            ends.append(start + length)
-    return starts, ends
-
-
-def _covered(zero: tuple[list[int], list[int]], offset: int, length: int) -> bool:
-    starts, ends = zero
-    i = bisect.bisect_right(starts, offset) - 1
-    return i >= 0 and ends[i] >= offset + length
-
-
-def _zero_hashes(offset: int, length: int, disk: DiskPoint) -> bytes:
-    bs = disk.block_size
-    first = offset // bs
-    n = block_count(length, bs)
-    last_len = disk.size - (first + n - 1) * bs
-    if last_len >= bs:
-        return zero_hash(bs) * n
-    return zero_hash(bs) * (n - 1) + zero_hash(last_len)

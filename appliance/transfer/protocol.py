@@ -152,7 +152,7 @@ class RecordReader:
         self._pos = 0
         self.block_size = 0  # of the disk being received; the caller sets it before each disk
 
-    def _read(self, n: int) -> memoryview:
+    def read_exact(self, n: int) -> memoryview:
         available = len(self._chunk) - self._pos
         if available >= n:
             view = memoryview(self._chunk)[self._pos : self._pos + n]
@@ -171,27 +171,27 @@ class RecordReader:
         return memoryview(joined)[:n]
 
     def _json(self) -> dict[str, Any]:
-        (length,) = wire.U32.unpack(self._read(wire.U32.size))
+        (length,) = wire.U32.unpack(self.read_exact(wire.U32.size))
         try:
-            return dict(json.loads(bytes(self._read(length))))
+            return dict(json.loads(bytes(self.read_exact(length))))
         except ValueError as exc:
             raise ProtocolError(f"bad JSON record: {exc}") from exc
 
     def next(self) -> Record:
-        tag = bytes(self._read(1))
+        tag = bytes(self.read_exact(1))
         if tag == b"D":
-            first, length = _RUN_HEADER.unpack(self._read(_RUN_HEADER.size))
+            first, length = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
             count = -(-length // self.block_size)
-            hashes = self._read(count * HASH_LEN)
-            return DataRun(first, bytes(hashes), self._read(length))
+            hashes = self.read_exact(count * HASH_LEN)
+            return DataRun(first, bytes(hashes), self.read_exact(length))
         if tag == b"Z":
-            first, count = _RUN_HEADER.unpack(self._read(_RUN_HEADER.size))
+            first, count = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
             return ZeroRun(first, count)
         if tag == b"P":
-            return Progress(_U64.unpack(self._read(_U64.size))[0])
+            return Progress(_U64.unpack(self.read_exact(_U64.size))[0])
         if tag == b"E":
-            (read,) = _U64.unpack(self._read(_U64.size))
-            return DiskEnd(read, bytes(self._read(HASH_LEN)).hex())
+            (read,) = _U64.unpack(self.read_exact(_U64.size))
+            return DiskEnd(read, bytes(self.read_exact(HASH_LEN)).hex())
         if tag == b"H":
             obj = self._json()
             disks = tuple(RemoteDisk(d["path"], int(d["size"]), d["kind"], d.get("error", "")) for d in obj["disks"])

@@ -1,0 +1,386 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Failback: the recovery VM's disks back onto the repaired server, with little downtime.
+
+  1. Bulk copy while the VM runs. QEMU makes a point-in-time copy of every disk (libvirt push backup)
+     and starts a checkpoint, a persistent dirty bitmap. The target (booted into a rescue system)
+     hashes what its disks hold; only blocks that differ cross the wire.
+  2. Passes over what changed since: each is an incremental backup since the last checkpoint (only
+     the clusters the guest wrote), sent as it is. No re-reading of the disk: QEMU's bitmaps say what
+     changed. Passes repeat until what is left is small (or, with `--cutover manual`, until asked).
+  3. Cutover: the guest is shut down (ACPI, forced after a timeout), QEMU is started again with its
+     CPUs stopped so the last incremental can be taken, the last dirty blocks are sent, and the digest
+     of every target disk is compared with the VM's disk. Downtime runs from the shutdown to this proof.
+  4. The VM's final state becomes a new recovery point of the host, so the writes made during the
+     failover are backed up too; only then are the VM and its overlays removed.
+A failback that stops anywhere leaves the VM (or its kept overlays) as they were; the next run starts
+again from step 1, which sends only what the target does not hold yet. Success is only ever declared
+on matching digests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.agent import writer as wire
+from appliance.agent import writer_source
+from appliance.domain.blocks import HASH_LEN, DiskDigest, zero_hash
+from appliance.domain.models import Host, HostKey, Point, parse_address
+from appliance.domain.recovery import RecoveryVm, target_dev
+from appliance.errors import ApplianceError, ConfigError, ConnectionLostError, FailoverError, RemoteCommandError
+from appliance.faults import checkpoint
+from appliance.log import get_logger
+from appliance.ports import RemoteStream, Tools
+from appliance.services.backup import import_point
+from appliance.services.hosts import ConfirmKey, pin_host_key
+from appliance.services.image_reader import read_chunks
+from appliance.store import catalog, hosts, recovery
+from appliance.store.files import private_dir, read_json, write_json
+from appliance.store.layout import Home
+from appliance.transfer.target import TargetError, TargetSession
+
+log = get_logger(__name__)
+
+Say = Callable[[str], None]
+SMALL_ENOUGH = 32 << 20  # dirty bytes at which a pass is followed by the cutover
+MAX_PASSES = 10
+
+
+@dataclass(slots=True)
+class Progress:
+    """What `failback status` shows (written to failback/<host>.json as it goes)."""
+
+    host: str
+    target: str
+    phase: str = "starting"
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    passes: int = 0
+    bytes_sent: int = 0
+    dirty_bytes: int = 0
+    rate: float = 0.0  # bytes per second of the last pass
+    downtime_seconds: float | None = None
+    total_seconds: float | None = None
+    point: str = ""
+    error: str = ""
+
+    @property
+    def estimated_downtime(self) -> float:
+        return self.dirty_bytes / self.rate + 5.0 if self.rate else 0.0
+
+
+def status(home: Home, name: str) -> Progress | None:
+    path = _state_path(home, name)
+    return Progress(**read_json(path)) if path.exists() else None
+
+
+def request_cutover(home: Home, name: str) -> None:
+    """`failback HOST --cutover now`: the running failback cuts over after its current pass."""
+    if status(home, name) is None:
+        raise FailoverError(f"no failback of {name} is under way", hint="start one with `appliance failback`")
+    _cutover_flag(home, name).touch()
+
+
+def _state_path(home: Home, name: str) -> Path:
+    return home.root / "failback" / f"{name}.json"
+
+
+def _cutover_flag(home: Home, name: str) -> Path:
+    return home.root / "failback" / f"{name}.cutover"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: Host  # the repaired server as an SSH endpoint (reusing the protected host's key)
+    disks: tuple[str, ...]  # target path per VM disk, in the VM's disk order
+
+
+def fail_back(
+    home: Home, tools: Tools, name: str, *, to: str, mapping: Sequence[str], key: Path | None = None,
+    fingerprint: str | None = None, trust_first_use: bool = False, confirm: ConfirmKey | None = None,
+    cutover: str = "auto", shutdown_timeout: float = 120.0, say: Say = lambda _: None,
+) -> Progress:  # fmt: skip
+    """Copy the recovery VM of `name` to the target, cut over, prove it, keep the final state as a point.
+
+    :raises FailoverError: no recovery VM, a bad mapping, a target disk too small.
+    :raises RemoteError: the target is unreachable or its key changed; run again to resume.
+    """
+    started = time.monotonic()
+    host = hosts.load(home, name)
+    vm = recovery.load(home, name)
+    if vm is None:
+        raise FailoverError(f"{name} has no recovery VM to fail back", hint="`appliance failover status` lists them")
+    chain = catalog.load(home.chain_dir(name), name)
+    point = chain.find(vm.point)
+    private_dir(home.root / "failback")
+    target = _target(home, tools, host, point, to, mapping, key, fingerprint, trust_first_use, confirm)
+    progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
+    _cutover_flag(home, name).unlink(missing_ok=True)
+    work = private_dir(home.failover_dir(name) / "failback")
+    try:
+        with tools.remote.connect(target.host) as session:
+            session_stream = _start_writer(session, target.host)
+            writer = TargetSession(session_stream)
+            _open_target(writer, target, point, name)
+            copier = _Copier(home, tools, vm, point, writer, progress, work, say)
+            if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
+                tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
+            if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).running:
+                copier.live(cutover, shutdown_timeout)
+            else:
+                copier.offline()
+            copier.prove()
+            writer.close()
+        progress.phase = "recording the final state as a recovery point"
+        _save(home, progress)
+        new_point = import_point(
+            home, tools, name, [(d.source, Path(o), d.size) for d, o in zip(point.disks, vm.overlays, strict=True)],
+            origin=f"failback of {vm.name} to {target.host.target}",
+        )  # fmt: skip
+        tools.hypervisor.remove(vm.name)
+        recovery.remove(home, name)
+        progress.point = new_point.id
+        progress.phase = "done"
+        progress.total_seconds = round(time.monotonic() - started, 2)
+        _save(home, progress)
+        log.info("failback.done", host=name, target=progress.target, downtime=progress.downtime_seconds,
+                 total=progress.total_seconds, sent=progress.bytes_sent, point=new_point.id)  # fmt: skip
+        return progress
+    except ApplianceError as exc:
+        progress.phase, progress.error = "failed (run failback again to resume)", exc.message
+        _save(home, progress)
+        raise
+    except TargetError as exc:
+        progress.phase, progress.error = "failed (run failback again to resume)", str(exc)
+        _save(home, progress)
+        raise RemoteCommandError(f"the target refused: {exc}") from exc
+    except EOFError as exc:
+        progress.phase, progress.error = "failed (run failback again to resume)", "connection lost"
+        _save(home, progress)
+        raise ConnectionLostError(f"the connection to {to} broke during the failback; run it again to resume") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _save(home: Home, progress: Progress) -> None:
+    write_json(_state_path(home, progress.host), asdict(progress))
+
+
+def _target(home: Home, tools: Tools, host: Host, point: Point, to: str, mapping: Sequence[str], key: Path | None,
+            fingerprint: str | None, trust: bool, confirm: ConfirmKey | None) -> Target:  # fmt: skip
+    user, address, port = parse_address(to, None)
+    by_source = {d.source: i for i, d in enumerate(point.disks)}
+    paths: dict[int, str] = {}
+    for item in mapping:
+        vm_disk, sep, target_disk = item.partition("=")
+        if not sep or not target_disk.startswith("/"):
+            raise ConfigError(f"invalid --disk {item!r}: use VM_DISK=TARGET_DISK, e.g. /dev/sda=/dev/sda")
+        if vm_disk not in by_source:
+            known = ", ".join(by_source)
+            raise ConfigError(f"the recovery VM has no disk {vm_disk!r}; its disks: {known}")
+        paths[by_source[vm_disk]] = target_disk
+    if len(paths) != len(point.disks):
+        missing = [d.source for i, d in enumerate(point.disks) if i not in paths]
+        raise ConfigError(f"map every disk of the VM to a target disk; missing: {', '.join(missing)}")
+    pinned = _pinned_target_key(home, host.name, address, port)
+    if pinned is None or fingerprint or trust:
+        pinned = pin_host_key(tools, address, port, fingerprint=fingerprint, trust_first_use=trust, confirm=confirm)
+        write_json(home.root / "failback" / f"{host.name}.target-key.json",
+                   {"address": address, "port": port, **asdict(pinned)})  # fmt: skip
+    key_file = host.key_file if key is None else hosts.install_key(home, f"{host.name}.failback", key)
+    target_host = replace(host, address=address, port=port, user=user, host_key=pinned, key_file=key_file)
+    return Target(target_host, tuple(paths[i] for i in range(len(point.disks))))
+
+
+def _pinned_target_key(home: Home, name: str, address: str, port: int) -> HostKey | None:
+    """A key pinned by an earlier run of this failback (for resuming without asking again)."""
+    path = home.root / "failback" / f"{name}.target-key.json"
+    if not path.exists():
+        return None
+    doc = read_json(path)
+    if doc.get("address") != address or doc.get("port") != port:
+        return None
+    return HostKey(doc["key_type"], doc["base64"], doc["fingerprint"])
+
+
+def _start_writer(session: Any, host: Host) -> RemoteStream:
+    code = writer_source()
+    stream: RemoteStream = session.start([host.python, "-c", wire.BOOTSTRAP, str(len(code))])
+    stream.write(code)
+    return stream
+
+
+def _open_target(writer: TargetSession, target: Target, point: Point, name: str) -> None:
+    disks = [(path, d.size, d.block_size) for path, d in zip(target.disks, point.disks, strict=True)]
+    try:
+        infos = writer.open(disks)
+    except EOFError:
+        raise RemoteCommandError(f"the writer did not start on {target.host.target} (is python3 there?)") from None
+    for info in infos:
+        if "error" in info:
+            raise FailoverError(f"target {target.host.target}: {info['error']}; nothing was written")
+
+
+class _Copier:
+    def __init__(self, home: Home, tools: Tools, vm: RecoveryVm, point: Point, writer: TargetSession,
+                 progress: Progress, work: Path, say: Say) -> None:  # fmt: skip
+        self.home, self.tools, self.vm, self.point = home, tools, vm, point
+        self.writer, self.progress, self.work, self.say = writer, progress, work, say
+        self.run_dir = home.run_dir / vm.host
+        self.checkpoint = ""
+        self.downtime_started = 0.0
+
+    def _update(self, phase: str) -> None:
+        self.progress.phase = phase
+        _save(self.home, self.progress)
+        log.info("failback.progress", host=self.vm.host, phase=phase, sent=self.progress.bytes_sent,
+                 dirty=self.progress.dirty_bytes)  # fmt: skip
+
+    # -- the copy -------------------------------------------------------------------------------------
+
+    def live(self, cutover: str, shutdown_timeout: float) -> None:
+        hv = self.tools.hypervisor
+        hv.drop_checkpoints(self.vm.name)  # from an earlier, interrupted failback: start afresh
+        self._update("bulk copy while the VM runs")
+        self.say("bulk copy: QEMU copies the disks at this instant; the target sends what it holds")
+        files = self._backup(since=None)
+        for index, image in enumerate(files):
+            self._send_differences(index, image)
+        self.writer.flush()
+        checkpoint("failback.bulk_sent")
+        while True:
+            self.progress.passes += 1
+            self._update(f"pass {self.progress.passes}: blocks written since the last pass")
+            dirty = self._send_incremental()
+            self.say(f"pass {self.progress.passes}: {dirty >> 20} MiB written by the guest since the last pass")
+            small = dirty <= SMALL_ENOUGH or self.progress.passes >= MAX_PASSES
+            if cutover == "auto" and small:
+                break
+            if cutover == "manual" and _cutover_flag(self.home, self.vm.host).exists():
+                break
+            if cutover == "manual":
+                self._update(f"waiting for `appliance failback {self.vm.host} --cutover now`")
+                time.sleep(2.0)
+        self._update("cutover: shutting the guest down")
+        self.say("cutover: shutting the guest down (the downtime starts)")
+        self.downtime_started = time.monotonic()
+        hv.shutdown(self.vm.name)
+        deadline = time.monotonic() + shutdown_timeout
+        while hv.state(self.vm.name).running and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if hv.state(self.vm.name).running:
+            self.say(f"the guest did not shut down within {shutdown_timeout:.0f} s; powering it off")
+            self._power_off()
+        checkpoint("failback.guest_down")
+        hv.start_paused(self.vm.name)  # QEMU only, CPUs stopped: for the last incremental
+        try:
+            self._update("cutover: the last blocks")
+            self._send_incremental()
+        finally:
+            self._power_off()
+
+    def _power_off(self) -> None:
+        """Stop QEMU, keeping the domain's definition (and its checkpoints) for a paused restart."""
+        hv = self.tools.hypervisor
+        if hv.state(self.vm.name).running or hv.state(self.vm.name).state == "paused":
+            hv.destroy_keep(self.vm.name)
+
+    def offline(self) -> None:
+        """The VM is stopped (overlays kept): one pass over its disks, no dirty tracking needed."""
+        self.downtime_started = time.monotonic()
+        self._update("copying the stopped VM's disks")
+        for index, overlay in enumerate(self.vm.overlays):
+            self._send_differences(index, Path(overlay))
+        self.writer.flush()
+
+    def _backup(self, since: str | None) -> list[Path]:
+        """A QEMU point-in-time copy (full, or since the last checkpoint) into local files."""
+        name = f"fb{int(time.time() * 1000)}"
+        files = [self.work / f"{name}-disk{i}.qcow2" for i in range(len(self.vm.overlays))]
+        devs = [target_dev(self.vm.settings.disk_bus, i) for i in range(len(files))]
+        self.tools.hypervisor.backup(self.vm.name, list(zip(devs, files, strict=True)), name, since)
+        self.checkpoint = name
+        return files
+
+    def _send_differences(self, index: int, image: Path) -> None:
+        """Compare the target's blocks with the image's and send the ones that differ.
+
+        The target's hashes are all received (into a file) before any block is sent: both directions
+        then never wait on each other, whatever the disk's size."""
+        disk = self.point.disks[index]
+        bs = disk.block_size
+        theirs_path = self.work / f"target-{index}.prefixes"
+        with open(theirs_path, "wb") as f:
+            for prefixes in self.writer.hash_prefixes(index):
+                f.write(prefixes)
+        with open(theirs_path, "rb") as theirs:
+            for chunk in read_chunks(self.tools, image, self.run_dir, disk.size, bs):
+                count = len(chunk.hashes) // HASH_LEN
+                prefixes = theirs.read(count * wire.PREFIX_LEN)
+                for j in range(count):
+                    mine = chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
+                    if mine[: wire.PREFIX_LEN] == prefixes[j * wire.PREFIX_LEN : (j + 1) * wire.PREFIX_LEN]:
+                        continue
+                    start = j * bs
+                    length = min(bs, chunk.length - start)
+                    if chunk.data is None or mine == zero_hash(length):
+                        self.writer.zeroes(index, chunk.offset + start, length)
+                    else:
+                        self.writer.write(index, chunk.offset + start, chunk.data[start : start + length])
+                        self.progress.bytes_sent += length
+        theirs_path.unlink()
+
+    def _send_incremental(self) -> int:
+        """Send what the guest wrote since the last checkpoint; return its size."""
+        files = self._backup(since=self.checkpoint)
+        started, dirty = time.monotonic(), 0
+        for index, image in enumerate(files):
+            extents = self.tools.images.own_extents(image)
+            dirty += sum(length for _, length, _ in extents)
+            size = self.point.disks[index].size
+            with self.tools.images.export(image, self.run_dir, writable=False, backing=False) as exported:
+                fd = os.open(exported.path, os.O_RDONLY)
+                try:
+                    for start, length, zero in extents:
+                        length = min(length, size - start)
+                        if length <= 0:
+                            continue
+                        if zero:
+                            self.writer.zeroes(index, start, length)
+                            continue
+                        for off in range(start, start + length, 4 << 20):
+                            n = min(4 << 20, start + length - off)
+                            self.writer.write(index, off, os.pread(fd, n, off))
+                            self.progress.bytes_sent += n
+                finally:
+                    os.close(fd)
+            image.unlink()
+        self.writer.flush()
+        elapsed = time.monotonic() - started
+        self.progress.dirty_bytes = dirty
+        self.progress.rate = dirty / elapsed if elapsed > 0 and dirty else self.progress.rate
+        return dirty
+
+    # -- the proof ------------------------------------------------------------------------------------
+
+    def prove(self) -> None:
+        """Every target disk must read exactly as the VM's disk: digests over every block."""
+        self._update("verifying the target against the VM's disks")
+        for index, overlay in enumerate(self.vm.overlays):
+            disk = self.point.disks[index]
+            mine = DiskDigest()
+            for chunk in read_chunks(self.tools, Path(overlay), self.run_dir, disk.size, disk.block_size):
+                mine.add(chunk.hashes)
+            theirs = self.writer.digest(index)
+            if theirs != mine.hexdigest():
+                raise FailoverError(
+                    f"target disk {index} does not match the VM's disk after the copy ({theirs[:12]} != "
+                    f"{mine.hexdigest()[:12]}); nothing was removed, run failback again"
+                )
+        self.progress.downtime_seconds = round(time.monotonic() - self.downtime_started, 2)
+        self.say(f"verified: every target disk matches the VM's; downtime {self.progress.downtime_seconds:.1f} s")

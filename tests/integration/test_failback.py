@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Failback on real libvirt, QEMU and sshd: the recovery VM writes while running; afterwards the target
+disk, booted directly with qemu-system-x86_64, shows what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.bench.failover import boot_until_up
+from appliance.errors import ConfigError, FailoverError, HostKeyError
+from appliance.lab import guest
+from tests.conftest import points_json, run_cli
+
+WRITES = (
+    "echo written-in-failover > /root/marker.txt\n"
+    "dd if=/dev/urandom of=/root/churn.bin bs=1M count=8 2>/dev/null\n"
+    "sync\n"
+)
+
+
+@pytest.fixture
+def failed_over(make_host, guest_image: Path, home: Path):  # type: ignore[no-untyped-def]
+    """A lab host on the lab guest, backed up, failed over; its guest writes to its disk when it boots."""
+    host = make_host(image=guest_image)
+    # booted = its writes are done: the autorun's end line on the console
+    assert run_cli(home, "host", "set", host.name, "--boot-check", "console:APPLIANCE-AUTORUN-DONE rc=0",
+                   "--vm-memory", "256").rc == 0  # fmt: skip
+    guest.set_marker(host.disk, "original")
+    guest.write_autorun(host.disk, WRITES)
+    assert run_cli(home, "backup", host.name).rc == 0
+    r = run_cli(home, "failover", host.name, "--accel", "tcg", "--timeout", "180")
+    assert r.rc == 0, r.out + r.err
+    yield host
+    run_cli(home, "failover", "stop", host.name)
+
+
+def _target(make_host, size: int = 1 << 30):  # type: ignore[no-untyped-def]
+    return make_host(size=size, data=0.0, add=False)
+
+
+def _failback(home: Path, host, target, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return run_cli(home, "failback", host.name, "--to", f"root@{target.address}",
+                   "--disk", f"{host.disk}={target.disk}", "--trust-first-use", *extra, env=env)  # fmt: skip
+
+
+def _boots_with(disk: str, marker: str) -> None:
+    copy = Path(disk + ".boot")
+    shutil.copyfile(disk, copy)
+    try:
+        boot_until_up(copy, "raw")
+        assert guest.read_marker(copy) == marker
+    finally:
+        copy.unlink()
+
+
+def test_failback_to_a_blank_disk_carries_the_vms_writes(failed_over, make_host, home: Path) -> None:
+    host = failed_over
+    target = _target(make_host)
+    r = _failback(home, host, target)
+    assert r.rc == 0, r.out + r.err
+    assert "downtime" in r.out and "verified" in r.err
+    _boots_with(target.disk, "written-in-failover")
+    assert guest.read_file(target.disk, "/churn.bin") is not None
+    newest = points_json(home, host.name)[-1]
+    assert "failback" in str(newest["extra"]["origin"])  # type: ignore[index]
+    assert run_cli(home, "verify", host.name).rc == 0
+    assert run_cli(home, "failover", "status").out.count(host.name) == 0
+    status = run_cli(home, "failback", "status", host.name)
+    assert "phase:               done" in status.out and newest["id"] in status.out
+
+
+def test_a_target_that_holds_the_original_gets_little_more_than_the_writes(failed_over, make_host, home: Path) -> None:
+    host = failed_over
+    target = _target(make_host)
+    subprocess.run(["cp", "--sparse=always", host.disk, target.disk], check=True)  # the server's old disk
+    r = _failback(home, host, target)
+    assert r.rc == 0, r.out + r.err
+    sent = json.loads((home / "failback" / f"{host.name}.json").read_text())["bytes_sent"]
+    assert sent < (8 << 20) * 1.2 + (4 << 20)  # the guest wrote 8 MiB of data, and a few blocks of metadata
+    _boots_with(target.disk, "written-in-failover")
+
+
+def test_offline_failback_from_kept_overlays(failed_over, make_host, home: Path) -> None:
+    host = failed_over
+    assert run_cli(home, "failover", "stop", host.name, "--keep").rc == 0
+    target = _target(make_host)
+    r = _failback(home, host, target)
+    assert r.rc == 0, r.out + r.err
+    _boots_with(target.disk, "written-in-failover")
+
+
+@pytest.mark.parametrize("crash_at", ["failback.bulk_sent", "failback.guest_down"])
+def test_an_interrupted_failback_resumes(failed_over, make_host, home: Path, crash_at: str) -> None:
+    host = failed_over
+    target = _target(make_host)
+    r = _failback(home, host, target, env={"APPLIANCE_CRASH_AT": crash_at})
+    assert r.rc == -signal.SIGKILL
+    assert "done" not in run_cli(home, "failback", "status", host.name).out
+    r = _failback(home, host, target)
+    assert r.rc == 0, r.out + r.err
+    _boots_with(target.disk, "written-in-failover")
+
+
+def test_bad_requests_change_nothing(failed_over, make_host, lab, home: Path) -> None:  # type: ignore[no-untyped-def]
+    host = failed_over
+    small = _target(make_host, size=512 << 20)
+    before = os.stat(small.disk).st_mtime_ns
+    r = _failback(home, host, small)
+    assert r.rc == FailoverError.exit_code and "less than" in r.err and "nothing was written" in r.err
+    assert os.stat(small.disk).st_mtime_ns == before
+    r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"/dev/nope={small.disk}")
+    assert r.rc == ConfigError.exit_code and "no disk '/dev/nope'" in r.err
+    # the target's key was pinned by the first attempt; a new key is refused loudly
+    for f in Path(small.folder).glob("ssh_host_ed25519_key*"):
+        f.unlink()
+    lab.restart_sshd(small.name)
+    r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
+    assert r.rc == HostKeyError.exit_code and "HOST KEY CHANGED" in r.err
+    assert run_cli(home, "failover", "stop", host.name).rc == 0
+    r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
+    assert r.rc == FailoverError.exit_code and "no recovery VM" in r.err
