@@ -35,7 +35,12 @@ class QemuImages:
         return qsd.ImageExport(image, run_dir, writable=writable, backing=backing)
 
     def own_extents(self, path: Path) -> list[tuple[int, int, bool]]:
-        return [(e.start, e.length, e.zero) for e in qemu_img.map_extents(path) if e.depth == 0 and (e.data or e.zero)]
+        return [(e.start, e.length, e.zero) for e in qemu_img.map_extents(path) if e.depth == 0 and e.present]
+
+    def copy_dirty(self, image: Path, bitmaps: list[str], target: Path, run_dir: Path) -> None:
+        qemu_img.create(target, qemu_img.virtual_size(image))
+        with qsd.ImageExport(image, run_dir, writable=False, export=False) as daemon:
+            daemon.copy_dirty(bitmaps, target)
 
     def zero_range(self, fd: int, offset: int, length: int) -> None:
         qsd.zero_range(fd, offset, length)

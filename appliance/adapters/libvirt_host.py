@@ -129,14 +129,15 @@ class LibvirtHypervisor:
             except libvirt.libvirtError as exc:
                 raise HypervisorError(f"cannot stop {name}: {exc.get_error_message()}") from exc
 
-    def drop_checkpoints(self, name: str) -> None:
-        """Delete the domain's checkpoints and their dirty bitmaps."""
+    def drop_checkpoints(self, name: str, only: list[str] | None = None) -> None:
+        """Delete the domain's checkpoints (all, or `only` these) and their dirty bitmaps."""
         dom = self._domain(name)
         if dom is None:
             return
         try:
             for checkpoint in dom.listAllCheckpoints(0):
-                checkpoint.delete(0)
+                if only is None or checkpoint.getName() in only:
+                    checkpoint.delete(0)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot delete the checkpoints of {name}: {exc.get_error_message()}") from exc
 
@@ -166,16 +167,6 @@ class LibvirtHypervisor:
         except libvirt.libvirtError:
             return []
         return [a["addr"] for i in ifaces.values() for a in (i.get("addrs") or []) if a.get("type") == 0]
-
-    def start_paused(self, name: str) -> None:
-        """Start the defined domain with its CPUs stopped: QEMU runs (for block jobs), the guest does not."""
-        dom = self._domain(name)
-        if dom is None:
-            raise HypervisorError(f"{name} is not defined")
-        try:
-            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot start {name} paused: {exc.get_error_message()}") from exc
 
     def backup(self, name: str, targets: list[tuple[str, Path]], checkpoint: str, since: str | None) -> None:
         """A point-in-time copy of the disks into local qcow2 files, made by QEMU (libvirt push backup).

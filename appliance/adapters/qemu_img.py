@@ -37,6 +37,7 @@ class Extent:
     zero: bool
     data: bool
     depth: int = 0  # 0: allocated in the image itself; n: in its n-th backing file
+    present: bool = True  # False: allocated nowhere in the chain (reads as zeroes)
 
 
 def _fail(exc: CommandFailed, what: str) -> ImageToolError | StoreFullError:
@@ -81,7 +82,14 @@ def map_extents(path: Path) -> list[Extent]:
     except CommandFailed as exc:
         raise ChainCorruptError(f"cannot map {path.name}: {exc.last_line}") from exc
     return [
-        Extent(int(e["start"]), int(e["length"]), bool(e["zero"]), bool(e["data"]), int(e.get("depth", 0)))
+        Extent(
+            int(e["start"]),
+            int(e["length"]),
+            bool(e["zero"]),
+            bool(e["data"]),
+            int(e.get("depth", 0)),
+            bool(e.get("present", True)),
+        )  # fmt: skip
         for e in json.loads(out)
     ]
 

@@ -53,9 +53,12 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 class ImageExport:
     """Context manager: `image` exported as the plain file `self.path` while the block is open."""
 
-    def __init__(self, image: Path, run_dir: Path, *, writable: bool, backing: bool = True) -> None:
+    def __init__(
+        self, image: Path, run_dir: Path, *, writable: bool, backing: bool = True, export: bool = True
+    ) -> None:
         self.image = image
         self.writable = writable
+        self.export = export  # False: the image is only opened, for block jobs (see copy_dirty)
         self.backing = backing  # False: unallocated clusters read as zeroes, the backing file is not opened
         token = uuid.uuid4().hex[:12]
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,8 @@ class ImageExport:
             if not self.backing:
                 node["backing"] = None
             self._qmp_cmd("blockdev-add", **node)
+            if not self.export:
+                return self
             self._qmp_cmd(
                 "block-export-add",
                 **{
@@ -122,12 +127,12 @@ class ImageExport:
             raise ImageToolError(f"{QSD} did not start: {self._stderr_tail() or exc}") from exc
         self._qmp = qmp
 
-    def _qmp_cmd(self, name: str, **args: object) -> object:
+    def _qmp_cmd(self, command: str, /, **args: object) -> object:
         assert self._qmp is not None
         try:
-            return self._qmp.cmd(name, **args)
+            return self._qmp.cmd(command, **args)
         except QMPError as exc:
-            raise ImageToolError(f"{QSD} refused {name} on {self.image.name}: {exc}") from exc
+            raise ImageToolError(f"{QSD} refused {command} on {self.image.name}: {exc}") from exc
 
     def _stop(self, clean: bool = False) -> None:
         """Close the export and the image. On the clean path every step must succeed: `blockdev-del`
@@ -135,8 +140,9 @@ class ImageExport:
         failure: BaseException | None = None
         if self._qmp is not None:
             try:
-                self._qmp_cmd("block-export-del", id="exp")
-                self._wait_export_deleted()
+                if self.export:
+                    self._qmp_cmd("block-export-del", id="exp")
+                    self._wait_export_deleted()
                 self._qmp_cmd("blockdev-del", **{"node-name": "img"})
             except _QMP_GONE as exc:
                 failure = exc
@@ -162,6 +168,38 @@ class ImageExport:
                 leftover.unlink()
         if clean and failure is not None:
             raise ImageToolError(f"closing {self.image.name} failed: {failure}") from failure
+
+    def copy_dirty(self, bitmaps: list[str], target: Path) -> None:
+        """Copy the clusters marked in the image's persistent dirty bitmaps (their union) into `target`, an
+        empty qcow2 of the same size, with QEMU's backup job; the bitmaps themselves are left as they are."""
+        bitmap = bitmaps[0]
+        if len(bitmaps) > 1:  # libvirt's later checkpoints each hold the changes after them: merge
+            self._qmp_cmd("block-dirty-bitmap-add", **{"node": "img", "name": "appliance-merged", "persistent": False})
+            self._qmp_cmd("block-dirty-bitmap-merge", node="img", target="appliance-merged", bitmaps=bitmaps)
+            bitmap = "appliance-merged"
+        self._qmp_cmd(
+            "blockdev-add",
+            **{"driver": "qcow2", "node-name": "dst", "file": {"driver": "file", "filename": str(target.resolve())}},
+        )
+        self._qmp_cmd(
+            "blockdev-backup",
+            **{"job-id": "dirty", "device": "img", "target": "dst", "sync": "bitmap", "bitmap": bitmap,
+               "bitmap-mode": "never", "auto-dismiss": True},
+        )  # fmt: skip
+        assert self._qmp is not None
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            try:
+                event = self._qmp.pull_event(wait=1.0)
+            except TimeoutError:
+                continue
+            if event and event.get("event") == "BLOCK_JOB_COMPLETED":
+                error = event.get("data", {}).get("error")
+                self._qmp_cmd("blockdev-del", **{"node-name": "dst"})
+                if error:
+                    raise ImageToolError(f"copying the dirty blocks of {self.image.name} failed: {error}")
+                return
+        raise ImageToolError(f"copying the dirty blocks of {self.image.name} did not finish")
 
     def _wait_export_deleted(self) -> None:
         assert self._qmp is not None

@@ -9,9 +9,7 @@ run guests) with the same memory, so only what differs between the paths shows.
 
 from __future__ import annotations
 
-import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -20,34 +18,11 @@ import time
 from pathlib import Path
 
 from appliance.lab import Lab, LabHost, guest
+from appliance.lab.boot import boot_until_up
 
 MEMORY = "512"
 REPEAT = 3
 _RTO = re.compile(r"RTO: ([0-9.]+) s")
-
-
-def boot_until_up(disk: Path, fmt: str, timeout: float = 120.0) -> float:
-    """Seconds from starting QEMU on `disk` until the guest prints its UP line."""
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", MEMORY, "-display", "none", "-serial", "stdio",
-            "-monitor", "none", "-no-reboot", "-drive", f"file={disk},format={fmt},if=virtio"]  # fmt: skip
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    seen = b""
-    try:
-        while time.monotonic() - started < timeout:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.05)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                seen += chunk
-                if guest.UP_PATTERN.search(seen.decode(errors="replace")):
-                    return time.monotonic() - started
-        raise RuntimeError(f"{disk} did not boot: {seen[-300:]!r}")
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _median(values: list[float]) -> float:

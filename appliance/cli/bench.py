@@ -54,3 +54,11 @@ def consolidate_bench() -> None:
     from appliance.bench.consolidate import run_consolidate_bench
 
     run_consolidate_bench()
+
+
+@app.command("failback")
+def failback_bench() -> None:
+    """Failback to a blank and to a stale target, against stop + convert + ssh cat: wire, total, downtime."""
+    from appliance.bench.failback import run_failback_bench
+
+    run_failback_bench()

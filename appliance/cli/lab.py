@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,8 @@ import typer
 
 from appliance.cli._output import parse_size, size, table
 from appliance.cli.context import state
-from appliance.lab import Lab, disks, sshd_running
+from appliance.lab import Lab, disks, guest, sshd_running
+from appliance.lab.boot import boot_and_read
 from appliance.lab.demo import run_demo
 
 app = typer.Typer(
@@ -79,10 +81,27 @@ def change(
         str | None, typer.Option("--marker", help="New marker of the lab guest (shown when it boots)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
+    autorun: Annotated[
+        str | None, typer.Option("--autorun", help="Shell script the lab guest runs once booted")
+    ] = None,
 ) -> None:
-    """Write to a lab host's disk as a busy server would (and set the lab guest's marker)."""
-    written = _lab(ctx).change(host, percent / 100.0, marker=marker, seed=seed)
+    """Write to a lab host's disk as a busy server would (and set the lab guest's marker, or its autorun)."""
+    lab = _lab(ctx)
+    if autorun is not None:
+        guest.write_autorun(lab.host(host).disk, autorun + "\n")
+    written = lab.change(host, percent / 100.0, marker=marker, seed=seed)
     typer.echo(f"{host}: wrote {size(written)}" + (f", marker {marker}" if marker else ""))
+
+
+@app.command("boot")
+def boot(ctx: typer.Context, host: str) -> None:
+    """Boot a copy of a lab host's disk directly with QEMU and show its console line (e.g. after failback)."""
+    h = _lab(ctx).host(host)
+    with tempfile.TemporaryDirectory(dir=Path(h.folder)) as tmp:
+        copy = Path(tmp) / "boot.img"
+        disks.copy_sparse(Path(h.disk), copy)
+        seconds, line = boot_and_read(copy, "raw")
+    typer.echo(f"{host}: its disk boots: {line} ({seconds:.1f} s)")
 
 
 @app.command("cut")

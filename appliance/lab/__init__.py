@@ -11,6 +11,7 @@ not the file system, so "the host" reads it by path exactly as a real server rea
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -58,6 +59,12 @@ class _DiskRecipe:
     loop: bool
     image: Path | None
     guest: bool
+
+
+def _free_index(hosts: list[LabHost]) -> int:
+    """The lowest index no host's link name uses (hosts come and go; link names must not collide)."""
+    used = {int(h.veth[6:]) for h in hosts if h.veth[6:].isdigit()}
+    return next(i for i in itertools.count() if i not in used)
 
 
 class Lab:
@@ -117,7 +124,7 @@ class Lab:
         for name in names:
             if name in existing:
                 continue
-            host = self._make_host(lab_id, name, len(created), recipe)
+            host = self._make_host(lab_id, name, _free_index(created), recipe)
             created.append(host)
             self._save({"id": lab_id, "hosts": [asdict(h) for h in created]})
             log.info("lab.host_up", host=name, address=host.address, disk=host.disk)

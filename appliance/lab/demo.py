@@ -3,7 +3,8 @@
 
 The lab host's disk is the lab guest, a small Linux that prints its marker when it boots. Each backup
 is taken after a new marker is written, so the failover proves which point it booted; then a
-consolidation thins the chain to the two newest points.
+consolidation thins the chain to the two newest points; last, the VM fails back to a repaired server
+(another lab host, blank) and that disk boots with what the VM wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from appliance.errors import LabError
 from appliance.lab import Lab
 
 HOST = "lab1"
+REPAIRED = "repaired"
 
 
 def _appliance(home: Path, *args: str) -> str:
@@ -68,12 +70,24 @@ def run_demo(home: Path) -> None:
     _appliance(home, "failover", "status")
     _appliance(home, "failover", "stop", HOST)
     print("\nNightly consolidation: keep the two newest points; Monday's is merged into Tuesday's.", flush=True)
-    _appliance(home, "lab", "change", HOST, "--percent", "1", "--marker", "wednesday", "--seed", "3")
+    autorun = "echo written-during-failover > /root/marker.txt; sync"
+    _appliance(
+        home, "lab", "change", HOST, "--percent", "1", "--marker", "wednesday", "--seed", "3", "--autorun", autorun
+    )
     _appliance(home, "backup", HOST)
     _appliance(home, "host", "set", HOST, "--keep-last", "2")
     _appliance(home, "consolidate", HOST, "--dry-run")
     _appliance(home, "consolidate", HOST)
     _appliance(home, "points", HOST)
     _appliance(home, "verify", HOST)
+    print("\nThe server dies again; its VM runs and writes (its marker becomes written-during-failover).", flush=True)
+    _appliance(home, "failover", HOST)
+    print("\nThe server is repaired (a blank disk): fail back while the VM runs, then cut over.", flush=True)
+    _appliance(home, "lab", "up", "--host", REPAIRED, "--blank", "--data", "0", "--disk-size", "1G")
+    r = lab.host(REPAIRED)
+    _appliance(home, "failback", HOST, "--to", f"root@{r.address}", "--disk", f"{h.disk}={r.disk}", "--trust-first-use")
+    _appliance(home, "failback", "status", HOST)
+    _appliance(home, "lab", "boot", REPAIRED)
+    _appliance(home, "points", HOST)
     print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
           f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip

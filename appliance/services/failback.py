@@ -7,9 +7,11 @@
   2. Passes over what changed since: each is an incremental backup since the last checkpoint (only
      the clusters the guest wrote), sent as it is. No re-reading of the disk: QEMU's bitmaps say what
      changed. Passes repeat until what is left is small (or, with `--cutover manual`, until asked).
-  3. Cutover: the guest is shut down (ACPI, forced after a timeout), QEMU is started again with its
-     CPUs stopped so the last incremental can be taken, the last dirty blocks are sent, and the digest
-     of every target disk is compared with the VM's disk. Downtime runs from the shutdown to this proof.
+  3. Cutover: the guest is shut down (ACPI, forced after a timeout). Its dirty bitmaps are then in its
+     overlays: qemu-storage-daemon copies what they mark since the last pass that was sent, that is
+     sent, and the digest of every target disk is compared with the VM's disk (both sides read at
+     once). Downtime runs from the shutdown to this proof. A pass whose changes are small is not sent
+     but left to the cutover, so blocks the guest keeps rewriting cross the wire as few times as possible.
   4. The VM's final state becomes a new recovery point of the host, so the writes made during the
      failover are backed up too; only then are the VM and its overlays removed.
 A failback that stops anywhere leaves the VM (or its kept overlays) as they were; the next run starts
@@ -232,7 +234,7 @@ class _Copier:
         self.home, self.tools, self.vm, self.point = home, tools, vm, point
         self.writer, self.progress, self.work, self.say = writer, progress, work, say
         self.run_dir = home.run_dir / vm.host
-        self.checkpoint = ""
+        self.checkpoints: list[str] = []  # in the order they were made
         self.downtime_started = 0.0
 
     def _update(self, phase: str) -> None:
@@ -248,47 +250,62 @@ class _Copier:
         hv.drop_checkpoints(self.vm.name)  # from an earlier, interrupted failback: start afresh
         self._update("bulk copy while the VM runs")
         self.say("bulk copy: QEMU copies the disks at this instant; the target sends what it holds")
-        files = self._backup(since=None)
-        for index, image in enumerate(files):
+        for index, image in enumerate(self._backup(since=None)):
             self._send_differences(index, image)
+            image.unlink()
         self.writer.flush()
         checkpoint("failback.bulk_sent")
+        sent = 0  # index in self.checkpoints of the last one whose changes have all been sent
         while True:
             self.progress.passes += 1
-            self._update(f"pass {self.progress.passes}: blocks written since the last pass")
-            dirty = self._send_incremental()
-            self.say(f"pass {self.progress.passes}: {dirty >> 20} MiB written by the guest since the last pass")
+            files = self._backup(since=self.checkpoints[sent])
+            dirty = sum(length for f in files for _, length, _ in self.tools.images.own_extents(f))
+            self.progress.dirty_bytes = dirty
             small = dirty <= SMALL_ENOUGH or self.progress.passes >= MAX_PASSES
-            if cutover == "auto" and small:
+            ready = _cutover_flag(self.home, self.vm.host).exists() if cutover == "manual" else small
+            if ready:  # left for the cutover, which sends everything since the last sent checkpoint once
+                for f in files:
+                    f.unlink()
                 break
-            if cutover == "manual" and _cutover_flag(self.home, self.vm.host).exists():
-                break
-            if cutover == "manual":
+            self._update(f"pass {self.progress.passes}: blocks written since the last pass")
+            self.say(f"pass {self.progress.passes}: {dirty >> 20} MiB written by the guest since the last pass")
+            self._send_extents(files)
+            # only the newest checkpoint matters now; the older ones would pile up over a long wait
+            self.tools.hypervisor.drop_checkpoints(self.vm.name, only=self.checkpoints[:-1])
+            self.checkpoints = self.checkpoints[-1:]
+            sent = 0
+            if cutover == "manual" and small:
                 self._update(f"waiting for `appliance failback {self.vm.host} --cutover now`")
-                time.sleep(2.0)
+                time.sleep(5.0)
         self._update("cutover: shutting the guest down")
-        self.say("cutover: shutting the guest down (the downtime starts)")
+        self.say(f"cutover: shutting the guest down, {self.progress.dirty_bytes >> 20} MiB left (the downtime starts)")
         self.downtime_started = time.monotonic()
         hv.shutdown(self.vm.name)
         deadline = time.monotonic() + shutdown_timeout
         while hv.state(self.vm.name).running and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
         if hv.state(self.vm.name).running:
             self.say(f"the guest did not shut down within {shutdown_timeout:.0f} s; powering it off")
-            self._power_off()
+        hv.destroy_keep(self.vm.name)
         checkpoint("failback.guest_down")
-        hv.start_paused(self.vm.name)  # QEMU only, CPUs stopped: for the last incremental
-        try:
-            self._update("cutover: the last blocks")
-            self._send_incremental()
-        finally:
-            self._power_off()
+        self._update("cutover: the last blocks")
+        self._send_last(self.checkpoints[sent:])
 
-    def _power_off(self) -> None:
-        """Stop QEMU, keeping the domain's definition (and its checkpoints) for a paused restart."""
-        hv = self.tools.hypervisor
-        if hv.state(self.vm.name).running or hv.state(self.vm.name).state == "paused":
-            hv.destroy_keep(self.vm.name)
+    def _send_last(self, bitmaps: list[str]) -> None:
+        """With QEMU stopped, the dirty bitmaps are in the overlays: copy what they mark and send it. If
+        they cannot be used (QEMU was killed), compare the whole disks instead: slower, as correct."""
+        files = [self.work / f"last-disk{i}.qcow2" for i in range(len(self.vm.overlays))]
+        try:
+            for overlay, target in zip(self.vm.overlays, files, strict=True):
+                self.tools.images.copy_dirty(Path(overlay), bitmaps, target, self.run_dir)
+        except ApplianceError as exc:
+            log.warning("failback.bitmaps_unusable", host=self.vm.host, error=exc.message)
+            self.say("the dirty bitmaps cannot be used; comparing the whole disks instead")
+            for index, overlay in enumerate(self.vm.overlays):
+                self._send_differences(index, Path(overlay))
+            self.writer.flush()
+            return
+        self._send_extents(files)
 
     def offline(self) -> None:
         """The VM is stopped (overlays kept): one pass over its disks, no dirty tracking needed."""
@@ -304,7 +321,7 @@ class _Copier:
         files = [self.work / f"{name}-disk{i}.qcow2" for i in range(len(self.vm.overlays))]
         devs = [target_dev(self.vm.settings.disk_bus, i) for i in range(len(files))]
         self.tools.hypervisor.backup(self.vm.name, list(zip(devs, files, strict=True)), name, since)
-        self.checkpoint = name
+        self.checkpoints.append(name)
         return files
 
     def _send_differences(self, index: int, image: Path) -> None:
@@ -335,14 +352,12 @@ class _Copier:
                         self.progress.bytes_sent += length
         theirs_path.unlink()
 
-    def _send_incremental(self) -> int:
-        """Send what the guest wrote since the last checkpoint; return its size."""
-        files = self._backup(since=self.checkpoint)
-        started, dirty = time.monotonic(), 0
+    def _send_extents(self, files: list[Path]) -> None:
+        """Send the clusters each file holds itself (what changed), and flush the target."""
+        started, sent = time.monotonic(), 0
         for index, image in enumerate(files):
-            extents = self.tools.images.own_extents(image)
-            dirty += sum(length for _, length, _ in extents)
             size = self.point.disks[index].size
+            extents = self.tools.images.own_extents(image)
             with self.tools.images.export(image, self.run_dir, writable=False, backing=False) as exported:
                 fd = os.open(exported.path, os.O_RDONLY)
                 try:
@@ -356,15 +371,15 @@ class _Copier:
                         for off in range(start, start + length, 4 << 20):
                             n = min(4 << 20, start + length - off)
                             self.writer.write(index, off, os.pread(fd, n, off))
-                            self.progress.bytes_sent += n
+                            sent += n
                 finally:
                     os.close(fd)
             image.unlink()
         self.writer.flush()
+        self.progress.bytes_sent += sent
         elapsed = time.monotonic() - started
-        self.progress.dirty_bytes = dirty
-        self.progress.rate = dirty / elapsed if elapsed > 0 and dirty else self.progress.rate
-        return dirty
+        if sent and elapsed > 0:
+            self.progress.rate = sent / elapsed
 
     # -- the proof ------------------------------------------------------------------------------------
 
@@ -373,10 +388,11 @@ class _Copier:
         self._update("verifying the target against the VM's disks")
         for index, overlay in enumerate(self.vm.overlays):
             disk = self.point.disks[index]
+            self.writer.ask_digest(index)  # the target reads its disk while the appliance reads the VM's
             mine = DiskDigest()
             for chunk in read_chunks(self.tools, Path(overlay), self.run_dir, disk.size, disk.block_size):
                 mine.add(chunk.hashes)
-            theirs = self.writer.digest(index)
+            theirs = self.writer.read_digest()
             if theirs != mine.hexdigest():
                 raise FailoverError(
                     f"target disk {index} does not match the VM's disk after the copy ({theirs[:12]} != "

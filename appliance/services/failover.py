@@ -284,6 +284,7 @@ def find_console_line(console_log: str, pattern: str) -> str:
         text = Path(console_log).read_text(errors="replace")
     except OSError:
         return ""
+    text = text[: text.rfind("\n") + 1]  # complete lines only: the guest may be in the middle of one
     match = re.search(pattern, text)
     if match is None:
         return ""

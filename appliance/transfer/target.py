@@ -57,8 +57,11 @@ class TargetSession:
         self.stream.write(b"F")
         self._expect(b"f")
 
-    def digest(self, disk: int) -> str:
+    def ask_digest(self, disk: int) -> None:
+        """Ask for the digest of a disk as it is now; the target computes it while the caller goes on."""
         self.stream.write(b"G" + wire.DISK.pack(disk))
+
+    def read_digest(self) -> str:
         self._expect(b"g")
         return bytes(self.records.read_exact(32)).hex()
 

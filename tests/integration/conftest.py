@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from tests.conftest import require, run_cli
 from tests.integration.helpers import host_add
 
 _names = itertools.count(1)
+# Host names carry a token of this run: a VM left defined by a killed run never blocks a later one.
+_RUN = secrets.token_hex(2)
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +27,31 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pytest.fail("integration tests run as root (network namespaces, sshd, FUSE)")
     for binary in ("qemu-img", "qemu-storage-daemon", "/usr/sbin/sshd", "ip"):
         require(binary)
+    _remove_stale_test_vms(tmp_path_factory.getbasetemp())
     lab = Lab(tmp_path_factory.mktemp("lab"))
     yield lab
     lab.down()
+
+
+def _remove_stale_test_vms(this_run: Path) -> None:
+    """Undefine recovery VMs left by earlier, killed test runs: defined, shut off, disks under another pytest run."""
+    try:
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+    except Exception:  # noqa: BLE001 - no libvirtd: the tests that need it say so themselves
+        return
+    try:
+        for dom in conn.listAllDomains():
+            xml = dom.XMLDesc()
+            sources = [s.get("file", "") for s in ET.fromstring(xml).iterfind("./devices/disk/source")]
+            other_run = [s for s in sources if "/pytest-of-" in s and not s.startswith(str(this_run))]
+            if other_run and "appliance:recovery" in xml and (not dom.isActive() or not os.path.exists(other_run[0])):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    finally:
+        conn.close()
 
 
 MakeHost = Callable[..., LabHost]
@@ -40,7 +66,7 @@ def make_host(lab: Lab, home: Path) -> Iterator[MakeHost]:
         size: int = 64 << 20, data: float = 0.4, loop: bool = False, add: bool = True, disks: int = 1,
         image: Path | None = None,
     ) -> LabHost:  # fmt: skip
-        name = f"t{next(_names)}"
+        name = f"t{next(_names)}x{_RUN}"
         up = lab.up([name], disk_size=size, data_fraction=data, loop=loop, disk_image=image)
         host = next(h for h in up if h.name == name)
         created.append(name)

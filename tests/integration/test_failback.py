@@ -9,14 +9,15 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from appliance.bench.failover import boot_until_up
 from appliance.errors import ConfigError, FailoverError, HostKeyError
 from appliance.lab import guest
-from tests.conftest import points_json, run_cli
+from appliance.lab.boot import boot_until_up
+from tests.conftest import points_json, run_cli, start_cli
 
 WRITES = (
     "echo written-in-failover > /root/marker.txt\n"
@@ -126,3 +127,21 @@ def test_bad_requests_change_nothing(failed_over, make_host, lab, home: Path) ->
     assert run_cli(home, "failover", "stop", host.name).rc == 0
     r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
     assert r.rc == FailoverError.exit_code and "no recovery VM" in r.err
+
+
+def test_manual_cutover_waits_for_the_word(failed_over, make_host, home: Path) -> None:
+    host = failed_over
+    target = _target(make_host)
+    proc = start_cli(home, "failback", host.name, "--to", f"root@{target.address}", "--disk",
+                     f"{host.disk}={target.disk}", "--trust-first-use", "--cutover", "manual")  # fmt: skip
+    for _ in range(600):
+        if "waiting for" in run_cli(home, "failback", "status", host.name).out:
+            break
+        time.sleep(0.2)
+    status = run_cli(home, "failback", "status", host.name).out
+    assert "waiting for" in status and "estimated downtime" in status
+    assert proc.poll() is None  # the VM still runs; nothing is cut over yet
+    assert run_cli(home, "failback", host.name, "--cutover", "now").rc == 0
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    _boots_with(target.disk, "written-in-failover")
