@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Deterministic crash points for the crash tests (as borg's failing chunker: fault injection in the product).
+"""Deterministic faults for the tests (as borg's failing chunker: fault injection in the product).
 
 `APPLIANCE_CRASH_AT=name` or `name:n` kills the process with SIGKILL the (n-th) time it reaches the
 checkpoint `name`: no cleanup, no finally blocks, exactly like a power cut of the appliance process.
-Unset (always, outside tests), a checkpoint costs one dictionary lookup.
+`APPLIANCE_FAULT=name` makes `fault(name)` true once: the code then misbehaves the way `name` says (a
+corrupted write, a missed block), so that a test proves a check catches it. Unset (always, outside
+tests), each costs one comparison.
 """
 
 from __future__ import annotations
@@ -23,3 +25,14 @@ def checkpoint(name: str) -> None:
     _left -= 1
     if _left <= 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault = os.environ.get("APPLIANCE_FAULT", "")
+_fired: set[str] = set()
+
+
+def fault(name: str) -> bool:
+    if name != _fault or name in _fired:
+        return False
+    _fired.add(name)
+    return True

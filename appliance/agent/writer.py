@@ -13,11 +13,14 @@ Wire format (integers little-endian). Appliance -> target, after the code:
     D u32 disk u64 offset u32 length, then the bytes     write them
     Z u32 disk u64 offset u64 length                     write zeroes
     F                       fsync every disk (answer: f)
+    R u32 disk              read back every block written since the last H or R, after an fsync
+                            and with the disk's cache dropped (answer: r records, then e)
     G u32 disk              digest of the disk as it is now (answer: g + 32 bytes)
     Q                       done
 Target -> appliance:
   hello u32 length + JSON {"disks": [{"path", "size", "kind"} or {"path", "error"}]}
   h u32 count + count x 16-byte hash prefixes (blocks in order); e; f; g + 32 bytes
+  r u64 first block + u32 count + count x 16-byte hash prefixes (blocks first, first+1, ...)
   X u32 length + JSON {"code", "message"}: fatal, nothing after it
 """
 
@@ -34,6 +37,7 @@ U32 = struct.Struct("<I")
 DISK = struct.Struct("<I")
 DATA = struct.Struct("<IQI")
 ZEROES = struct.Struct("<IQQ")
+RUN = struct.Struct("<QI")
 
 BOOTSTRAP = 'import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),"appliance-writer","exec"))'
 
@@ -81,13 +85,14 @@ def open_disk(path, size):
     return fd, info
 
 
-def block_hashes(fd, size, block_size):
-    """Yield the sha256 of each block of the first `size` bytes, a chunk of blocks at a time."""
+def block_hashes(fd, size, block_size, offset=0, end=None):
+    """Yield the sha256 of each block from `offset` (a block boundary) to `end` (default: the first
+    `size` bytes, the disk as the VM sees it), a chunk of blocks at a time."""
     zero = bytes(block_size)
     zero_hash = hashlib.sha256(zero).digest()
-    offset = 0
-    while offset < size:
-        want = min(CHUNK, size - offset)
+    end = size if end is None else min(end, size)
+    while offset < end:
+        want = min(CHUNK - CHUNK % block_size, end - offset)
         buf = os.pread(fd, want, offset)
         while len(buf) < want:
             more = os.pread(fd, want - len(buf), offset + len(buf))
@@ -104,6 +109,30 @@ def block_hashes(fd, size, block_size):
                 hashes.append(hashlib.sha256(view[start : start + length]).digest())
         yield hashes
         offset += want
+
+
+def mark_written(written, offset, length, block_size):
+    first = offset // block_size
+    last = (offset + length - 1) // block_size
+    written[first : last + 1] = b"\x01" * (last + 1 - first)
+
+
+def read_back(out, fd, written, size, block_size):
+    """Hash every block marked in `written` as the disk now holds it, and clear the marks."""
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the disk, not from what was written
+    block = written.find(1)
+    while block >= 0:
+        stop = written.find(0, block)
+        stop = len(written) if stop < 0 else stop
+        first = block
+        for hashes in block_hashes(fd, size, block_size, block * block_size, stop * block_size):
+            send(out, b"r", RUN.pack(first, len(hashes)), b"".join(h[:PREFIX_LEN] for h in hashes))
+            first += len(hashes)
+        written[block:stop] = bytes(stop - block)
+        block = written.find(1, stop)
+    send(out, b"e")
+    out.flush()
 
 
 def write_zeroes(fd, offset, length):
@@ -130,6 +159,8 @@ def main():
         out.flush()
         if any(fd is None for fd in fds):
             return
+        # blocks written since the disk was last hashed or read back, one byte each
+        written = [bytearray(-(-int(d["size"]) // int(d["block_size"]))) for d in disks]
         while True:
             tag = read_exact(stdin, 1)
             if tag == b"D":
@@ -137,6 +168,8 @@ def main():
                 data = read_exact(stdin, length)
                 if offset + length > int(disks[disk]["size"]):
                     raise Fatal("protocol", "write past the end of disk %d" % disk)
+                if length:
+                    mark_written(written[disk], offset, length, int(disks[disk]["block_size"]))
                 view = memoryview(data)
                 while view:
                     n = os.pwrite(fds[disk], view, offset)
@@ -146,14 +179,21 @@ def main():
                 disk, offset, length = ZEROES.unpack(read_exact(stdin, ZEROES.size))
                 if offset + length > int(disks[disk]["size"]):
                     raise Fatal("protocol", "zeroes past the end of disk %d" % disk)
+                if length:
+                    mark_written(written[disk], offset, length, int(disks[disk]["block_size"]))
                 write_zeroes(fds[disk], offset, length)
             elif tag == b"H":
                 (disk,) = DISK.unpack(read_exact(stdin, DISK.size))
                 d = disks[disk]
+                written[disk][:] = bytes(len(written[disk]))
                 for hashes in block_hashes(fds[disk], int(d["size"]), int(d["block_size"])):
                     send(out, b"h", U32.pack(len(hashes)), b"".join(h[:PREFIX_LEN] for h in hashes))
                 send(out, b"e")
                 out.flush()
+            elif tag == b"R":
+                (disk,) = DISK.unpack(read_exact(stdin, DISK.size))
+                d = disks[disk]
+                read_back(out, fds[disk], written[disk], int(d["size"]), int(d["block_size"]))
             elif tag == b"G":
                 (disk,) = DISK.unpack(read_exact(stdin, DISK.size))
                 d = disks[disk]

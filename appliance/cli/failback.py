@@ -40,6 +40,9 @@ def run(
     fingerprint: Annotated[str | None, typer.Option("--host-key-fingerprint", help="Pin the target's key")] = None,
     trust_first_use: Annotated[bool, typer.Option("--trust-first-use", help="Pin the key the target presents")] = False,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="Seconds before forcing off")] = 120.0,
+    full_proof: Annotated[
+        bool, typer.Option("--full-proof", help="Prove by reading both whole disks again (a longer downtime)")
+    ] = False,
 ) -> None:
     """Copy HOST's recovery VM to the target while it runs, cut over with a short downtime, verify."""
     st = state(ctx)
@@ -54,7 +57,7 @@ def run(
     result = service.fail_back(
         st.home, st.tools, name, to=to, mapping=disk, key=key.expanduser() if key else None, fingerprint=fingerprint,
         trust_first_use=trust_first_use, confirm=_ask, cutover=cutover, shutdown_timeout=shutdown_timeout,
-        say=lambda text: typer.echo(text, err=True),
+        full_proof=full_proof, say=lambda text: typer.echo(text, err=True),
     )  # fmt: skip
     typer.echo(
         f"{name}: failed back to {result.target}: sent {size(result.bytes_sent)}, downtime "

@@ -8,12 +8,18 @@
      the clusters the guest wrote), sent as it is. No re-reading of the disk: QEMU's bitmaps say what
      changed. Passes repeat until what is left is small (or, with `--cutover manual`, until asked).
   3. Cutover: the guest is shut down (ACPI, forced after a timeout). Its dirty bitmaps are then in its
-     overlays: qemu-storage-daemon copies what they mark since the last pass that was sent, that is
-     sent, and the digest of every target disk is compared with the VM's disk (both sides read at
-     once). Downtime runs from the shutdown to this proof. A pass whose changes are small is not sent
-     but left to the cutover, so blocks the guest keeps rewriting cross the wire as few times as possible.
-  4. The VM's final state becomes a new recovery point of the host, so the writes made during the
-     failover are backed up too; only then are the VM and its overlays removed.
+     overlays: qemu-storage-daemon copies what they mark since the last pass that was sent, and that
+     is sent. A pass whose changes are small is not sent but left to the cutover, so blocks the guest
+     keeps rewriting cross the wire as few times as possible.
+  4. The proof: every block of every target disk, as the target reads it back from its disk, against
+     the VM's disk (see store/ledger.py: the target reads back only what it was sent since it last
+     hashed its disk, the VM's side is known from the reads that fed the copy). Downtime runs from the
+     shutdown to this proof. `full_proof` instead reads both whole disks again: the same answer, a
+     downtime that grows with the disk's size.
+  5. The VM's final state becomes a new recovery point of the host, so the writes made during the
+     failover are backed up too. That reads the whole VM disk: its block hashes must match the ledger
+     of what was sent, an independent check of QEMU's dirty tracking. Only then are the VM and its
+     overlays removed.
 A failback that stops anywhere leaves the VM (or its kept overlays) as they were; the next run starts
 again from step 1, which sends only what the target does not hold yet. Success is only ever declared
 on matching digests.
@@ -36,15 +42,16 @@ from appliance.domain.blocks import HASH_LEN, DiskDigest, zero_hash
 from appliance.domain.models import Host, HostKey, Point, parse_address
 from appliance.domain.recovery import RecoveryVm, target_dev
 from appliance.errors import ApplianceError, ConfigError, ConnectionLostError, FailoverError, RemoteCommandError
-from appliance.faults import checkpoint
+from appliance.faults import checkpoint, fault
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import import_point
 from appliance.services.hosts import ConfirmKey, pin_host_key
-from appliance.services.image_reader import read_chunks
+from appliance.services.image_reader import pread_exact, read_chunks
 from appliance.store import catalog, hosts, recovery
 from appliance.store.files import private_dir, read_json, write_json
-from appliance.store.layout import Home
+from appliance.store.layout import Home, hashes_file
+from appliance.store.ledger import ENTRY, Ledger, differing_blocks, entries, prefixes
 from appliance.transfer.target import TargetError, TargetSession
 
 log = get_logger(__name__)
@@ -105,7 +112,7 @@ class Target:
 def fail_back(
     home: Home, tools: Tools, name: str, *, to: str, mapping: Sequence[str], key: Path | None = None,
     fingerprint: str | None = None, trust_first_use: bool = False, confirm: ConfirmKey | None = None,
-    cutover: str = "auto", shutdown_timeout: float = 120.0, say: Say = lambda _: None,
+    cutover: str = "auto", shutdown_timeout: float = 120.0, full_proof: bool = False, say: Say = lambda _: None,
 ) -> Progress:  # fmt: skip
     """Copy the recovery VM of `name` to the target, cut over, prove it, keep the final state as a point.
 
@@ -136,7 +143,7 @@ def fail_back(
                 copier.live(cutover, shutdown_timeout)
             else:
                 copier.offline()
-            copier.prove()
+            copier.prove_full() if full_proof else copier.prove()
             writer.close()
         progress.phase = "recording the final state as a recovery point"
         _save(home, progress)
@@ -144,6 +151,7 @@ def fail_back(
             home, tools, name, [(d.source, Path(o), d.size) for d, o in zip(point.disks, vm.overlays, strict=True)],
             origin=f"failback of {vm.name} to {target.host.target}",
         )  # fmt: skip
+        copier.cross_check(home.chain_dir(name), new_point)
         tools.hypervisor.remove(vm.name)
         recovery.remove(home, name)
         progress.point = new_point.id
@@ -236,6 +244,9 @@ class _Copier:
         self.run_dir = home.run_dir / vm.host
         self.checkpoints: list[str] = []  # in the order they were made
         self.downtime_started = 0.0
+        disks = point.disks
+        self.vm_ledgers = [Ledger(work / f"vm-{i}.ledger", d.size, d.block_size) for i, d in enumerate(disks)]
+        self.target_ledgers = [Ledger(work / f"target-{i}.ledger", d.size, d.block_size) for i, d in enumerate(disks)]
 
     def _update(self, phase: str) -> None:
         self.progress.phase = phase
@@ -253,7 +264,7 @@ class _Copier:
         for index, image in enumerate(self._backup(since=None)):
             self._send_differences(index, image)
             image.unlink()
-        self.writer.flush()
+        self._flush_and_read_back()
         checkpoint("failback.bulk_sent")
         sent = 0  # index in self.checkpoints of the last one whose changes have all been sent
         while True:
@@ -303,7 +314,7 @@ class _Copier:
             self.say("the dirty bitmaps cannot be used; comparing the whole disks instead")
             for index, overlay in enumerate(self.vm.overlays):
                 self._send_differences(index, Path(overlay))
-            self.writer.flush()
+            self._flush_and_read_back()
             return
         self._send_extents(files)
 
@@ -313,7 +324,7 @@ class _Copier:
         self._update("copying the stopped VM's disks")
         for index, overlay in enumerate(self.vm.overlays):
             self._send_differences(index, Path(overlay))
-        self.writer.flush()
+        self._flush_and_read_back()
 
     def _backup(self, since: str | None) -> list[Path]:
         """A QEMU point-in-time copy (full, or since the last checkpoint) into local files."""
@@ -331,26 +342,30 @@ class _Copier:
         then never wait on each other, whatever the disk's size."""
         disk = self.point.disks[index]
         bs = disk.block_size
-        theirs_path = self.work / f"target-{index}.prefixes"
-        with open(theirs_path, "wb") as f:
-            for prefixes in self.writer.hash_prefixes(index):
-                f.write(prefixes)
-        with open(theirs_path, "rb") as theirs:
+        theirs_ledger, mine_ledger = self.target_ledgers[index], self.vm_ledgers[index]
+        with open(theirs_ledger.path, "r+b") as f:
+            for theirs_prefixes in self.writer.hash_prefixes(index):
+                f.write(theirs_prefixes)
+        with open(theirs_ledger.path, "rb") as theirs:
             for chunk in read_chunks(self.tools, image, self.run_dir, disk.size, bs):
-                count = len(chunk.hashes) // HASH_LEN
-                prefixes = theirs.read(count * wire.PREFIX_LEN)
-                for j in range(count):
-                    mine = chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
-                    if mine[: wire.PREFIX_LEN] == prefixes[j * wire.PREFIX_LEN : (j + 1) * wire.PREFIX_LEN]:
+                mine = prefixes(chunk.hashes)
+                mine_ledger.set_entries(chunk.offset // bs, mine)
+                held = theirs.read(len(mine))
+                if held == mine:
+                    continue
+                for j in range(len(mine) // ENTRY):
+                    if mine[j * ENTRY : (j + 1) * ENTRY] == held[j * ENTRY : (j + 1) * ENTRY]:
                         continue
                     start = j * bs
                     length = min(bs, chunk.length - start)
-                    if chunk.data is None or mine == zero_hash(length):
+                    if chunk.data is None or chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN] == zero_hash(length):
                         self.writer.zeroes(index, chunk.offset + start, length)
                     else:
-                        self.writer.write(index, chunk.offset + start, chunk.data[start : start + length])
+                        data = chunk.data[start : start + length]
+                        if fault("failback.bad_write"):  # as a failing disk or link on the target's side
+                            data = bytes([data[0] ^ 0xFF]) + data[1:]
+                        self.writer.write(index, chunk.offset + start, data)
                         self.progress.bytes_sent += length
-        theirs_path.unlink()
 
     def _send_extents(self, files: list[Path]) -> None:
         """Send the clusters each file holds itself (what changed), and flush the target."""
@@ -365,17 +380,22 @@ class _Copier:
                         length = min(length, size - start)
                         if length <= 0:
                             continue
+                        if not zero and fault("failback.missed_write"):  # as if QEMU's bitmap missed it
+                            continue
                         if zero:
                             self.writer.zeroes(index, start, length)
+                            self.vm_ledgers[index].record_zeroes(start, length)
                             continue
                         for off in range(start, start + length, 4 << 20):
                             n = min(4 << 20, start + length - off)
-                            self.writer.write(index, off, os.pread(fd, n, off))
+                            data = os.pread(fd, n, off)
+                            self.writer.write(index, off, data)
+                            self.vm_ledgers[index].record_data(off, data)
                             sent += n
                 finally:
                     os.close(fd)
             image.unlink()
-        self.writer.flush()
+        self._flush_and_read_back()
         self.progress.bytes_sent += sent
         elapsed = time.monotonic() - started
         if sent and elapsed > 0:
@@ -383,9 +403,42 @@ class _Copier:
 
     # -- the proof ------------------------------------------------------------------------------------
 
+    def _flush_and_read_back(self) -> None:
+        """Make the target durable, and learn what its disks now hold where they were written."""
+        self.writer.flush()
+        for index, ledger in enumerate(self.target_ledgers):
+            for first, theirs in self.writer.read_back(index):
+                ledger.set_entries(first, theirs)
+
     def prove(self) -> None:
-        """Every target disk must read exactly as the VM's disk: digests over every block."""
+        """Every block of every target disk, as the target read it back, against the VM's disk."""
         self._update("verifying the target against the VM's disks")
+        for index, (mine, theirs) in enumerate(zip(self.vm_ledgers, self.target_ledgers, strict=True)):
+            if mine.unknown:  # blocks the last copies covered in part: read them from the stopped VM's disk
+                self._fill_unknown(index, mine)
+            count, first = differing_blocks(entries(mine.path), entries(theirs.path))
+            if count:
+                offsets = ", ".join(str(b * mine.block_size) for b in first)
+                raise FailoverError(
+                    f"target disk {index} differs from the VM's disk in {count} blocks (at bytes {offsets}); "
+                    "nothing was removed, run failback again"
+                )
+        self._proven()
+
+    def _fill_unknown(self, index: int, ledger: Ledger) -> None:
+        bs = ledger.block_size
+        with self.tools.images.export(Path(self.vm.overlays[index]), self.run_dir, writable=False) as exported:
+            fd = os.open(exported.path, os.O_RDONLY)
+            try:
+                for block in sorted(ledger.unknown):
+                    length = min(bs, ledger.size - block * bs)
+                    ledger.record_data(block * bs, pread_exact(fd, length, block * bs))
+            finally:
+                os.close(fd)
+
+    def prove_full(self) -> None:
+        """Digests of both whole disks, both sides read at once: the same proof, without the ledgers."""
+        self._update("verifying the target against the VM's disks (both read whole)")
         for index, overlay in enumerate(self.vm.overlays):
             disk = self.point.disks[index]
             self.writer.ask_digest(index)  # the target reads its disk while the appliance reads the VM's
@@ -398,5 +451,20 @@ class _Copier:
                     f"target disk {index} does not match the VM's disk after the copy ({theirs[:12]} != "
                     f"{mine.hexdigest()[:12]}); nothing was removed, run failback again"
                 )
+        self._proven()
+
+    def _proven(self) -> None:
         self.progress.downtime_seconds = round(time.monotonic() - self.downtime_started, 2)
         self.say(f"verified: every target disk matches the VM's; downtime {self.progress.downtime_seconds:.1f} s")
+
+    def cross_check(self, chain_dir: Path, point: Point) -> None:
+        """The new point was read from the whole VM disk: it must hold what the ledgers say was sent."""
+        for index, disk in enumerate(point.disks):
+            count, first = differing_blocks(
+                entries(self.vm_ledgers[index].path), entries(chain_dir / hashes_file(disk.slot, point.id), HASH_LEN)
+            )
+            if count:
+                raise FailoverError(
+                    f"the VM's final disk {index} differs from what was sent in {count} blocks (first at byte "
+                    f"{first[0] * disk.block_size}); the VM is kept: run failback again with --full-proof"
+                )

@@ -46,6 +46,19 @@ class TargetSession:
             (count,) = wire.U32.unpack(self.records.read_exact(wire.U32.size))
             yield bytes(self.records.read_exact(count * wire.PREFIX_LEN))
 
+    def read_back(self, disk: int) -> Iterator[tuple[int, bytes]]:
+        """(first block, hash prefixes) of every block written since the last hash or read-back of the
+        disk, as the target reads them from the disk after an fsync, cache dropped."""
+        self.stream.write(b"R" + wire.DISK.pack(disk))
+        while True:
+            tag = self._tag()
+            if tag == b"e":
+                return
+            if tag != b"r":
+                raise ProtocolError(f"unexpected {tag!r} in a read-back")
+            first, count = wire.RUN.unpack(self.records.read_exact(wire.RUN.size))
+            yield first, bytes(self.records.read_exact(count * wire.PREFIX_LEN))
+
     def write(self, disk: int, offset: int, data: bytes | memoryview) -> None:
         self.stream.write(b"D" + wire.DATA.pack(disk, offset, len(data)))
         self.stream.write(data)

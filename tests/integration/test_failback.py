@@ -23,6 +23,7 @@ WRITES = (
     "echo written-in-failover > /root/marker.txt\n"
     "dd if=/dev/urandom of=/root/churn.bin bs=1M count=8 2>/dev/null\n"
     "sync\n"
+    "( while :; do date >> /root/ticks.txt; sync; sleep 0.2; done ) &\n"  # the guest never stops writing
 )
 
 
@@ -105,6 +106,32 @@ def test_an_interrupted_failback_resumes(failed_over, make_host, home: Path, cra
     assert r.rc == -signal.SIGKILL
     assert "done" not in run_cli(home, "failback", "status", host.name).out
     r = _failback(home, host, target)
+    assert r.rc == 0, r.out + r.err
+    _boots_with(target.disk, "written-in-failover")
+
+
+def test_a_block_the_target_holds_wrong_fails_the_proof_then_a_new_run_repairs_it(
+    failed_over, make_host, home: Path
+) -> None:  # fmt: skip
+    host = failed_over
+    target = _target(make_host)
+    r = _failback(home, host, target, env={"APPLIANCE_FAULT": "failback.bad_write"})
+    assert r.rc == FailoverError.exit_code and "differs from the VM's disk in 1 blocks" in r.err, r.err
+    assert host.name in run_cli(home, "failover", "status").out  # the VM's overlays are kept
+    r = _failback(home, host, target)
+    assert r.rc == 0, r.out + r.err
+    _boots_with(target.disk, "written-in-failover")
+
+
+def test_writes_the_dirty_tracking_missed_are_caught_before_the_vm_is_removed(
+    failed_over, make_host, home: Path
+) -> None:  # fmt: skip
+    host = failed_over
+    target = _target(make_host)
+    r = _failback(home, host, target, env={"APPLIANCE_FAULT": "failback.missed_write"})
+    assert r.rc == FailoverError.exit_code and "differs from what was sent" in r.err, r.err
+    assert host.name in run_cli(home, "failover", "status").out
+    r = _failback(home, host, target, "--full-proof")
     assert r.rc == 0, r.out + r.err
     _boots_with(target.disk, "written-in-failover")
 
