@@ -7,6 +7,8 @@ chain's files must not change by a single byte while a recovery VM runs and writ
 
 from __future__ import annotations
 
+import secrets
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -144,3 +146,33 @@ def test_verify_boot_after_every_backup_when_the_host_asks(guest_host, home: Pat
     assert "boot ok" in r.out and "marker=point-4" in r.out
     newest = points_json(home, guest_host.name)[-1]
     assert newest["extra"]["boot"]["ok"] is True  # type: ignore[index]
+
+
+def test_the_tcp_check_finds_the_guest_on_a_bridge_and_waits_for_its_port(make_host, guest_image, home) -> None:  # type: ignore[no-untyped-def]
+    """`tcp:PORT` on a bridged VM: the address comes from ARP, the boot is seen when the port answers."""
+    from appliance.lab import _free_subnet
+
+    bridge, subnet = f"brt{secrets.token_hex(2)}", _free_subnet()
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    host = None
+    try:
+        subprocess.run(["ip", "addr", "add", f"{subnet}.1/24", "dev", bridge], check=True)
+        subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+        host = make_host(image=guest_image)
+        guest.write_autorun(host.disk, (
+            f"ip link set eth0 up\nip addr add {subnet}.50/24 dev eth0\n"
+            f"ping -c 3 {subnet}.1 >/dev/null 2>&1\n"  # the appliance learns the guest's address from ARP
+            "sleep 2\nnc -ll -p 8080 -e /bin/true &\n"
+        ))  # fmt: skip
+        assert run_cli(home, "host", "set", host.name, "--boot-check", "tcp:8080", "--vm-memory", "256",
+                       "--vm-network", f"bridge={bridge}").rc == 0  # fmt: skip
+        assert run_cli(home, "backup", host.name).rc == 0
+        r = run_cli(home, "failover", host.name, "--accel", "tcg", "--timeout", "180")
+        assert r.rc == 0, r.out + r.err
+        assert "RTO:" in r.out
+        with socket.create_connection((f"{subnet}.50", 8080), timeout=5):
+            pass
+    finally:
+        if host is not None:
+            run_cli(home, "failover", "stop", host.name)
+        subprocess.run(["ip", "link", "del", bridge], check=False)
