@@ -243,7 +243,7 @@ class Connection:
         """Run argv on the host; it is quoted once here, so no argument is ever read by a shell."""
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
-            raise ConnectionLostError(f"connection to {self.endpoint.label} is closed")
+            raise ConnectionLostError(f"the connection to {self.endpoint.label} is closed")
         try:
             channel = transport.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE)
             channel.in_buffer = _PacketPipe()  # before any data arrives
@@ -266,7 +266,8 @@ class RemoteProcess:
     def _lost(self, exc: BaseException) -> ConnectionLostError:
         if isinstance(exc, TimeoutError | socket.timeout):
             return ConnectionLostError(f"no data from {self._endpoint.label} for {self._endpoint.timeout:.0f} s")
-        return ConnectionLostError(f"connection to {self._endpoint.label} broke: {exc}")
+        reason = str(exc) or ("closed by the other end" if isinstance(exc, EOFError) else type(exc).__name__)
+        return ConnectionLostError(f"the connection to {self._endpoint.label} broke: {reason}")
 
     def write(self, data: bytes | memoryview) -> None:
         try:

@@ -346,6 +346,7 @@ class _Copier:
         with open(theirs_ledger.path, "r+b") as f:
             for theirs_prefixes in self.writer.hash_prefixes(index):
                 f.write(theirs_prefixes)
+            theirs_ledger.complete = f.tell() == theirs_ledger.blocks * ENTRY
         with open(theirs_ledger.path, "rb") as theirs:
             for chunk in read_chunks(self.tools, image, self.run_dir, disk.size, bs):
                 mine = prefixes(chunk.hashes)
@@ -366,6 +367,7 @@ class _Copier:
                             data = bytes([data[0] ^ 0xFF]) + data[1:]
                         self.writer.write(index, chunk.offset + start, data)
                         self.progress.bytes_sent += length
+        mine_ledger.complete = True
 
     def _send_extents(self, files: list[Path]) -> None:
         """Send the clusters each file holds itself (what changed), and flush the target."""
@@ -414,6 +416,8 @@ class _Copier:
         """Every block of every target disk, as the target read it back, against the VM's disk."""
         self._update("verifying the target against the VM's disks")
         for index, (mine, theirs) in enumerate(zip(self.vm_ledgers, self.target_ledgers, strict=True)):
+            if not (mine.complete and theirs.complete):
+                raise FailoverError(f"disk {index} was not compared whole; nothing was removed, run failback again")
             if mine.unknown:  # blocks the last copies covered in part: read them from the stopped VM's disk
                 self._fill_unknown(index, mine)
             count, first = differing_blocks(entries(mine.path), entries(theirs.path))

@@ -42,7 +42,8 @@ class Ledger:
         self.path, self.size, self.block_size = path, size, block_size
         self.blocks = block_count(size, block_size)
         self.unknown: set[int] = set()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.complete = False  # every block set once (a new file reads as zeroes, which prove nothing)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # a killed run's ledger says nothing
         try:
             os.ftruncate(fd, self.blocks * ENTRY)
         finally:

@@ -119,7 +119,7 @@ def test_connection_cut_mid_transfer(make_host, lab: Lab, home: Path) -> None:
     lab.cut(host.name)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == ConnectionLostError.exit_code, err
-    assert "Traceback" not in err and "error: the connection to" in err
+    assert "Traceback" not in err and "error: the connection to" in err and "broke: \n" not in err, err
     _assert_unchanged(home, host.name, before)
     for _ in range(50):  # the reader on the host runs the post hook once it sees the connection gone
         if marks.exists():
