@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -186,32 +187,30 @@ class ImageExport:
             **{"job-id": "dirty", "device": "img", "target": "dst", "sync": "bitmap", "bitmap": bitmap,
                "bitmap-mode": "never", "auto-dismiss": True},
         )  # fmt: skip
-        assert self._qmp is not None
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            try:
-                event = self._qmp.pull_event(wait=1.0)
-            except TimeoutError:
-                continue
-            if event and event.get("event") == "BLOCK_JOB_COMPLETED":
-                error = event.get("data", {}).get("error")
-                self._qmp_cmd("blockdev-del", **{"node-name": "dst"})
-                if error:
-                    raise ImageToolError(f"copying the dirty blocks of {self.image.name} failed: {error}")
-                return
-        raise ImageToolError(f"copying the dirty blocks of {self.image.name} did not finish")
+        event = self._wait_event("BLOCK_JOB_COMPLETED", 3600)
+        if event is None:
+            raise ImageToolError(f"copying the dirty blocks of {self.image.name} did not finish")
+        self._qmp_cmd("blockdev-del", **{"node-name": "dst"})
+        error = event.get("data", {}).get("error")
+        if error:
+            raise ImageToolError(f"copying the dirty blocks of {self.image.name} failed: {error}")
 
     def _wait_export_deleted(self) -> None:
+        if self._wait_event("BLOCK_EXPORT_DELETED", 30) is None:
+            raise ImageToolError(f"the FUSE export of {self.image.name} did not close within 30 s")
+
+    def _wait_event(self, name: str, seconds: float) -> dict[str, Any] | None:
+        """The next QMP event called `name`, or None after `seconds`."""
         assert self._qmp is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
                 event = self._qmp.pull_event(wait=1.0)
             except TimeoutError:
                 continue
-            if event and event.get("event") == "BLOCK_EXPORT_DELETED":
-                return
-        raise ImageToolError(f"the FUSE export of {self.image.name} did not close within 30 s")
+            if event and event.get("event") == name:
+                return dict(event)
+        return None
 
     def _stderr_tail(self) -> str:
         if self._proc is None or self._proc.stderr is None or self._proc.poll() is None:

@@ -61,9 +61,10 @@ class _DiskRecipe:
     guest: bool
 
 
-def _free_index(hosts: list[LabHost]) -> int:
-    """The lowest index no host's link name uses (hosts come and go; link names must not collide)."""
-    used = {int(h.veth[6:]) for h in hosts if h.veth[6:].isdigit()}
+def _free_index(lab_id: str, hosts: list[LabHost]) -> int:
+    """The lowest index no host's link name (ap<lab id><index>) uses: hosts come and go, names must not collide."""
+    indexes = [h.veth.removeprefix(f"ap{lab_id}") for h in hosts]
+    used = {int(i) for i in indexes if i.isdigit()}
     return next(i for i in itertools.count() if i not in used)
 
 
@@ -124,7 +125,7 @@ class Lab:
         for name in names:
             if name in existing:
                 continue
-            host = self._make_host(lab_id, name, _free_index(created), recipe)
+            host = self._make_host(lab_id, name, _free_index(lab_id, created), recipe)
             created.append(host)
             self._save({"id": lab_id, "hosts": [asdict(h) for h in created]})
             log.info("lab.host_up", host=name, address=host.address, disk=host.disk)

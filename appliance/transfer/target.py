@@ -37,12 +37,7 @@ class TargetSession:
     def hash_prefixes(self, disk: int) -> Iterator[bytes]:
         """The target's block hash prefixes (16 bytes each), in chunks, in block order."""
         self.stream.write(b"H" + wire.DISK.pack(disk))
-        while True:
-            tag = self._tag()
-            if tag == b"e":
-                return
-            if tag != b"h":
-                raise ProtocolError(f"unexpected {tag!r} in hashes")
+        while self._more(b"h"):
             (count,) = wire.U32.unpack(self.records.read_exact(wire.U32.size))
             yield bytes(self.records.read_exact(count * wire.PREFIX_LEN))
 
@@ -50,12 +45,7 @@ class TargetSession:
         """(first block, hash prefixes) of every block written since the last hash or read-back of the
         disk, as the target reads them from the disk after an fsync, cache dropped."""
         self.stream.write(b"R" + wire.DISK.pack(disk))
-        while True:
-            tag = self._tag()
-            if tag == b"e":
-                return
-            if tag != b"r":
-                raise ProtocolError(f"unexpected {tag!r} in a read-back")
+        while self._more(b"r"):
             first, count = wire.RUN.unpack(self.records.read_exact(wire.RUN.size))
             yield first, bytes(self.records.read_exact(count * wire.PREFIX_LEN))
 
@@ -88,6 +78,13 @@ class TargetSession:
             failure = self._json()
             raise TargetError(str(failure.get("code")), str(failure.get("message")))
         return tag
+
+    def _more(self, tag: bytes) -> bool:
+        """True for one more `tag` record of a series, False at its end (e)."""
+        got = self._tag()
+        if got not in (tag, b"e"):
+            raise ProtocolError(f"unexpected {got!r} in a series of {tag!r} records")
+        return got == tag
 
     def _expect(self, tag: bytes) -> None:
         got = self._tag()
