@@ -54,6 +54,10 @@ class Host:
     vm_disk_bus: str = "virtio"
     boot_check: str = "screen"  # see domain.recovery.BootCheck
     verify_boot: bool = False  # boot-verify every new point after its backup
+    vm_restart: bool = True  # the daemon restarts a recovery VM that was running when the appliance stopped
+    # Limits on what the host may claim: a larger disk is refused; a job slower than min_rate overall ends.
+    max_disk_size: int = 64 << 40
+    min_rate: int = 1 << 20  # bytes per second, averaged over the whole job
     # Schedule and retention (see domain.retention): 0 means "not set".
     interval: float = 0.0  # seconds between scheduled backups
     keep_last: int = 0

@@ -11,6 +11,7 @@ not the file system, so "the host" reads it by path exactly as a real server rea
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -159,22 +161,24 @@ class Lab:
         index: int,
         recipe: _DiskRecipe,
     ) -> LabHost:
-        subnet = _free_subnet()
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         host = LabHost(
             name=name,
             netns=f"appl-{lab_id}-{name}"[:40],
             veth=f"ap{lab_id}{index}",
-            address=f"{subnet}.2",
-            gateway=f"{subnet}.1",
+            address="",
+            gateway="",
             folder=str(folder),
             disk="",
             image=str(folder / "disk.img"),
             loop=recipe.loop,
         )
         try:
-            self._network(host)
+            with _subnet_lock():  # two labs (two test runs) must never pick the same free subnet
+                subnet = _free_subnet()
+                host.address, host.gateway = f"{subnet}.2", f"{subnet}.1"
+                self._network(host)
             if recipe.guest:
                 guest.build_guest_image(Path(host.image), size=recipe.size)
             elif recipe.image is not None:
@@ -291,6 +295,17 @@ def _require_root() -> None:
 
 def _netns_exists(name: str) -> bool:
     return Path("/run/netns", name).exists()
+
+
+@contextlib.contextmanager
+def _subnet_lock() -> Iterator[None]:
+    """Held from choosing a subnet until its address is on a link, across every lab on this machine."""
+    fd = os.open("/run/appliance-lab.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _free_subnet() -> str:
