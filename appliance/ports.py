@@ -46,9 +46,16 @@ class RemoteShell(Protocol):
 
 
 class ExportedImage(Protocol):
-    """A qcow2 image (through its backing chain) seen as a plain file at `path`."""
+    """A qcow2 image (through its backing chain unless asked otherwise), open for reading or writing.
 
-    path: Path
+    :raises StoreFullError: the appliance's disk is full (write, zero, flush).
+    :raises ImageToolError: any other failure of the image.
+    """
+
+    def read(self, offset: int, length: int) -> bytes: ...  # exactly `length` bytes
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...  # reads as zeroes (a zero cluster, never a hole)
+    def flush(self) -> None: ...  # durable on the appliance's disk
 
 
 class ImageTool(Protocol):
@@ -69,7 +76,6 @@ class ImageTool(Protocol):
     ) -> AbstractContextManager[ExportedImage]: ...
     def own_extents(self, path: Path) -> list[tuple[int, int, bool]]: ...
     def copy_dirty(self, image: Path, bitmaps: list[str], target: Path, run_dir: Path) -> None: ...
-    def zero_range(self, fd: int, offset: int, length: int) -> None: ...
     def unmount_stale(self, path: Path) -> None: ...
 
 

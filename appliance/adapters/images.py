@@ -42,8 +42,5 @@ class QemuImages:
         with qsd.ImageExport(image, run_dir, writable=False, export=False) as daemon:
             daemon.copy_dirty(bitmaps, target)
 
-    def zero_range(self, fd: int, offset: int, length: int) -> None:
-        qsd.zero_range(fd, offset, length)
-
     def unmount_stale(self, path: Path) -> None:
         qsd.unmount_stale(path)

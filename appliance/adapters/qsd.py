@@ -29,7 +29,7 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from appliance.adapters.process import die_with_parent
-from appliance.errors import ImageToolError
+from appliance.errors import ImageToolError, StoreFullError
 from appliance.log import get_logger
 
 log = get_logger(__name__)
@@ -44,7 +44,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-def zero_range(fd: int, offset: int, length: int) -> None:
+def _zero_range(fd: int, offset: int, length: int) -> None:
     """Make a range read as zeroes in the exported image (a zero cluster, never a hole)."""
     if _libc.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
@@ -52,7 +52,8 @@ def zero_range(fd: int, offset: int, length: int) -> None:
 
 
 class ImageExport:
-    """Context manager: `image` exported as the plain file `self.path` while the block is open."""
+    """Context manager: `image` open in qemu-storage-daemon and exported over FUSE as the plain file
+    `self.path`, read and written through the ExportedImage methods while the block is open."""
 
     def __init__(
         self, image: Path, run_dir: Path, *, writable: bool, backing: bool = True, export: bool = True
@@ -67,6 +68,7 @@ class ImageExport:
         self._socket = run_dir / f"qmp-{token}.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        self._fd: int | None = None
 
     def __enter__(self) -> ImageExport:
         self.path.touch(mode=0o600)
@@ -93,11 +95,59 @@ class ImageExport:
                     "writable": self.writable,
                 },
             )
+            self._fd = os.open(self.path, os.O_RDWR if self.writable else os.O_RDONLY)
         except BaseException:
             self._stop()
             raise
         log.debug("qsd.exported", image=str(self.image), writable=self.writable)
         return self
+
+    # -- the ExportedImage port ------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        fd = self._open_fd()
+        try:
+            data = os.pread(fd, length, offset)
+            while len(data) < length:
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    raise ImageToolError(f"{self.image.name} reads short at byte {offset + len(data)}")
+                data += more
+        except OSError as exc:
+            raise self._io_error(exc, "read") from exc
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        fd = self._open_fd()
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            raise self._io_error(exc, "write") from exc
+
+    def zero(self, offset: int, length: int) -> None:
+        try:
+            _zero_range(self._open_fd(), offset, length)
+        except OSError as exc:
+            raise self._io_error(exc, "zero") from exc
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self._open_fd())
+        except OSError as exc:
+            raise self._io_error(exc, "flush") from exc
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ImageToolError(f"{self.image.name} is not exported")
+        return self._fd
+
+    def _io_error(self, exc: OSError, what: str) -> ImageToolError | StoreFullError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFullError(f"the appliance's disk is full while writing {self.image.name}")
+        return ImageToolError(f"cannot {what} {self.image.name}: {exc.strerror or exc}")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -139,6 +189,9 @@ class ImageExport:
         """Close the export and the image. On the clean path every step must succeed: `blockdev-del`
         is QEMU's last flush of the qcow2 metadata, and a point is only kept if it happened."""
         failure: BaseException | None = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._qmp is not None:
             try:
                 if self.export:

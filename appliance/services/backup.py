@@ -2,20 +2,13 @@
 """Capture: one new recovery point of every disk of a host, pulled over SSH.
 
 The flow is one way: the reader on the host (source) -> the wire (transfer) -> new qcow2 overlays
-written through qemu-storage-daemon (store) -> the catalog (chain).
-
-Why a run can be interrupted anywhere and leave the chain exactly as it was:
-  1. everything of the new point is written under hidden `.part` names the catalog never lists;
-  2. the overlays are flushed by QEMU and fsynced, then renamed to their final names;
-  3. only then is the catalog replaced (atomically) with one that lists the point.
-A crash before 3 leaves files that no catalog lists; the next run removes them under the host's lock
-before it starts. A crash after 3 leaves a complete point.
+written through qemu-storage-daemon -> the chain's transaction (store/chains.py), which publishes the
+point atomically: a run interrupted anywhere leaves the chain exactly as it was.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +18,6 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.domain.blocks import HASH_LEN, Carry, block_length, carry_over, zero_hash
-from appliance.domain.chain import Chain
 from appliance.domain.models import DiskPoint, Host, Point, point_id_for, slot_name
 from appliance.errors import (
     ApplianceError,
@@ -39,17 +31,14 @@ from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.image_reader import read_chunks
 from appliance.services.reader_session import ended_early, start_reader
-from appliance.store import catalog, hosts
-from appliance.store.files import fsync_dir, read_json, write_json
+from appliance.store import chains, hosts
+from appliance.store.chains import ChainTx, NewPoint
 from appliance.store.hashes import HashListWriter, iter_chunks
-from appliance.store.layout import Home, hashes_file, partial, point_file
-from appliance.store.lock import HostLock
+from appliance.store.layout import Home
 from appliance.transfer import protocol
 from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, Progress, RemoteFailure, ZeroRun
 
 log = get_logger(__name__)
-
-INTENT = "publishing.json"  # the files an unfinished publication renamed into place
 
 
 @dataclass(slots=True)
@@ -76,136 +65,54 @@ def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None 
     :raises RemoteError, StoreFullError, ImageToolError: the point was not taken; the chain is unchanged.
     """
     host = hosts.load(home, name)
-    return _append_point(home, tools, host, "backup", lambda chain: _Capture(home, tools, host, chain, progress))
+    with chains.open(home, tools.images, name, "backup") as tx:
+        return _record(tx, _Capture(tx, tools, host, progress), "backup")
 
 
-def import_point(home: Home, tools: Tools, name: str, sources: list[tuple[str, Path, int]], origin: str) -> Point:
+def import_point(tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str, Path, int]], origin: str) -> Point:
     """Append a point whose disks are local qcow2 images, e.g. a recovery VM's final state after failback.
 
-    `sources`: (the disk's path on the host, the image, its size) in the host's disk order. Only blocks
-    that differ from the newest point are written, exactly as a backup would write them.
+    The caller holds the host's chain. `sources`: (the disk's path on the host, the image, its size) in
+    the host's disk order. Only blocks that differ from the newest point are written, exactly as a
+    backup would write them.
     """
-    host = hosts.load(home, name)
-    return _append_point(
-        home, tools, host, "failback", lambda chain: _Import(home, tools, host, chain, sources, origin), wait=60.0
-    )
+    return _record(tx, _Import(tx, tools, host, sources, origin), "failback")
 
 
 class _PointWriter(Protocol):
+    draft: NewPoint
+
     def run(self, started: float) -> Point: ...
-    def discard_partial(self) -> None: ...
 
 
-def _append_point(
-    home: Home, tools: Tools, host: Host, purpose: str, make: Callable[[Chain], _PointWriter], wait: float = 0.0
-) -> Point:
-    """Write a new point under the host's lock and list it last: see the module doc for why it is atomic."""
-    name = host.name
-    chain_dir = home.chain_dir(name)
-    with HostLock(chain_dir / "lock", name, purpose, wait=wait):
-        chain = catalog.load(chain_dir, name)
-        remove_leftovers(home, tools, chain)
-        log.info("backup.started", host=name, previous=chain.newest.id if chain.newest else None, purpose=purpose)
-        started = time.monotonic()
-        writer = make(chain)
-        try:
-            point = writer.run(started)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFullError(f"the appliance's disk is full while writing {name}'s new point") from exc
-            raise
-        finally:
-            writer.discard_partial()
-        checkpoint("capture.before_catalog")
-        catalog.save(chain_dir, chain.appended(point))
-        checkpoint("capture.after_catalog")
-        (chain_dir / INTENT).unlink()
-        _drop_old_hash_lists(chain_dir, chain.appended(point))
-        log.info(
-            "point.created",
-            host=name,
-            point=point.id,
-            depth=len(chain.points) + 1,
-            seconds=round(point.seconds, 2),
-            changed=point.changed_bytes,
-            sent=point.sent_bytes,
-            wire=point.wire_bytes,
-            purpose=purpose,
-        )
-        return point
-
-
-def remove_leftovers(home: Home, tools: Tools, chain: Chain) -> None:
-    """Delete what an interrupted run left behind. The caller holds the host's lock.
-
-    Safe by construction: `.part` files are never listed; hash lists of listed points other than the
-    newest are no longer needed; and an unlisted point file is removed only if the publishing intent of
-    an interrupted run names it. Any other unlisted point file (say, the catalog was lost) is refused:
-    recovery points are never deleted on a guess.
-    """
-    run_dir = home.run_dir / chain.host
-    if run_dir.exists():
-        for entry in run_dir.iterdir():
-            tools.images.unmount_stale(entry)
-            entry.unlink(missing_ok=True)
-    chain_dir = home.chain_dir(chain.host)
-    if not chain_dir.exists():
-        return
-    intent_path = chain_dir / INTENT
-    intent = read_json(intent_path) if intent_path.exists() else {"point": None, "files": []}
-    published = set() if intent["point"] in chain.ids() else set(intent["files"])
-    listed = chain.referenced_files()
-    newest = chain.newest
-    needed_hashes = {hashes_file(d.slot, newest.id) for d in newest.disks} if newest else set()
-    doomed, strangers = [], []
-    for folder in (f for f in chain_dir.iterdir() if f.is_dir()):
-        for f in folder.iterdir():
-            relative = f"{folder.name}/{f.name}"
-            if _is_leftover(relative, published, needed_hashes):
-                doomed.append(f)
-            elif f.name.endswith(".qcow2") and relative not in listed:
-                strangers.append(relative)
-    if strangers:
-        raise ChainCorruptError(
-            f"{chain.host}: {len(strangers)} point files are not in the catalog ({', '.join(sorted(strangers)[:3])}"
-            f"{', ...' if len(strangers) > 3 else ''}); not touching them",
-            hint=f"the catalog {chain_dir / catalog.NAME} may have been lost or replaced; restore it from a copy",
-        )
-    for f in doomed:
-        log.info("store.leftover_removed", host=chain.host, file=f"{f.parent.name}/{f.name}")
-        f.unlink()
-    intent_path.unlink(missing_ok=True)
-
-
-def _is_leftover(relative: str, published: set[str], needed_hashes: set[str]) -> bool:
-    """Partial files, files an unfinished publication renamed, hash lists nothing compares to any more."""
-    name = relative.rpartition("/")[2]
-    return (
-        name.endswith(".part") or relative in published or (name.endswith(".hashes") and relative not in needed_hashes)
-    )
-
-
-def _drop_old_hash_lists(chain_dir: Path, chain: Chain) -> None:
-    """Only the newest point's hash lists are needed (the next incremental compares to them)."""
-    for p in chain.points[:-1]:
-        for d in p.disks:
-            (chain_dir / hashes_file(d.slot, p.id)).unlink(missing_ok=True)
+def _record(tx: ChainTx, writer: _PointWriter, purpose: str) -> Point:
+    """Write a new point and publish it last in the chain."""
+    previous = tx.chain.newest
+    log.info("backup.started", host=tx.host, previous=previous.id if previous else None, purpose=purpose)
+    try:
+        point = writer.run(time.monotonic())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFullError(f"the appliance's disk is full while writing {tx.host}'s new point") from exc
+        raise
+    tx.publish(writer.draft, point)
+    log.info("point.created", host=tx.host, point=point.id, depth=len(tx.chain.points), seconds=round(point.seconds, 2),
+             changed=point.changed_bytes, sent=point.sent_bytes, wire=point.wire_bytes, purpose=purpose)  # fmt: skip
+    return point
 
 
 class _Capture:
     """One run of the reader on the host and the writes it causes on the appliance."""
 
-    def __init__(self, home: Home, tools: Tools, host: Host, chain: Chain, progress: ProgressFn | None = None) -> None:
-        self.home = home
+    def __init__(self, tx: ChainTx, tools: Tools, host: Host, progress: ProgressFn | None = None) -> None:
+        self.tx = tx
         self.tools = tools
         self.host = host
-        self.chain = chain
-        self.chain_dir = home.chain_dir(host.name)
+        self.chain = tx.chain
         self.progress_fn = progress or (lambda _: None)
         self.progress = BackupProgress()
-        self.point_id = point_id_for(datetime.now(UTC), chain.ids())
         self.created = datetime.now(UTC)
-        self._partials: list[Path] = []
+        self.draft = tx.new_point(point_id_for(self.created, self.chain.ids()))
         self._sender_error: BaseException | None = None
 
     # -- the run --------------------------------------------------------------------------------------
@@ -218,9 +125,8 @@ class _Capture:
             except BaseException:
                 stream.abort()
                 raise
-        self._publish()
         return Point(
-            id=self.point_id,
+            id=self.draft.id,
             created=self.created,
             seconds=time.monotonic() - started,
             disks=tuple(disks),
@@ -290,27 +196,23 @@ class _Capture:
     def _plan_disk(self, index: int, size: int, block_size: int, previous: Point | None) -> _DiskPlan:
         slot = slot_name(index)
         prev_disk = None
+        prev_hashes = None
         if previous is not None and any(d.slot == slot for d in previous.disks):
             prev_disk = previous.disk(slot)
-        relative = point_file(slot, self.point_id)
-        (self.chain_dir / slot).mkdir(parents=True, exist_ok=True, mode=0o700)
-        image = self.chain_dir / partial(relative)
-        hash_path = self.chain_dir / partial(hashes_file(slot, self.point_id))
-        self._partials += [image, hash_path]
-        prev_hashes = None
-        if prev_disk is not None:
-            prev_hashes = self.chain_dir / hashes_file(slot, previous.id)  # type: ignore[union-attr]
+            prev_hashes = self.tx.hash_list(previous.id, slot)
             if not prev_hashes.exists():
                 raise ChainCorruptError(
-                    f"{self.host.name}: the block hash list of point {previous.id} ({slot}) is missing",  # type: ignore[union-attr]
+                    f"{self.host.name}: the block hash list of point {previous.id} ({slot}) is missing",
                     hint=f"run `appliance verify {self.host.name} --repair` to rebuild it from the point",
                 )
+        files = self.draft.disk(slot)
         carry = carry_over(prev_disk.size if prev_disk else None, size, block_size)
         backing = Path(prev_disk.file).name if prev_disk else None
         # Clusters no larger than a block (see DEFAULT_BLOCK_SIZE).
-        self.tools.images.create(image, size, backing, cluster_size=min(block_size, 65536))
+        self.tools.images.create(files.image, size, backing, cluster_size=min(block_size, 65536))
         checkpoint("capture.created")
-        return _DiskPlan(slot, relative, image, hash_path, size, block_size, carry, prev_disk, prev_hashes)
+        return _DiskPlan(slot, files.relative, files.image, files.hashes, size, block_size, carry, prev_disk,
+                         prev_hashes)  # fmt: skip
 
     def _send_old_hashes(self, stream: RemoteStream, plans: list[_DiskPlan]) -> None:
         try:
@@ -335,34 +237,30 @@ class _Capture:
         changed = sent = 0
         done_before = self.progress.read
         try:
-            with self.tools.images.export(plan.image, self.home.run_dir / self.host.name, writable=True) as exported:
-                fd = os.open(exported.path, os.O_WRONLY)
-                try:
-                    while True:
-                        record = self._next(records, stream)
-                        if isinstance(record, DataRun):
-                            checkpoint("capture.data")
-                            os.pwrite(fd, record.data, record.first * plan.block_size)
-                            hashes.set(record.first, record.hashes)
-                            changed += len(record.data)
-                            sent += len(record.data)
-                        elif isinstance(record, ZeroRun):
-                            offset = record.first * plan.block_size
-                            length = min(record.count * plan.block_size, plan.size - offset)
-                            self.tools.images.zero_range(fd, offset, length)
-                            hashes.set_zero(record.first, record.count)
-                            changed += length
-                        elif isinstance(record, Progress):
-                            self._report(done_before + record.read, stream)
-                        elif isinstance(record, DiskEnd):
-                            end = record
-                            break
-                        else:
-                            raise RemoteCommandError(f"{self.host.name}: unexpected {type(record).__name__} record")
-                    os.fsync(fd)
-                    checkpoint("capture.written")
-                finally:
-                    os.close(fd)
+            with self.tools.images.export(plan.image, self.tx.run_dir, writable=True) as exported:
+                while True:
+                    record = self._next(records, stream)
+                    if isinstance(record, DataRun):
+                        checkpoint("capture.data")
+                        exported.write(record.first * plan.block_size, record.data)
+                        hashes.set(record.first, record.hashes)
+                        changed += len(record.data)
+                        sent += len(record.data)
+                    elif isinstance(record, ZeroRun):
+                        offset = record.first * plan.block_size
+                        length = min(record.count * plan.block_size, plan.size - offset)
+                        exported.zero(offset, length)
+                        hashes.set_zero(record.first, record.count)
+                        changed += length
+                    elif isinstance(record, Progress):
+                        self._report(done_before + record.read, stream)
+                    elif isinstance(record, DiskEnd):
+                        end = record
+                        break
+                    else:
+                        raise RemoteCommandError(f"{self.host.name}: unexpected {type(record).__name__} record")
+                exported.flush()
+                checkpoint("capture.written")
             checkpoint("capture.export_closed")
             digest = hashes.finish()
         except BaseException:
@@ -391,35 +289,6 @@ class _Capture:
         self.progress.received = stream.bytes_received
         self.progress_fn(self.progress)
 
-    # -- making it visible ----------------------------------------------------------------------------
-
-    def _publish(self) -> None:
-        """fsync every new file, record the intent, rename each into place; the caller then writes the
-        catalog. The intent names the files being published, so that after a crash between the renames
-        and the catalog the next run knows these unlisted files are its own to remove, and nothing else."""
-        for path in self._partials:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        final = [path.with_name(path.name[1 : -len(".part")]) for path in self._partials]
-        write_json(
-            self.chain_dir / INTENT, {"point": self.point_id, "files": [f"{p.parent.name}/{p.name}" for p in final]}
-        )
-        checkpoint("capture.before_rename")
-        for path in self._partials:
-            os.rename(path, path.with_name(path.name[1 : -len(".part")]))
-            checkpoint("capture.renaming")
-        for folder in {p.parent for p in self._partials}:
-            fsync_dir(folder)
-        self._partials = []
-
-    def discard_partial(self) -> None:
-        for path in self._partials:
-            path.unlink(missing_ok=True)
-        self._partials = []
-
 
 @dataclass(frozen=True, slots=True)
 class _DiskPlan:
@@ -445,9 +314,9 @@ class _Import(_Capture):
     """A point from local images instead of a host: same plan, same writes, same publication."""
 
     def __init__(
-        self, home: Home, tools: Tools, host: Host, chain: Chain, sources: list[tuple[str, Path, int]], origin: str
+        self, tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str, Path, int]], origin: str
     ) -> None:
-        super().__init__(home, tools, host, chain)
+        super().__init__(tx, tools, host)
         self.sources = sources
         self.origin = origin
 
@@ -457,9 +326,8 @@ class _Import(_Capture):
         for index, (source, image, size) in enumerate(self.sources):
             plan = self._plan_disk(index, size, self._block_size(slot_name(index)), previous)
             disks.append(self._import_disk(plan, source, image))
-        self._publish()
         return Point(
-            id=self.point_id, created=self.created, seconds=time.monotonic() - started, disks=tuple(disks),
+            id=self.draft.id, created=self.created, seconds=time.monotonic() - started, disks=tuple(disks),
             extra={"origin": self.origin},
         )  # fmt: skip
 
@@ -468,28 +336,24 @@ class _Import(_Capture):
         old = _OldHashes(plan)
         changed = 0
         bs = plan.block_size
-        run_dir = self.home.run_dir / self.host.name
+        run_dir = self.tx.run_dir
         try:
             with self.tools.images.export(plan.image, run_dir, writable=True) as exported:
-                fd = os.open(exported.path, os.O_WRONLY)
-                try:
-                    for chunk in read_chunks(self.tools, image, run_dir, plan.size, bs):
-                        first = chunk.offset // bs
-                        for j in range(len(chunk.hashes) // HASH_LEN):
-                            h = chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
-                            if old.get(first + j) == h:
-                                continue
-                            start = j * bs
-                            length = min(bs, chunk.length - start)
-                            if chunk.data is None or h == zero_hash(length):
-                                self.tools.images.zero_range(fd, chunk.offset + start, length)
-                            else:
-                                os.pwrite(fd, chunk.data[start : start + length], chunk.offset + start)
-                            hashes.set(first + j, h)
-                            changed += length
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                for chunk in read_chunks(self.tools, image, run_dir, plan.size, bs):
+                    first = chunk.offset // bs
+                    for j in range(len(chunk.hashes) // HASH_LEN):
+                        h = chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
+                        if old.get(first + j) == h:
+                            continue
+                        start = j * bs
+                        length = min(bs, chunk.length - start)
+                        if chunk.data is None or h == zero_hash(length):
+                            exported.zero(chunk.offset + start, length)
+                        else:
+                            exported.write(chunk.offset + start, chunk.data[start : start + length])
+                        hashes.set(first + j, h)
+                        changed += length
+                exported.flush()
             digest = hashes.finish()
         except BaseException:
             hashes.discard()

@@ -27,8 +27,6 @@ on matching digests.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,10 +45,11 @@ from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import import_point
 from appliance.services.hosts import ConfirmKey, pin_host_key
-from appliance.services.image_reader import pread_exact, read_chunks
-from appliance.store import catalog, hosts, recovery
-from appliance.store.files import private_dir, read_json, write_json
-from appliance.store.layout import Home, hashes_file
+from appliance.services.image_reader import read_chunks
+from appliance.store import chains, hosts, recovery
+from appliance.store import failback as records
+from appliance.store.chains import ChainTx
+from appliance.store.layout import Home
 from appliance.store.ledger import ENTRY, Ledger, differing_blocks, entries, prefixes
 from appliance.transfer.target import TargetError, TargetSession
 
@@ -84,23 +83,15 @@ class Progress:
 
 
 def status(home: Home, name: str) -> Progress | None:
-    path = _state_path(home, name)
-    return Progress(**read_json(path)) if path.exists() else None
+    doc = records.load_progress(home, name)
+    return Progress(**doc) if doc is not None else None
 
 
 def request_cutover(home: Home, name: str) -> None:
     """`failback HOST --cutover now`: the running failback cuts over after its current pass."""
     if status(home, name) is None:
         raise FailoverError(f"no failback of {name} is under way", hint="start one with `appliance failback`")
-    _cutover_flag(home, name).touch()
-
-
-def _state_path(home: Home, name: str) -> Path:
-    return home.root / "failback" / f"{name}.json"
-
-
-def _cutover_flag(home: Home, name: str) -> Path:
-    return home.root / "failback" / f"{name}.cutover"
+    records.request_cutover(home, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,22 +112,34 @@ def fail_back(
     """
     started = time.monotonic()
     host = hosts.load(home, name)
-    vm = recovery.load(home, name)
-    if vm is None:
-        raise FailoverError(f"{name} has no recovery VM to fail back", hint="`appliance failover status` lists them")
-    chain = catalog.load(home.chain_dir(name), name)
-    point = chain.find(vm.point)
-    private_dir(home.root / "failback")
-    target = _target(home, tools, host, point, to, mapping, key, fingerprint, trust_first_use, confirm)
-    progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
-    _cutover_flag(home, name).unlink(missing_ok=True)
-    work = private_dir(home.failover_dir(name) / "failback")
+    # The host's lock for the whole failback: no backup, verification or merge of this host meanwhile
+    # (their leftover removal would unmount this job's exports), and the final point is added under it.
+    with chains.open(home, tools.images, name, "failback", wait=30.0) as tx:
+        vm = recovery.load(home, name)
+        if vm is None:
+            raise FailoverError(f"{name} has no recovery VM to fail back",
+                                hint="`appliance failover status` lists them")  # fmt: skip
+        point = tx.chain.find(vm.point)
+        target = _target(home, tools, host, point, to, mapping, key, fingerprint, trust_first_use, confirm)
+        progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
+        records.clear_cutover(home, name)
+        try:
+            return _run(tx, tools, host, vm, point, target, progress, cutover, shutdown_timeout, full_proof, started,
+                        say)  # fmt: skip
+        finally:
+            records.remove_work(home, name)
+
+
+def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, target: Target, progress: Progress,
+         cutover: str, shutdown_timeout: float, full_proof: bool, started: float, say: Say) -> Progress:  # fmt: skip
+    home, name = tx.home, host.name
+    work = records.work_dir(home, name)
     try:
         with tools.remote.connect(target.host) as session:
             session_stream = _start_writer(session, target.host)
             writer = TargetSession(session_stream)
             _open_target(writer, target, point, name)
-            copier = _Copier(home, tools, vm, point, writer, progress, work, say)
+            copier = _Copier(tx, tools, vm, point, writer, progress, work, say)
             if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
                 tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
             if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).running:
@@ -148,10 +151,10 @@ def fail_back(
         progress.phase = "recording the final state as a recovery point"
         _save(home, progress)
         new_point = import_point(
-            home, tools, name, [(d.source, Path(o), d.size) for d, o in zip(point.disks, vm.overlays, strict=True)],
+            tx, tools, host, [(d.source, Path(o), d.size) for d, o in zip(point.disks, vm.overlays, strict=True)],
             origin=f"failback of {vm.name} to {target.host.target}",
         )  # fmt: skip
-        copier.cross_check(home.chain_dir(name), new_point)
+        copier.cross_check(new_point)
         tools.hypervisor.remove(vm.name)
         recovery.remove(home, name)
         progress.point = new_point.id
@@ -172,13 +175,13 @@ def fail_back(
     except EOFError as exc:
         progress.phase, progress.error = "failed (run failback again to resume)", "connection lost"
         _save(home, progress)
-        raise ConnectionLostError(f"the connection to {to} broke during the failback; run it again to resume") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        raise ConnectionLostError(
+            f"the connection to {target.host.target} broke during the failback; run it again to resume"
+        ) from exc
 
 
 def _save(home: Home, progress: Progress) -> None:
-    write_json(_state_path(home, progress.host), asdict(progress))
+    records.save_progress(home, progress.host, asdict(progress))
 
 
 def _target(home: Home, tools: Tools, host: Host, point: Point, to: str, mapping: Sequence[str], key: Path | None,
@@ -200,22 +203,18 @@ def _target(home: Home, tools: Tools, host: Host, point: Point, to: str, mapping
     pinned = _pinned_target_key(home, host.name, address, port)
     if pinned is None or fingerprint or trust:
         pinned = pin_host_key(tools, address, port, fingerprint=fingerprint, trust_first_use=trust, confirm=confirm)
-        write_json(home.root / "failback" / f"{host.name}.target-key.json",
-                   {"address": address, "port": port, **asdict(pinned)})  # fmt: skip
-    key_file = host.key_file if key is None else hosts.install_key(home, f"{host.name}.failback", key)
+        records.save_target_key(home, host.name, address, port, pinned)
+    key_file = host.key_file if key is None else hosts.install_key(home, host.name, key, failback=True)
     target_host = replace(host, address=address, port=port, user=user, host_key=pinned, key_file=key_file)
     return Target(target_host, tuple(paths[i] for i in range(len(point.disks))))
 
 
 def _pinned_target_key(home: Home, name: str, address: str, port: int) -> HostKey | None:
     """A key pinned by an earlier run of this failback (for resuming without asking again)."""
-    path = home.root / "failback" / f"{name}.target-key.json"
-    if not path.exists():
+    pinned = records.load_target_key(home, name)
+    if pinned is None or pinned[:2] != (address, port):
         return None
-    doc = read_json(path)
-    if doc.get("address") != address or doc.get("port") != port:
-        return None
-    return HostKey(doc["key_type"], doc["base64"], doc["fingerprint"])
+    return pinned[2]
 
 
 def _start_writer(session: Any, host: Host) -> RemoteStream:
@@ -237,11 +236,11 @@ def _open_target(writer: TargetSession, target: Target, point: Point, name: str)
 
 
 class _Copier:
-    def __init__(self, home: Home, tools: Tools, vm: RecoveryVm, point: Point, writer: TargetSession,
+    def __init__(self, tx: ChainTx, tools: Tools, vm: RecoveryVm, point: Point, writer: TargetSession,
                  progress: Progress, work: Path, say: Say) -> None:  # fmt: skip
-        self.home, self.tools, self.vm, self.point = home, tools, vm, point
+        self.tx, self.home, self.tools, self.vm, self.point = tx, tx.home, tools, vm, point
         self.writer, self.progress, self.work, self.say = writer, progress, work, say
-        self.run_dir = home.run_dir / vm.host
+        self.run_dir = tx.run_dir
         self.checkpoints: list[str] = []  # in the order they were made
         self.downtime_started = 0.0
         disks = point.disks
@@ -273,7 +272,7 @@ class _Copier:
             dirty = sum(length for f in files for _, length, _ in self.tools.images.own_extents(f))
             self.progress.dirty_bytes = dirty
             small = dirty <= SMALL_ENOUGH or self.progress.passes >= MAX_PASSES
-            ready = _cutover_flag(self.home, self.vm.host).exists() if cutover == "manual" else small
+            ready = records.cutover_requested(self.home, self.vm.host) if cutover == "manual" else small
             if ready:  # left for the cutover, which sends everything since the last sent checkpoint once
                 for f in files:
                     f.unlink()
@@ -343,30 +342,26 @@ class _Copier:
         disk = self.point.disks[index]
         bs = disk.block_size
         theirs_ledger, mine_ledger = self.target_ledgers[index], self.vm_ledgers[index]
-        with open(theirs_ledger.path, "r+b") as f:
-            for theirs_prefixes in self.writer.hash_prefixes(index):
-                f.write(theirs_prefixes)
-            theirs_ledger.complete = f.tell() == theirs_ledger.blocks * ENTRY
-        with open(theirs_ledger.path, "rb") as theirs:
-            for chunk in read_chunks(self.tools, image, self.run_dir, disk.size, bs):
-                mine = prefixes(chunk.hashes)
-                mine_ledger.set_entries(chunk.offset // bs, mine)
-                held = theirs.read(len(mine))
-                if held == mine:
+        theirs_ledger.fill(self.writer.hash_prefixes(index))
+        for chunk in read_chunks(self.tools, image, self.run_dir, disk.size, bs):
+            mine = prefixes(chunk.hashes)
+            mine_ledger.set_entries(chunk.offset // bs, mine)
+            held = theirs_ledger.get_entries(chunk.offset // bs, len(mine) // ENTRY)
+            if held == mine:
+                continue
+            for j in range(len(mine) // ENTRY):
+                if mine[j * ENTRY : (j + 1) * ENTRY] == held[j * ENTRY : (j + 1) * ENTRY]:
                     continue
-                for j in range(len(mine) // ENTRY):
-                    if mine[j * ENTRY : (j + 1) * ENTRY] == held[j * ENTRY : (j + 1) * ENTRY]:
-                        continue
-                    start = j * bs
-                    length = min(bs, chunk.length - start)
-                    if chunk.data is None or chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN] == zero_hash(length):
-                        self.writer.zeroes(index, chunk.offset + start, length)
-                    else:
-                        data = chunk.data[start : start + length]
-                        if fault("failback.bad_write"):  # as a failing disk or link on the target's side
-                            data = bytes([data[0] ^ 0xFF]) + data[1:]
-                        self.writer.write(index, chunk.offset + start, data)
-                        self.progress.bytes_sent += length
+                start = j * bs
+                length = min(bs, chunk.length - start)
+                if chunk.data is None or chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN] == zero_hash(length):
+                    self.writer.zeroes(index, chunk.offset + start, length)
+                else:
+                    data = chunk.data[start : start + length]
+                    if fault("failback.bad_write"):  # as a failing disk or link on the target's side
+                        data = bytes([data[0] ^ 0xFF]) + data[1:]
+                    self.writer.write(index, chunk.offset + start, data)
+                    self.progress.bytes_sent += length
         mine_ledger.complete = True
 
     def _send_extents(self, files: list[Path]) -> None:
@@ -376,26 +371,21 @@ class _Copier:
             size = self.point.disks[index].size
             extents = self.tools.images.own_extents(image)
             with self.tools.images.export(image, self.run_dir, writable=False, backing=False) as exported:
-                fd = os.open(exported.path, os.O_RDONLY)
-                try:
-                    for start, length, zero in extents:
-                        length = min(length, size - start)
-                        if length <= 0:
-                            continue
-                        if not zero and fault("failback.missed_write"):  # as if QEMU's bitmap missed it
-                            continue
-                        if zero:
-                            self.writer.zeroes(index, start, length)
-                            self.vm_ledgers[index].record_zeroes(start, length)
-                            continue
-                        for off in range(start, start + length, 4 << 20):
-                            n = min(4 << 20, start + length - off)
-                            data = os.pread(fd, n, off)
-                            self.writer.write(index, off, data)
-                            self.vm_ledgers[index].record_data(off, data)
-                            sent += n
-                finally:
-                    os.close(fd)
+                for start, length, zero in extents:
+                    length = min(length, size - start)
+                    if length <= 0:
+                        continue
+                    if not zero and fault("failback.missed_write"):  # as if QEMU's bitmap missed it
+                        continue
+                    if zero:
+                        self.writer.zeroes(index, start, length)
+                        self.vm_ledgers[index].record_zeroes(start, length)
+                        continue
+                    for off in range(start, start + length, 4 << 20):
+                        data = exported.read(off, min(4 << 20, start + length - off))
+                        self.writer.write(index, off, data)
+                        self.vm_ledgers[index].record_data(off, data)
+                        sent += len(data)
             image.unlink()
         self._flush_and_read_back()
         self.progress.bytes_sent += sent
@@ -432,13 +422,9 @@ class _Copier:
     def _fill_unknown(self, index: int, ledger: Ledger) -> None:
         bs = ledger.block_size
         with self.tools.images.export(Path(self.vm.overlays[index]), self.run_dir, writable=False) as exported:
-            fd = os.open(exported.path, os.O_RDONLY)
-            try:
-                for block in sorted(ledger.unknown):
-                    length = min(bs, ledger.size - block * bs)
-                    ledger.record_data(block * bs, pread_exact(fd, length, block * bs))
-            finally:
-                os.close(fd)
+            for block in sorted(ledger.unknown):
+                length = min(bs, ledger.size - block * bs)
+                ledger.record_data(block * bs, exported.read(block * bs, length))
 
     def prove_full(self) -> None:
         """Digests of both whole disks, both sides read at once: the same proof, without the ledgers."""
@@ -461,11 +447,11 @@ class _Copier:
         self.progress.downtime_seconds = round(time.monotonic() - self.downtime_started, 2)
         self.say(f"verified: every target disk matches the VM's; downtime {self.progress.downtime_seconds:.1f} s")
 
-    def cross_check(self, chain_dir: Path, point: Point) -> None:
+    def cross_check(self, point: Point) -> None:
         """The new point was read from the whole VM disk: it must hold what the ledgers say was sent."""
         for index, disk in enumerate(point.disks):
             count, first = differing_blocks(
-                entries(self.vm_ledgers[index].path), entries(chain_dir / hashes_file(disk.slot, point.id), HASH_LEN)
+                entries(self.vm_ledgers[index].path), entries(self.tx.hash_list(point.id, disk.slot), HASH_LEN)
             )
             if count:
                 raise FailoverError(

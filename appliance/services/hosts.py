@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from appliance.ports import Tools
 from appliance.services.reader_session import ended_early, start_reader
 from appliance.store import hosts
 from appliance.store.layout import Home
-from appliance.store.lock import HostLock
 from appliance.transfer import protocol
 
 log = get_logger(__name__)
@@ -144,15 +142,10 @@ def set_host(home: Home, tools: Tools, name: str, **changes: object) -> Host:
 
 
 def remove_host(home: Home, name: str, *, purge: bool) -> None:
-    """Forget a host; with `purge`, delete its chain too (under its lock, so never under a running job)."""
+    """Forget a host; with `purge`, delete every file of it too (refused while a job runs or a point is in use)."""
     hosts.load(home, name)
     if purge:
-        chain_dir = home.chain_dir(name)
-        with HostLock(chain_dir / "lock", name, "purge"):
-            for path in sorted(chain_dir.rglob("*"), reverse=True):
-                if path.name != "lock":
-                    path.rmdir() if path.is_dir() else path.unlink()
-        shutil.rmtree(chain_dir, ignore_errors=True)
+        hosts.purge(home, name)
     hosts.remove(home, name)
     log.info("host.removed", host=name, purged=purge)
 

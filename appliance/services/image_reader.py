@@ -8,13 +8,11 @@ reports as zero are not read: their hashes are known.
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.domain.blocks import block_count, block_hashes, zero_hash
-from appliance.errors import ApplianceError
 from appliance.ports import Tools
 
 READ_CHUNK = 4 << 20
@@ -32,27 +30,13 @@ def read_chunks(tools: Tools, image: Path, run_dir: Path, size: int, block_size:
     """Every READ_CHUNK of the image's first `size` bytes, in order."""
     zero = _merged(tools.images.map_zero_extents(image))
     with tools.images.export(image, run_dir, writable=False) as exported:
-        fd = os.open(exported.path, os.O_RDONLY)
-        try:
-            for offset in range(0, size, READ_CHUNK):
-                length = min(READ_CHUNK, size - offset)
-                if _covered(zero, offset, length):
-                    yield Chunk(offset, length, None, zero_hashes(offset, length, size, block_size))
-                else:
-                    data = pread_exact(fd, length, offset)
-                    yield Chunk(offset, length, data, block_hashes(data, block_size))
-        finally:
-            os.close(fd)
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise ApplianceError(f"image reads short at byte {offset + len(data)}")
-        data += more
-    return data
+        for offset in range(0, size, READ_CHUNK):
+            length = min(READ_CHUNK, size - offset)
+            if _covered(zero, offset, length):
+                yield Chunk(offset, length, None, zero_hashes(offset, length, size, block_size))
+            else:
+                data = exported.read(offset, length)
+                yield Chunk(offset, length, data, block_hashes(data, block_size))
 
 
 def _merged(extents: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -14,18 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.domain.blocks import DiskDigest
-from appliance.domain.chain import Chain
 from appliance.domain.models import DiskPoint, Point, Verification
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
 from appliance.ports import Tools
-from appliance.services.backup import remove_leftovers
 from appliance.services.image_reader import read_chunks
-from appliance.store import catalog, hosts
-from appliance.store.files import write_atomic
+from appliance.store import chains, hosts
+from appliance.store.chains import ChainTx
 from appliance.store.hashes import digest_of
-from appliance.store.layout import Home, hashes_file
-from appliance.store.lock import HostLock
+from appliance.store.layout import Home
 
 log = get_logger(__name__)
 
@@ -63,44 +60,32 @@ def verify_chain(
 
     `repair` rebuilds the newest point's block hash list from the point if it is missing or damaged.
     """
-    chain_dir = home.chain_dir(name)
     hosts.load(home, name)  # an unknown host is an error, not an empty chain
-    with HostLock(chain_dir / "lock", name, "verify", wait=5.0):
-        chain = catalog.load(chain_dir, name)
-        remove_leftovers(home, tools, chain)
-        targets = [chain.find(point_ref)] if point_ref else list(chain.points)
+    with chains.open(home, tools.images, name, "verify", wait=5.0) as tx:
+        targets = [tx.chain.find(point_ref)] if point_ref else list(tx.chain.points)
         results = []
         for point in targets:
-            check = _check_point(home, tools, chain, point, repair=repair)
+            check = _check_point(tx, tools, point, repair=repair)
             results.append(check)
-            chain = chain.with_point(point.verified(Verification(datetime.now(UTC), check.ok, check.summary)))
-            catalog.save(chain_dir, chain)
+            tx.record(point.verified(Verification(datetime.now(UTC), check.ok, check.summary)))
             log.info("point.verified", host=name, point=point.id, ok=check.ok, detail=check.summary)
             if on_point:
                 on_point(check)
         return results
 
 
-def _check_point(home: Home, tools: Tools, chain: Chain, point: Point, *, repair: bool) -> PointCheck:
-    chain_dir = home.chain_dir(chain.host)
+def _check_point(tx: ChainTx, tools: Tools, point: Point, *, repair: bool) -> PointCheck:
+    chain = tx.chain
     upto = chain.points[: chain.index(point.id) + 1]
     checks = []
     for disk in point.disks:
         check = DiskCheck(disk.slot)
         expected = [p.disk(disk.slot).file for p in reversed(upto) if any(d.slot == disk.slot for d in p.disks)]
         try:
-            _check_structure(tools, chain_dir, expected, check)
+            _check_structure(tools, tx.dir, expected, check)
             if not check.problems:
-                is_newest = point is chain.newest
                 _check_content(
-                    tools,
-                    chain_dir,
-                    home.run_dir / chain.host,
-                    point,
-                    disk,
-                    check,
-                    rebuild_hashes=is_newest,
-                    repair=repair,
+                    tx, tools, point, disk, check, rebuild_hashes=point.id == chain.points[-1].id, repair=repair
                 )
         except ApplianceError as exc:
             check.problems.append(exc.message)
@@ -133,21 +118,12 @@ def _names(paths: list[str]) -> str:
     return " <- ".join(Path(p).name for p in reversed(paths))
 
 
-def _check_content(
-    tools: Tools,
-    chain_dir: Path,
-    run_dir: Path,
-    point: Point,
-    disk: DiskPoint,
-    check: DiskCheck,
-    *,
-    rebuild_hashes: bool,
-    repair: bool,
-) -> None:
-    list_path = chain_dir / hashes_file(disk.slot, point.id)
+def _check_content(tx: ChainTx, tools: Tools, point: Point, disk: DiskPoint, check: DiskCheck, *,
+                   rebuild_hashes: bool, repair: bool) -> None:  # fmt: skip
+    list_path = tx.hash_list(point.id, disk.slot)
     collected: list[bytes] | None = [] if (rebuild_hashes and repair) else None
     digest = DiskDigest()
-    for chunk in read_chunks(tools, chain_dir / disk.file, run_dir, disk.size, disk.block_size):
+    for chunk in read_chunks(tools, tx.file(disk.file), tx.run_dir, disk.size, disk.block_size):
         digest.add(chunk.hashes)
         if collected is not None:
             collected.append(chunk.hashes)
@@ -160,7 +136,7 @@ def _check_content(
     if rebuild_hashes:
         intact = list_path.exists() and digest_of(list_path) == disk.digest
         if not intact and collected is not None:
-            write_atomic(list_path, b"".join(collected))
+            tx.write_hash_list(point.id, disk.slot, b"".join(collected))
             log.warning("hashes.rebuilt", point=point.id, disk=disk.slot)
         elif not intact:
             check.problems.append(

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temporary file, fsync, rename over the old one, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """A temporary file of its own (two writers never share one), fsync, rename over the old file, fsync
+    the folder: readers see the old content or the new one, and of two concurrent writers one wins whole."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
         try:
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -35,7 +47,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFullError(f"no room to write {path.name}: the appliance's disk is full") from exc
         raise
@@ -50,7 +63,14 @@ def read_json(path: Path) -> Any:
 
 
 def private_dir(path: Path) -> Path:
-    """A folder only root can read: keys, host records and backups live in such folders."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """A folder only root can read: keys, host records and backups live in such folders.
+
+    Only a folder this call creates gets its mode set: an existing one (say `--home /tmp`) is the
+    operator's, and is left exactly as it is."""
+    for missing in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        try:
+            missing.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(missing, 0o700)  # mkdir's mode is masked by the umask
     return path

@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 from appliance.domain.models import Host, HostKey
-from appliance.errors import ConfigError, HostNotFoundError
+from appliance.errors import ChainError, ConfigError, HostNotFoundError
+from appliance.store import failback, recovery
 from appliance.store.files import read_json, write_json
 from appliance.store.layout import Home
+from appliance.store.lock import HostLock
 
 
 def load(home: Home, name: str) -> Host:
@@ -42,10 +44,11 @@ def names(home: Home) -> list[str]:
     return sorted(p.stem for p in home.hosts_dir.glob("*.json"))
 
 
-def install_key(home: Home, name: str, source: Path) -> str:
-    """Copy the host's private key under APPLIANCE_HOME (0600); the record refers to the copy."""
+def install_key(home: Home, name: str, source: Path, *, failback: bool = False) -> str:
+    """Copy the host's private key (or its failback target's) under APPLIANCE_HOME (0600); the record
+    refers to the copy."""
     home.ensure()
-    dest = home.key_file(name)
+    dest = home.failback_key_file(name) if failback else home.key_file(name)
     if source.resolve() != dest.resolve():
         try:
             shutil.copyfile(source, dest)
@@ -56,8 +59,33 @@ def install_key(home: Home, name: str, source: Path) -> str:
 
 
 def remove(home: Home, name: str) -> None:
+    """The host's record and keys; its points and other files stay (see `purge`)."""
     home.host_record(name).unlink(missing_ok=True)
     home.key_file(name).unlink(missing_ok=True)
+    home.failback_key_file(name).unlink(missing_ok=True)
+
+
+def purge(home: Home, name: str) -> None:
+    """Every file the appliance keeps for the host but its record and keys: its chain (under the host's
+    lock, so never under a running job), recovery-VM folders, failback records, screenshots.
+
+    :raises ChainLockedError: a job works on the host.
+    :raises ChainError: a point is in use (a recovery VM runs or kept its writes).
+    """
+    chain_dir = home.chain_dir(name)
+    with HostLock(chain_dir / "lock", name, "purge"):
+        pins = recovery.pinned_points(home, name)
+        if pins:
+            point, why = next(iter(pins.items()))
+            raise ChainError(f"{name}: point {point} is in use ({why}); nothing was removed",
+                             hint=f"stop it first with `appliance failover stop {name}`")  # fmt: skip
+        for path in sorted(chain_dir.rglob("*"), reverse=True):
+            if path.name != "lock":
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        failback.remove_all(home, name)
+        for folder in (home.failover_dir(name), home.screenshots_dir(name), home.run_dir / name):
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(chain_dir, ignore_errors=True)
 
 
 def key_path(home: Home, host: Host) -> Path:

@@ -45,6 +45,10 @@ class Home:
     def key_file(self, name: str) -> Path:
         return self.keys_dir / name
 
+    def failback_key_file(self, name: str) -> Path:
+        """The key a failback of host `name` logs in to its target with, when it is not the host's own."""
+        return self.keys_dir / f"{name}.failback"
+
     def chain_dir(self, name: str) -> Path:
         return self.store_dir / name
 
@@ -53,7 +57,14 @@ class Home:
         return base if purpose == "failover" else base / purpose
 
     def screenshot(self, name: str, point_id: str) -> Path:
-        return self.root / "screenshots" / name / f"{point_id}.png"
+        return self.screenshots_dir(name) / f"{point_id}.png"
+
+    def screenshots_dir(self, name: str) -> Path:
+        return self.root / "screenshots" / name
+
+    @property
+    def failback_dir(self) -> Path:
+        return self.root / "failback"
 
     @property
     def accel_file(self) -> Path:

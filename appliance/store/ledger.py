@@ -13,7 +13,7 @@ not with the size of the disk. 128 bits per block, as the capture's hash exchang
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from appliance.domain.blocks import HASH_LEN, block_count, block_hashes, block_length, zero_hash
@@ -48,6 +48,19 @@ class Ledger:
             os.ftruncate(fd, self.blocks * ENTRY)
         finally:
             os.close(fd)
+
+    def fill(self, chunks: Iterable[bytes]) -> None:
+        """Every entry, in block order from block 0 (a whole disk's hashes as the target reports them)."""
+        with open(self.path, "r+b") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            self.complete = f.tell() == self.blocks * ENTRY
+        self.unknown.clear()
+
+    def get_entries(self, first_block: int, count: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(first_block * ENTRY)
+            return f.read(count * ENTRY)
 
     def set_entries(self, first_block: int, new: bytes) -> None:
         """Entries for consecutive blocks from `first_block`."""

@@ -15,7 +15,7 @@ import pytest
 
 from appliance.errors import ChainCorruptError, ConnectionLostError, StoreFullError
 from appliance.lab import Lab, disks
-from appliance.services.backup import INTENT
+from appliance.store.chains import INTENT
 from tests.conftest import points_json, run_cli, start_cli
 from tests.integration.helpers import (
     chain_files,
