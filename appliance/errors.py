@@ -12,6 +12,7 @@ and an exit status; everything below raises them, always chaining the root cause
      |    +-- PointNotFoundError         12
      |    +-- ChainCorruptError          13  a point or the catalog does not read back as recorded
      +-- StoreFullError                  14  the appliance's disk has no room
+     +-- DamagedFileError                15  a file under APPLIANCE_HOME is damaged or not the appliance's
      +-- RemoteError                     20
      |    +-- HostUnreachableError       21
      |    +-- AuthenticationError        22
@@ -77,6 +78,14 @@ class ChainCorruptError(ChainError):
 class StoreFullError(ApplianceError):
     exit_code = 14
     default_hint = "free space under APPLIANCE_HOME (or consolidate older points); the chain was left as it was"
+
+
+class DamagedFileError(ApplianceError):
+    """A record the appliance keeps (host, schedule, recovery VM, failback ...) does not read as one; the
+    message names the file."""
+
+    exit_code = 15
+    default_hint = "restore the file from a copy, or remove it if what it recorded is no longer needed"
 
 
 class RemoteError(ApplianceError):
