@@ -38,9 +38,12 @@ def _host(doc: Any, name: str) -> Host:
         raise ValueError(f"it names the host {doc.get('name')!r:.40}, not {name!r}")
     kinds = _field_types()
     unknown = sorted(set(doc) - set(kinds))
-    missing = [f.name for f in dataclasses.fields(Host) if f.name not in doc and f.default is dataclasses.MISSING]
+    required = [f.name for f in dataclasses.fields(Host) if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in doc]
     if unknown or missing:
-        raise ValueError(f"unknown fields {unknown}, missing fields {missing}")
+        raise ValueError(
+            "; ".join(f"{what} {keys}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys)
+        )
     return Host(**{key: _field(key, value, kinds[key]) for key, value in doc.items()})
 
 
