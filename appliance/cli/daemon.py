@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -15,8 +16,8 @@ import typer
 
 from appliance.cli._output import table
 from appliance.cli.context import state
-from appliance.domain.schedule import ALL_HOSTS, parse_time_of_day
-from appliance.services.daemon import Scheduler, SystemClock, run_job
+from appliance.domain.schedule import parse_time_of_day, ran_in_the_future
+from appliance.services.daemon import DEFAULT_JOBS, Scheduler, SystemClock, run_job, upcoming
 from appliance.store import schedule as schedule_store
 
 _AT = typer.Option("--consolidate-at", help="Local time of the nightly consolidation, HH:MM")
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
 def daemon(
     ctx: typer.Context,
     consolidate_at: Annotated[str, _AT] = "02:00",
+    jobs: Annotated[int, typer.Option("--jobs", min=1, max=64, help="Jobs of different hosts at once")] = DEFAULT_JOBS,
     systemd_unit: Annotated[bool, typer.Option("--systemd-unit", help="Print a systemd unit for it and exit")] = False,
 ) -> None:
     """Run the scheduler in the foreground until SIGTERM (logs to stderr; JSON with --log-json)."""
@@ -38,31 +40,40 @@ def daemon(
         typer.echo(unit.replace("@APPLIANCE@", str(Path(sys.argv[0]).resolve())), nl=False)
         return
     st = state(ctx)
-    stop = threading.Event()
+    tools = st.tools
+    at = parse_time_of_day(consolidate_at)
+    sched = Scheduler(st.home, lambda job: run_job(st.home, tools, job), SystemClock(), at, jobs=jobs)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # honoured between jobs: the one running finishes
+        sched.request_stop()  # the running jobs finish; none is started after this
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    tools = st.tools
-    Scheduler(st.home, lambda job: run_job(st.home, tools, job), SystemClock(), parse_time_of_day(consolidate_at),
-              stop).run()  # fmt: skip
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, request_stop)
+    # The scheduler runs in its own thread and this one only waits: a signal handler runs here, never inside
+    # the scheduler's own waiting on its events (setting an event whose lock the interrupted code holds
+    # would deadlock).
+    runner = threading.Thread(target=sched.run, name="scheduler")
+    runner.start()
+    runner.join()
 
 
 def schedule(ctx: typer.Context, consolidate_at: Annotated[str, _AT] = "02:00") -> None:
     """What runs next and when, and what last ran with its outcome."""
     st = state(ctx)
-    sched = Scheduler(st.home, lambda job: "", SystemClock(), parse_time_of_day(consolidate_at), threading.Event())
+    now = SystemClock().now()
     last = schedule_store.load(st.home)
-    rows = []
-    for job in sched.next_jobs():
-        o = last.get(job.key)
-        outcome = (
-            "-"
-            if o is None
-            else f"{o.started.astimezone():%Y-%m-%d %H:%M:%S} {'ok' if o.ok else 'FAILED'}: {o.message}"
-        )
-        host = "all hosts" if job.host == ALL_HOSTS else job.host
-        rows.append([job.kind, host, f"{job.due.astimezone():%Y-%m-%d %H:%M:%S}", outcome])
+    plan = upcoming(st.home, last, now, parse_time_of_day(consolidate_at))
+    rows = [[job.kind, job.host, _when(job.due), _outcome(last.get(job.key), now)] for job in plan.jobs]
+    rows += [["-", name, "-", f"UNREADABLE: {why}"] for name, why in sorted(plan.unreadable.items())]
     typer.echo(table(["JOB", "HOST", "NEXT", "LAST RUN"], rows))
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment.astimezone():%Y-%m-%d %H:%M:%S}"
+
+
+def _outcome(o: schedule_store.Outcome | None, now: datetime) -> str:
+    if o is None:
+        return "-"
+    later = " (later than now: the clock was changed)" if ran_in_the_future(o.started, now) else ""
+    return f"{_when(o.started)}{later} {'ok' if o.ok else 'FAILED'}: {o.message}"

@@ -1,27 +1,38 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""When jobs are due (pure: the clock is an argument).
+"""When jobs are due, and which of them to start (pure: the clock is an argument).
 
 Each host with an interval gets a backup that interval after its last attempt (at once if it never
 ran; a failed attempt counts, so a broken host is retried at its own pace and never starves the
-others). Consolidation of every host runs once a day at a set local time.
+others). Each host's consolidation runs once a day at a set local time.
+
+The wall clock can jump, and the history holds wall-clock times. A last run later than now (the clock
+was ahead when the job ran and has been set right since, or was set back) says nothing about how long
+ago the job really ran, so the job is due at once: a clock that spent a while a year ahead costs one
+early run, never a year without backups. A clock set forward makes every job overdue: each runs once,
+then keeps its pace from the new time (no catching up on the runs "missed").
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 from appliance.errors import ConfigError
 
 BACKUP, CONSOLIDATE = "backup", "consolidate"
-ALL_HOSTS = "*"
+
+# A last run at most this far in the future is taken as it is: an NTP step of a few seconds back right
+# after a backup must not start the same backup again at once (it would read the whole disk for nothing).
+CLOCK_SLACK = timedelta(minutes=5)
+# Where an absurd interval (a hand-edited record) puts the next run instead of overflowing datetime.
+_FAR = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
     kind: str
-    host: str  # ALL_HOSTS for consolidation
+    host: str
     due: datetime
 
     @property
@@ -37,22 +48,66 @@ def parse_time_of_day(text: str) -> time:
         raise ConfigError(f"invalid time of day {text!r}: use HH:MM, e.g. 02:00") from None
 
 
+def ran_in_the_future(started: datetime, now: datetime) -> bool:
+    """Whether a recorded run is later than now by more than the slack: the clock was changed since."""
+    return started > now + CLOCK_SLACK
+
+
 def due_jobs(
     intervals: Sequence[tuple[str, float]], last_runs: Mapping[tuple[str, str], datetime], now: datetime,
-    consolidate_at: time, since: datetime | None = None,
+    consolidate_at: time, first_seen: Mapping[str, datetime] | None = None,
 ) -> list[Job]:  # fmt: skip
-    """Every scheduled job with the time it is due, soonest first (ties: backups before consolidation).
+    """Every scheduled job with the time it is due, soonest first (ties: backups first, then by host).
 
-    `since` is when the scheduler started: a consolidation that never ran is due at the first `consolidate_at`
-    after it, so a job still running at that moment delays it instead of skipping a day."""
+    `first_seen` is when the scheduler first saw each host (never later than now: the scheduler moves it
+    back when the clock goes back): a consolidation that never ran is due at the first `consolidate_at`
+    after it, so a job still running at that moment delays it instead of skipping a day. Without it that
+    is the first `consolidate_at` from now."""
     jobs = []
     for host, interval in intervals:
         if interval > 0:
-            last = last_runs.get((BACKUP, host))
-            jobs.append(Job(BACKUP, host, now if last is None else last + timedelta(seconds=interval)))
-    last = last_runs.get((CONSOLIDATE, ALL_HOSTS))
-    jobs.append(Job(CONSOLIDATE, ALL_HOSTS, _next_daily(consolidate_at, last or since or now, inclusive=last is None)))
+            jobs.append(Job(BACKUP, host, _backup_due(last_runs.get((BACKUP, host)), interval, now)))
+        last, seen = last_runs.get((CONSOLIDATE, host)), (first_seen or {}).get(host, now)
+        jobs.append(Job(CONSOLIDATE, host, _consolidation_due(last, consolidate_at, seen, now)))
     return sorted(jobs, key=lambda j: (j.due, j.kind != BACKUP, j.host))
+
+
+def jobs_to_start(
+    jobs: Sequence[Job], now: datetime, busy: Collection[str], slots: int
+) -> tuple[list[Job], datetime | None]:
+    """The due jobs to start now, and when the next job of an idle host falls due (None: none is waiting).
+
+    Soonest first; never a job for a host that is running one (nor two for one host), so one host's jobs
+    never overlap; at most `slots` of them. A due job left waiting for a slot or for its host starts when
+    a running job ends, so the caller sleeps until the returned time or until a job ends."""
+    start: list[Job] = []
+    taken = set(busy)
+    for job in jobs:
+        if job.host in taken:
+            continue
+        if job.due > now:
+            return start, job.due
+        if len(start) < slots:
+            start.append(job)
+            taken.add(job.host)
+    return start, None
+
+
+def _backup_due(last: datetime | None, interval: float, now: datetime) -> datetime:
+    if last is None or ran_in_the_future(last, now):
+        return now
+    try:
+        return min(last + timedelta(seconds=interval), _FAR)
+    except OverflowError:
+        return _FAR
+
+
+def _consolidation_due(last: datetime | None, at: time, first_seen: datetime, now: datetime) -> datetime:
+    if last is None:
+        return _next_daily(at, first_seen, inclusive=True)
+    if ran_in_the_future(last, now):
+        return now
+    return _next_daily(at, last, inclusive=False)
 
 
 def _next_daily(at: time, after: datetime, *, inclusive: bool) -> datetime:

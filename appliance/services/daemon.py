@@ -1,24 +1,28 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The scheduler: backups at each host's interval (each followed by verification of the new point),
-consolidation of every host once a day.
+each host's consolidation once a day.
 
-One job at a time, in the order they fall due. A failing host is logged and retried at its own
-interval; the others keep their schedule. A stop request (SIGTERM) is honoured between jobs, never in
-the middle of one, so no job is ever cut short by the daemon itself.
+Jobs of different hosts run side by side, at most `jobs` at once, started in the order they fall due;
+a host never has two jobs at once (the store's host lock would refuse the second). So a host that is
+slow, or hangs until its job's deadline, holds one slot and delays only its own jobs. A failing host is
+logged and retried at its own interval; a job that crashes (a bug) is recorded as failed like any other.
+A host whose record is damaged is logged once and left out until it is repaired; a damaged history is
+logged and taken as empty. A stop request (SIGTERM) stops the starting of jobs and waits for the running
+ones: no job is ever cut short by the daemon itself.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from datetime import time as time_of_day
 from typing import Protocol
 
-from appliance.domain.schedule import ALL_HOSTS, BACKUP, Job, due_jobs
-from appliance.errors import ApplianceError
+from appliance.domain.schedule import BACKUP, Job, due_jobs, jobs_to_start
+from appliance.errors import ApplianceError, ConfigError, HostNotFoundError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.backup import back_up
@@ -30,21 +34,55 @@ from appliance.store.layout import Home
 
 log = get_logger(__name__)
 
+# Jobs at once. A job holds its slot until it ends, and a stuck host's job may last until its deadline
+# (hours for a big disk at the minimum rate): with 4, three such hosts still leave a slot for the rest.
+# Each job is mostly waiting on the network, the host and child processes, so a few side by side cost
+# the appliance little; more would split its disk and network between more streams for no gain.
+DEFAULT_JOBS = 4
+
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
-    def sleep(self, seconds: float, stop: threading.Event) -> None: ...
+    def sleep(self, seconds: float, wake: threading.Event) -> None:
+        """Wait `seconds`, or less if `wake` is set."""
 
 
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
 
-    def sleep(self, seconds: float, stop: threading.Event) -> None:
-        stop.wait(seconds)
+    def sleep(self, seconds: float, wake: threading.Event) -> None:
+        wake.wait(seconds)  # monotonic: a jump of the wall clock neither shortens nor stretches it
 
 
 Runner = Callable[[Job], str]  # runs a job, returns a one-line summary; raises ApplianceError on failure
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    jobs: list[Job]  # soonest first
+    unreadable: dict[str, str]  # host name -> why its record cannot be read
+
+
+def read_intervals(home: Home) -> tuple[list[tuple[str, float]], dict[str, str]]:
+    """Each readable host's backup interval, and the hosts whose record is damaged (with the reason)."""
+    intervals, unreadable = [], {}
+    for name in hosts.names(home):
+        try:
+            intervals.append((name, hosts.load(home, name).interval))
+        except HostNotFoundError:
+            continue  # removed since it was listed
+        except ConfigError as exc:
+            unreadable[name] = exc.message
+    return intervals, unreadable
+
+
+def upcoming(home: Home, history: Mapping[tuple[str, str], schedule.Outcome], now: datetime,
+             consolidate_at: time_of_day) -> Plan:  # fmt: skip
+    """What `appliance schedule` shows: every job with when it is due."""
+    intervals, unreadable = read_intervals(home)
+    last = {key: o.started for key, o in history.items()}
+    return Plan(due_jobs(intervals, last, now, consolidate_at), unreadable)
 
 
 @dataclass(slots=True)
@@ -53,29 +91,120 @@ class Scheduler:
     runner: Runner
     clock: Clock
     consolidate_at: time_of_day
-    stop: threading.Event
+    jobs: int = DEFAULT_JOBS
     max_sleep: float = 60.0  # re-read the host list at least this often
-    started: datetime | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _running: dict[str, threading.Thread] = field(default_factory=dict, init=False)
+    _first_seen: dict[str, datetime] = field(default_factory=dict, init=False)
+    _started: dict[tuple[str, str], datetime] = field(default_factory=dict, init=False)  # by this process
+    _unreadable: dict[str, str] = field(default_factory=dict, init=False)  # already logged
+    _history_damaged: bool = field(default=False, init=False)
 
-    def next_jobs(self) -> list[Job]:
-        intervals = [(h.name, h.interval) for h in (hosts.load(self.home, n) for n in hosts.names(self.home))]
-        last = {key: o.started for key, o in schedule.load(self.home).items()}
-        return due_jobs(intervals, last, self.clock.now(), self.consolidate_at, self.started)
+    @property
+    def running(self) -> list[str]:
+        """The hosts with a job running."""
+        with self._lock:
+            return sorted(self._running)
+
+    def request_stop(self) -> None:
+        """Start no more jobs; `run` returns when the running ones have ended."""
+        self.stop.set()
+        self._wake.set()
 
     def run(self) -> None:
-        self.started = self.clock.now()
-        log.info("daemon.started", consolidate_at=self.consolidate_at.strftime("%H:%M"))
+        log.info("daemon.started", consolidate_at=self.consolidate_at.strftime("%H:%M"), jobs=self.jobs)
         while not self.stop.is_set():
-            job = self.next_jobs()[0]
-            wait = (job.due - self.clock.now()).total_seconds()
-            if wait > 0:
-                self.clock.sleep(min(wait, self.max_sleep), self.stop)
-                continue
-            self.run_job(job)
+            self._wake.clear()
+            try:
+                wait = self._start_due_jobs()
+            except Exception:  # the loop itself must outlive a bug: every host depends on it
+                log.exception("daemon.loop_failed")
+                wait = self.max_sleep
+            if not self.stop.is_set():
+                self.clock.sleep(min(wait, self.max_sleep), self._wake)
+        with self._lock:
+            threads = list(self._running.values())
+        if threads:
+            log.info("daemon.stopping", waiting_for=[t.name for t in threads])
+        for thread in threads:
+            thread.join()
         log.info("daemon.stopped")
 
+    def _start_due_jobs(self) -> float:
+        """Start what is due; the seconds until the next job falls due (a job's end wakes us sooner)."""
+        now = self.clock.now()
+        jobs = self._plan(now)
+        with self._lock:
+            busy = set(self._running)
+        start, next_due = jobs_to_start(jobs, now, busy, self.jobs - len(busy))
+        for job in start:
+            if self.stop.is_set():
+                break
+            self._start(job)
+        return self.max_sleep if next_due is None else max(0.0, (next_due - now).total_seconds())
+
+    def _plan(self, now: datetime) -> list[Job]:
+        intervals, unreadable = read_intervals(self.home)
+        self._report_unreadable(unreadable)
+        for name, _ in intervals:
+            if self._first_seen.setdefault(name, now) > now:  # the clock went back: anchor on the new time
+                self._first_seen[name] = now
+        last = {key: o.started for key, o in self._history().items()}
+        with self._lock:  # what this process started is known even if its record could not be written
+            last.update(self._started)
+        return due_jobs(intervals, last, now, self.consolidate_at, self._first_seen)
+
+    def _report_unreadable(self, unreadable: dict[str, str]) -> None:
+        """Log each damaged host record once (and once more if it changes), and when it reads again."""
+        for name, why in unreadable.items():
+            if self._unreadable.get(name) != why:
+                log.error("daemon.host_unreadable", host=name, file=str(self.home.host_record(name)), error=why,
+                          action="no jobs for this host until its record is repaired")  # fmt: skip
+        for name in self._unreadable.keys() - unreadable.keys():
+            log.info("daemon.host_readable", host=name)
+        self._unreadable = dict(unreadable)
+
+    def _history(self) -> dict[tuple[str, str], schedule.Outcome]:
+        try:
+            history = schedule.load(self.home)
+        except ConfigError as exc:
+            if not self._history_damaged:
+                log.error("daemon.history_unreadable", file=str(self.home.root / schedule.NAME), error=exc.message,
+                          action="history taken as empty (every backup due now); the next job's outcome starts a "
+                          f"new one and keeps the damaged file as {schedule.NAME}.damaged")  # fmt: skip
+            self._history_damaged = True
+            return {}
+        if self._history_damaged:
+            log.info("daemon.history_readable")
+            self._history_damaged = False
+        return history
+
+    def _start(self, job: Job) -> None:
+        thread = threading.Thread(target=self._run_in_thread, args=(job,), name=f"{job.kind} {job.host}")
+        with self._lock:
+            self._running[job.host] = thread
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                del self._running[job.host]
+            raise
+
+    def _run_in_thread(self, job: Job) -> None:
+        try:
+            self.run_job(job)
+        finally:
+            with self._lock:  # one step, so a sleeping clock sees either the job running or its end signalled
+                del self._running[job.host]
+                self._wake.set()
+
     def run_job(self, job: Job) -> None:
+        """Run one job and record its outcome; never raises (a job's failure is its host's alone)."""
         started, t0 = self.clock.now(), time.monotonic()
+        with self._lock:
+            self._started[job.key] = started
         log.info("job.started", kind=job.kind, host=job.host)
         try:
             message, ok = self.runner(job), True
@@ -85,8 +214,11 @@ class Scheduler:
             message, ok = f"internal error: {type(exc).__name__}: {exc}", False
             log.exception("job.crashed", kind=job.kind, host=job.host)
         seconds = time.monotonic() - t0
-        schedule.record(self.home, schedule.Outcome(job.kind, job.host, started, round(seconds, 2), ok, message))
         (log.info if ok else log.error)("job.finished", kind=job.kind, host=job.host, ok=ok, message=message)
+        try:
+            schedule.record(self.home, schedule.Outcome(job.kind, job.host, started, round(seconds, 2), ok, message))
+        except Exception as exc:  # the disk is full, say: the scheduler still knows when the job ran
+            log.error("job.not_recorded", kind=job.kind, host=job.host, error=str(exc))
 
 
 def run_job(home: Home, tools: Tools, job: Job) -> str:
@@ -101,13 +233,6 @@ def run_job(home: Home, tools: Tools, job: Job) -> str:
             verdict = verify_boot(home, tools, job.host, point_ref=point.id)
             summary += f", boot {'ok' if verdict['ok'] else 'FAILED'}"
         return summary
-    failures = []
-    merged = 0
-    for name in hosts.names(home) if job.host == ALL_HOSTS else [job.host]:
-        try:
-            merged += len(consolidate(home, tools, name, wait=600.0).merged)
-        except ApplianceError as exc:
-            failures.append(f"{name}: {exc.message}")
-    if failures:
-        raise ApplianceError(f"merged {merged} points; failed: {'; '.join(failures)}")
-    return f"merged {merged} points"
+    report = consolidate(home, tools, job.host, wait=600.0)
+    deferred = f", {len(report.deferred)} deferred (in use)" if report.deferred else ""
+    return f"merged {len(report.merged)} points{deferred}"

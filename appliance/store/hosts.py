@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import shutil
+import typing
 from pathlib import Path
+from typing import Any
 
 from appliance.domain.models import Host, HostKey
 from appliance.errors import ChainError, ConfigError, HostNotFoundError
@@ -16,17 +20,60 @@ from appliance.store.lock import HostLock
 
 
 def load(home: Home, name: str) -> Host:
+    """:raises HostNotFoundError: no record of that name.
+    :raises ConfigError: the record is damaged, foreign or another host's (the message names the file)."""
     path = home.host_record(name)
     if not path.exists():
         raise HostNotFoundError(f"no protected host named {name!r}")
     try:
-        doc = read_json(path)
-        doc["host_key"] = HostKey(**doc["host_key"])
-        for key in ("disks", "pre_hook", "post_hook"):
-            doc[key] = tuple(doc.get(key) or ())
-        return Host(**doc)
-    except (ValueError, KeyError, TypeError) as exc:
+        return _host(read_json(path), name)
+    except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"host record {path} is unreadable: {exc}") from exc
+
+
+def _host(doc: Any, name: str) -> Host:
+    """A host from its record, every field of the type Host declares (a hand edit or a foreign file is caught
+    here, not as a TypeError deep in a job)."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"it holds {doc!r:.40}, not a host record")
+    if doc.get("name") != name:
+        raise ValueError(f"it names the host {doc.get('name')!r:.40}, not {name!r}")
+    kinds = _field_types()
+    unknown = sorted(set(doc) - set(kinds))
+    required = [f.name for f in dataclasses.fields(Host) if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in doc]
+    if unknown or missing:
+        raise ValueError(
+            "; ".join(f"{what} {keys}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys)
+        )
+    return Host(**{key: _field(key, value, kinds[key]) for key, value in doc.items()})
+
+
+def _field(key: str, value: Any, kind: Any) -> Any:
+    if kind is HostKey:
+        if not isinstance(value, dict) or sorted(value) != ["base64", "fingerprint", "key_type"]:
+            raise TypeError(f"{key} is {value!r:.40}, not a host key")
+        return HostKey(**{k: _field(f"{key}.{k}", v, str) for k, v in value.items()})
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a JSON list, or null for none
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{key} is {value!r:.40}, not a list of strings")
+        return tuple(value)
+    ok = {
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+    }
+    if not ok.get(kind, False):
+        raise TypeError(f"{key} is {value!r:.40}, not {getattr(kind, '__name__', kind)}")
+    return float(value) if kind is float else value
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Host)
 
 
 def save(home: Home, host: Host) -> None:
