@@ -429,10 +429,12 @@ def main():
         if request.get("probe"):
             probe(request, out)
             os._exit(0)
-        post_hook = request.get("post_hook") or None
         pre = run_hook(request.get("pre_hook"), "pre")
         if pre is not None and pre["rc"] != 0:
             raise Fatal("pre-hook-failed", "pre hook exited %d: %s" % (pre["rc"], pre["output"].strip()[-300:]))
+        # From here on the post hook undoes what the pre hook did, whatever happens. Not before: after a
+        # failed (or interrupted) `fsfreeze -f` it would thaw a freeze that belongs to someone else.
+        post_hook = request.get("post_hook") or None
         disks = []
         for d in request["disks"]:
             fd, size, kind = open_disk(d["path"])

@@ -181,10 +181,14 @@ def test_hooks_run_around_the_read_and_after_a_failure(make_host, home: Path) ->
     finally:
         os.rename(host.disk + ".away", host.disk)
     assert marks.read_text().split() == ["pre", "post", "pre", "post"]
-    assert run_cli(home, "host", "set", host.name, "--pre-hook", "false").rc == 0
+    # A pre hook that failed froze nothing: the post hook must not thaw what another job may have frozen.
+    failing = f"sh -c 'echo pre-failed >> {marks}; exit 1'"
+    assert run_cli(home, "host", "set", host.name, "--pre-hook", failing).rc == 0
     r = run_cli(home, "backup", host.name)
     _one_clear_line(r, RemoteCommandError.exit_code, "pre hook exited 1")
-    assert marks.read_text().split()[-1] == "post"
+    assert run_cli(home, "host", "set", host.name, "--pre-hook", pre).rc == 0
+    assert run_cli(home, "backup", host.name).rc == 0
+    assert marks.read_text().split() == ["pre", "post", "pre", "post", "pre-failed", "pre", "post"]
 
 
 def test_a_terminal_is_asked_about_an_unknown_key(make_host, lab: Lab, home: Path) -> None:
