@@ -133,9 +133,7 @@ class JobDeadlineError(ConnectionLostError):
     deadline so that one slow (or hostile) host never holds the daemon's other hosts."""
 
     exit_code = 28
-    default_hint = (
-        "nothing was recorded; if the host is slow but sound, lower its rate: `appliance host set NAME --min-rate 256K`"
-    )
+    default_hint = "nothing was recorded; if the host is slow but sound, lower its `host set NAME --min-rate`"
 
 
 class ImageToolError(ApplianceError):

@@ -24,6 +24,9 @@ Host -> appliance, one record after another, each starting with a one-byte type:
   E u64 bytes read, 32-byte digest: end of the current disk
   F u32+JSON  finished: what the post hook did
   X u32+JSON  fatal error: {"code", "message", ...}; nothing after it
+Within a disk, D and Z records come in increasing block order and never overlap, a D record carries 1 to
+MAX_RUN bytes and only the disk's last block may be short, P grows, E carries the disk's size. The
+appliance refuses anything else as a protocol violation (appliance.transfer.protocol): keep them in step.
 """
 
 import collections

@@ -133,6 +133,7 @@ class _Capture:
         self.progress = BackupProgress()
         self.created = datetime.now(UTC)
         self.draft = tx.new_point(point_id_for(self.created, self.chain.ids()))
+        self.started = time.monotonic()
         self.deadline = float("inf")
         self._sender_error: BaseException | None = None
 
@@ -155,6 +156,7 @@ class _Capture:
         )
 
     def _exchange(self, stream: RemoteStream, started: float) -> list[DiskPoint]:
+        self.started = started
         block_sizes = [self._block_size(slot_name(i)) for i in range(len(self.host.disks))]
         disk_args = list(zip(self.host.disks, block_sizes, strict=True))
         self._set_deadline(stream, job_deadline(self.host, started, 0))  # until the hello says how much to read
@@ -240,11 +242,11 @@ class _Capture:
 
     def _past_deadline(self, stream: RemoteStream) -> JobDeadlineError:
         p = self.progress
-        elapsed = time.monotonic() - p.started
+        elapsed = max(time.monotonic() - self.started, 1e-3)
         return JobDeadlineError(
-            f"{self.host.name}: the backup passed its deadline after {elapsed:.0f} s, receiving "
-            f"{_size(stream.bytes_received / max(elapsed, 1e-3))}/s ({_size(p.read)} of {_size(p.total)} read on "
-            f"the host; its minimum rate is {_size(self.host.min_rate)}/s); nothing was recorded"
+            f"{self.host.name}: the backup passed its deadline of {self.deadline - self.started:.0f} s (for "
+            f"{_size(p.total)} at the host's minimum rate of {_size(self.host.min_rate)}/s), receiving "
+            f"{_size(stream.bytes_received / elapsed)}/s, {_size(p.read)} read on the host"
         )
 
     def _sender_failure(self, stream: RemoteStream) -> BaseException | None:
