@@ -167,6 +167,7 @@ class RecordReader:
         self._disk = _DiskCursor(size, block_size)
 
     def read_exact(self, n: int) -> memoryview:
+        """The next `n` bytes, gathered in memory: the caller bounds `n` by what the peer may send first."""
         available = len(self._chunk) - self._pos
         if available >= n:
             view = memoryview(self._chunk)[self._pos : self._pos + n]
