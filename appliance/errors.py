@@ -18,8 +18,10 @@ and an exit status; everything below raises them, always chaining the root cause
      |    +-- AuthenticationError        22
      |    +-- HostKeyError               23  unknown or changed host key
      |    +-- ConnectionLostError        24  the connection broke mid-transfer
+     |    |    +-- JobDeadlineError      28  the job went on past its deadline (slower than the host's min rate)
      |    +-- RemoteCommandError         25  the host side failed (python3 missing, hook failed, ...)
      |    +-- DiskAccessError            26  a disk path is missing or unreadable on the host
+     |    +-- ProtocolViolationError     27  the host sent what the reader never sends, or a disk beyond its limit
      +-- ImageToolError                  30  qemu-img / qemu-storage-daemon failed
      +-- LabError                        40
 """
@@ -115,6 +117,23 @@ class RemoteCommandError(RemoteError):
 
 class DiskAccessError(RemoteError):
     exit_code = 26
+
+
+class ProtocolViolationError(RemoteError):
+    """The host answered with something the reader the appliance sent it never sends: a length, block or count
+    outside the disk, bytes that are no record. Either something on the host writes into the session (a login
+    script printing to stdout), or the host is not to be trusted. Also a disk larger than the host's limit."""
+
+    exit_code = 27
+    default_hint = "nothing was recorded; check the host (its login scripts, and whether it was tampered with)"
+
+
+class JobDeadlineError(ConnectionLostError):
+    """A job that kept the line alive but went slower, overall, than the host's minimum rate: it ends at its
+    deadline so that one slow (or hostile) host never holds the daemon's other hosts."""
+
+    exit_code = 28
+    default_hint = "nothing was recorded; if the host is slow but sound, lower its `host set NAME --min-rate`"
 
 
 class ImageToolError(ApplianceError):

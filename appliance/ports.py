@@ -18,7 +18,9 @@ from appliance.domain.recovery import DomainSpec, DomainState
 
 
 class RemoteStream(Protocol):
-    """A command running on a host. Every method raises ConnectionLostError when the link breaks."""
+    """A command running on a host. Every method raises ConnectionLostError when the link breaks or goes
+    silent for the host's timeout, and JobDeadlineError once the deadline (`set_deadline`) has passed:
+    a host that trickles a byte now and then never holds a job beyond it."""
 
     bytes_sent: int
     bytes_received: int
@@ -29,6 +31,7 @@ class RemoteStream(Protocol):
     def stderr_text(self) -> str: ...
     def wait(self, timeout: float = 30.0) -> int: ...
     def abort(self) -> None: ...
+    def set_deadline(self, at: float | None) -> None: ...  # time.monotonic() value; None: no deadline
 
 
 class RemoteSession(Protocol):

@@ -16,6 +16,7 @@ import collections
 import hashlib
 import shlex
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from appliance.errors import (
     ConnectionLostError,
     HostKeyError,
     HostUnreachableError,
+    JobDeadlineError,
 )
 from appliance.log import get_logger
 
@@ -43,6 +45,7 @@ WINDOW_SIZE = (
 # (authenticated encryption in one pass, done by the cryptography library outside the GIL).
 _GCM_FIRST = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 MAX_PACKET_SIZE = 256 << 10  # OpenSSH accepts up to 256 KiB; fewer, larger packets cost less CPU per byte
+MAX_STDERR = 64 << 10  # of a command's stderr kept to explain a failure (its last lines matter)
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -255,25 +258,53 @@ class Connection:
 
 
 class RemoteProcess:
-    """One command on the host: its stdin, stdout, stderr and exit status, with byte counters."""
+    """One command on the host: its stdin, stdout, stderr and exit status, with byte counters.
+
+    Every wait is bounded twice: by the host's timeout (silence) and by the job's deadline, so a host that
+    sends a byte just often enough to never look silent still ends at the deadline.
+    """
 
     def __init__(self, channel: paramiko.Channel, endpoint: Endpoint) -> None:
         self._channel = channel
         self._endpoint = endpoint
+        self._started = time.monotonic()
+        self._deadline: float | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def _lost(self, exc: BaseException) -> ConnectionLostError:
+    def set_deadline(self, at: float | None) -> None:
+        self._deadline = at
+
+    def _wait_limit(self) -> float:
+        """How long the next wait may take: the silence timeout, or less when the deadline is nearer."""
+        if self._deadline is None:
+            return self._endpoint.timeout
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._past_deadline()
+        return min(self._endpoint.timeout, left)
+
+    def _past_deadline(self) -> JobDeadlineError:
+        elapsed = time.monotonic() - self._started
+        return JobDeadlineError(
+            f"the job on {self._endpoint.label} passed its deadline after {elapsed:.0f} s, having received "
+            f"{self.bytes_received} bytes ({self.bytes_received / max(elapsed, 1e-3):.1f} bytes/s)"
+        )
+
+    def _lost(self, exc: BaseException, silent: str = "no data from {} for {:.0f} s") -> ConnectionLostError:
         if isinstance(exc, TimeoutError | socket.timeout):
-            return ConnectionLostError(f"no data from {self._endpoint.label} for {self._endpoint.timeout:.0f} s")
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                return self._past_deadline()
+            return ConnectionLostError(silent.format(self._endpoint.label, self._endpoint.timeout))
         reason = str(exc) or ("closed by the other end" if isinstance(exc, EOFError) else type(exc).__name__)
         return ConnectionLostError(f"the connection to {self._endpoint.label} broke: {reason}")
 
     def write(self, data: bytes | memoryview) -> None:
         try:
+            self._channel.settimeout(self._wait_limit())
             self._channel.sendall(data)  # type: ignore[arg-type]  # any buffer works
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise self._lost(exc) from exc
+            raise self._lost(exc, "{} took none of the data sent to it for {:.0f} s") from exc
         self.bytes_sent += len(data)
 
     def close_stdin(self) -> None:
@@ -289,6 +320,7 @@ class RemoteProcess:
         read, which turns into quadratic copying when the buffer is tens of MiB deep.
         """
         try:
+            self._channel.settimeout(self._wait_limit())
             data = self._channel.recv(WINDOW_SIZE)
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise self._lost(exc) from exc
@@ -296,10 +328,14 @@ class RemoteProcess:
         return data
 
     def stderr_text(self) -> str:
-        chunks = []
-        while self._channel.recv_stderr_ready():
-            chunks.append(self._channel.recv_stderr(65536))
-        return b"".join(chunks).decode(errors="replace")
+        """What the command wrote on stderr so far: its last MAX_STDERR bytes (a host may write without end)."""
+        tail = b""
+        taken = 0
+        while self._channel.recv_stderr_ready() and taken < 16 * MAX_STDERR:
+            piece = self._channel.recv_stderr(65536)
+            taken += len(piece)
+            tail = (tail + piece)[-MAX_STDERR:]
+        return tail.decode(errors="replace")
 
     def wait(self, timeout: float = 30.0) -> int:
         """The exit status; -1 if the host did not send one (the connection broke)."""

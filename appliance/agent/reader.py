@@ -24,6 +24,9 @@ Host -> appliance, one record after another, each starting with a one-byte type:
   E u64 bytes read, 32-byte digest: end of the current disk
   F u32+JSON  finished: what the post hook did
   X u32+JSON  fatal error: {"code", "message", ...}; nothing after it
+Within a disk, D and Z records come in increasing block order and never overlap, a D record carries 1 to
+MAX_RUN bytes and only the disk's last block may be short, P grows, E carries the disk's size. The
+appliance refuses anything else as a protocol violation (appliance.transfer.protocol): keep them in step.
 """
 
 import collections
@@ -429,10 +432,12 @@ def main():
         if request.get("probe"):
             probe(request, out)
             os._exit(0)
-        post_hook = request.get("post_hook") or None
         pre = run_hook(request.get("pre_hook"), "pre")
         if pre is not None and pre["rc"] != 0:
             raise Fatal("pre-hook-failed", "pre hook exited %d: %s" % (pre["rc"], pre["output"].strip()[-300:]))
+        # From here on the post hook undoes what the pre hook did, whatever happens. Not before: after a
+        # failed (or interrupted) `fsfreeze -f` it would thaw a freeze that belongs to someone else.
+        post_hook = request.get("post_hook") or None
         disks = []
         for d in request["disks"]:
             fd, size, kind = open_disk(d["path"])

@@ -115,6 +115,13 @@ def set_(
     python: Annotated[str | None, typer.Option("--python")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout")] = None,
     block_size: Annotated[str | None, typer.Option("--block-size", help="For chains started from now on")] = None,
+    max_disk_size: Annotated[
+        str | None, typer.Option("--max-disk-size", help="Refuse a disk the host says is larger [default: 64T]")
+    ] = None,
+    min_rate: Annotated[
+        str | None,
+        typer.Option("--min-rate", help="Bytes a second a backup keeps up overall, e.g. 1M; slower ends [default: 1M]"),
+    ] = None,
     boot_check: Annotated[str | None, typer.Option("--boot-check", help="console:REGEX, screen or tcp:PORT")] = None,
     verify_boot: Annotated[
         bool | None, typer.Option("--verify-boot/--no-verify-boot", help="Boot-verify each new point")
@@ -163,12 +170,25 @@ def set_(
         changes["key"] = key.expanduser()
     if block_size is not None:
         changes["block_size"] = validate_block_size(parse_size(block_size))
+    if max_disk_size is not None:
+        changes["max_disk_size"] = parse_size(max_disk_size)
+    if min_rate is not None:
+        changes["min_rate"] = _rate(min_rate)
     if fingerprint:
         changes["fingerprint"] = fingerprint
     if trust_first_use:
         changes["trust_first_use"] = True
     host = host_service.set_host(st.home, st.tools, name, **changes)
     typer.echo(f"updated {host.name}: {host.target}, host key {host.host_key.fingerprint}")
+
+
+def _rate(text: str) -> int:
+    """'1M', '1M/s', '512K' -> bytes per second."""
+    rate = text.strip()
+    value = parse_size(rate[:-2] if rate.lower().endswith("/s") else rate)
+    if value < 1:
+        raise ConfigError(f"invalid rate {text!r}: use e.g. 1M (bytes a second)")
+    return value
 
 
 def _vm_changes(boot_check: str | None, verify_boot: bool | None, memory: int | None, cpus: int | None,
@@ -210,6 +230,8 @@ def show(ctx: typer.Context, name: str) -> None:
         ("python", h.python),
         ("block size", size(h.block_size)),
         ("timeout", f"{h.timeout:.0f} s"),
+        ("max disk", f"{size(h.max_disk_size)} (a larger disk is refused)"),
+        ("min rate", f"{size(h.min_rate)}/s (a slower backup ends at its deadline)"),
         ("recovery VM", f"{h.vm_memory_mib} MiB, {h.vm_cpus} CPU, network {h.vm_network}, disks on {h.vm_disk_bus}"),
         ("boot check", h.boot_check + (", after every backup" if h.verify_boot else "")),
         ("interval", format_duration(h.interval) if h.interval else "- (no scheduled backups)"),

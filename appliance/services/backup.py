@@ -22,7 +22,10 @@ from appliance.domain.models import DiskPoint, Host, Point, point_id_for, slot_n
 from appliance.errors import (
     ApplianceError,
     ChainCorruptError,
+    ConnectionLostError,
     DiskAccessError,
+    JobDeadlineError,
+    ProtocolViolationError,
     RemoteCommandError,
     StoreFullError,
 )
@@ -30,7 +33,7 @@ from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.image_reader import read_chunks
-from appliance.services.reader_session import ended_early, start_reader
+from appliance.services.reader_session import ended_early, start_reader, violation
 from appliance.store import chains, hosts
 from appliance.store.chains import ChainTx, NewPoint
 from appliance.store.hashes import HashListWriter, iter_chunks
@@ -39,6 +42,23 @@ from appliance.transfer import protocol
 from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, Progress, RemoteFailure, ZeroRun
 
 log = get_logger(__name__)
+
+# What a job's deadline allows beyond reading its disks at the host's minimum rate, for what does not grow
+# with the disks: the session, the interpreter's start, the reader's code and its hello (~1 s measured).
+STARTUP_SECONDS = 10.0
+
+
+def job_deadline(host: Host, started: float, total: int) -> float:
+    """When a backup that started at `started` (time.monotonic()) and reads `total` bytes must be over.
+
+    `total` bytes at the host's minimum rate, plus STARTUP_SECONDS, plus one silence period (the host's
+    timeout) for each hook and one more: a hook, or a pause of a busy disk, may keep the line silent for
+    up to the timeout without the connection counting as lost, so a sound host that pauses at each of
+    these still ends in time, while a host that trickles a byte just often enough never to look silent
+    ends at the deadline instead of holding the daemon (and its other hosts) for ever.
+    """
+    hooks = bool(host.pre_hook) + bool(host.post_hook)
+    return started + STARTUP_SECONDS + host.timeout * (1 + hooks) + total / max(host.min_rate, 1)
 
 
 @dataclass(slots=True)
@@ -113,6 +133,8 @@ class _Capture:
         self.progress = BackupProgress()
         self.created = datetime.now(UTC)
         self.draft = tx.new_point(point_id_for(self.created, self.chain.ids()))
+        self.started = time.monotonic()
+        self.deadline = float("inf")
         self._sender_error: BaseException | None = None
 
     # -- the run --------------------------------------------------------------------------------------
@@ -121,7 +143,7 @@ class _Capture:
         with self.tools.remote.connect(self.host) as session:
             stream = start_reader(session, self.host)
             try:
-                disks = self._exchange(stream)
+                disks = self._exchange(stream, started)
             except BaseException:
                 stream.abort()
                 raise
@@ -133,37 +155,66 @@ class _Capture:
             wire_bytes=stream.bytes_sent + stream.bytes_received,
         )
 
-    def _exchange(self, stream: RemoteStream) -> list[DiskPoint]:
+    def _exchange(self, stream: RemoteStream, started: float) -> list[DiskPoint]:
+        self.started = started
         block_sizes = [self._block_size(slot_name(i)) for i in range(len(self.host.disks))]
         disk_args = list(zip(self.host.disks, block_sizes, strict=True))
+        self._set_deadline(stream, job_deadline(self.host, started, 0))  # until the hello says how much to read
         stream.write(protocol.encode_request(disk_args, self.host.pre_hook, self.host.post_hook))
         records = protocol.RecordReader(stream.recv_some)
         hello = self._expect_hello(records, stream)
+        self.progress.total = sum(d.size for d in hello.disks)
+        self._set_deadline(stream, job_deadline(self.host, started, self.progress.total))
         previous = self.chain.newest
         plans = [self._plan_disk(i, remote.size, block_sizes[i], previous) for i, remote in enumerate(hello.disks)]
-        self.progress.total = sum(p.size for p in plans)
         sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
         sender.start()
         results = []
         for plan, remote in zip(plans, hello.disks, strict=True):
-            records.block_size = plan.block_size
+            records.start_disk(plan.size, plan.block_size)
             results.append(self._receive_disk(records, stream, plan, remote.path))
         finished = self._next(records, stream)
         if not isinstance(finished, Finished):
-            raise RemoteCommandError(f"{self.host.name}: the reader ended without finishing")
+            raise violation(self.host, f"a {_kind(finished)} record after the last disk")
         hook = finished.post_hook
         if hook and hook.get("rc") != 0:
             log.warning("backup.post_hook_failed", host=self.host.name, rc=hook.get("rc"), output=hook.get("output"))
-        sender.join(timeout=30)
-        stream.wait()
+        sender.join(timeout=self._time_left(30))
+        failure = self._sender_failure(stream)
+        if failure is not None:
+            raise failure
+        if sender.is_alive():  # the reader reads every hash before it ends its last disk
+            raise violation(self.host, "the end of the run before it read the hashes the appliance sent")
+        stream.wait(timeout=self._time_left(30))
         return results
+
+    def _set_deadline(self, stream: RemoteStream, deadline: float) -> None:
+        self.deadline = deadline
+        stream.set_deadline(deadline)
+
+    def _time_left(self, at_most: float) -> float:
+        return max(0.0, min(at_most, self.deadline - time.monotonic()))
 
     def _expect_hello(self, records: protocol.RecordReader, stream: RemoteStream) -> Hello:
         first = self._next(records, stream, starting=True)
         if not isinstance(first, Hello):
-            raise RemoteCommandError(f"{self.host.name}: the reader did not start properly")
-        if len(first.disks) != len(self.host.disks):
-            raise RemoteCommandError(f"{self.host.name}: the reader reported {len(first.disks)} disks")
+            raise violation(self.host, f"a {_kind(first)} record before the hello")
+        paths = tuple(d.path for d in first.disks)
+        if paths != self.host.disks:
+            named = ", ".join(repr(protocol.printable(p, 100)) for p in paths[:4])
+            raise violation(
+                self.host,
+                f"a hello naming {len(paths)} disks ({named}) instead of the {len(self.host.disks)} asked for",
+            )
+        for disk in first.disks:
+            if disk.size < 0:
+                raise violation(self.host, f"a hello with a size of {disk.size} bytes for {disk.path}")
+            if disk.size > self.host.max_disk_size:
+                raise ProtocolViolationError(
+                    f"{self.host.name}: {disk.path} is {_size(disk.size)} on the host, more than its limit of "
+                    f"{_size(self.host.max_disk_size)}; nothing was recorded",
+                    hint=f"if it really is that large: `appliance host set {self.host.name} --max-disk-size SIZE`",
+                )
         log.info(
             "backup.connected",
             host=self.host.name,
@@ -177,12 +228,39 @@ class _Capture:
         try:
             record = records.next()
         except EOFError:
-            raise ended_early(self.host, stream, starting) from None
+            raise self._sender_failure(stream) or ended_early(self.host, stream, starting) from None
         except protocol.ProtocolError as exc:
-            raise RemoteCommandError(f"{self.host.name}: garbled data from the reader: {exc}") from exc
+            raise violation(self.host, f"{exc}{' before the hello' if starting else ''}") from exc
+        except ConnectionLostError as exc:  # the sender's failure, when it caused this, is the one to name
+            raise self._sender_failure(stream) or self._named(exc, stream) from exc
         if isinstance(record, RemoteFailure):
             raise _remote_failure(self.host.name, record)
         return record
+
+    def _named(self, exc: ConnectionLostError, stream: RemoteStream) -> ConnectionLostError:
+        return self._past_deadline(stream) if isinstance(exc, JobDeadlineError) else exc
+
+    def _past_deadline(self, stream: RemoteStream) -> JobDeadlineError:
+        p = self.progress
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        return JobDeadlineError(
+            f"{self.host.name}: the backup passed its deadline of {self.deadline - self.started:.0f} s (for "
+            f"{_size(p.total)} at the host's minimum rate of {_size(self.host.min_rate)}/s), receiving "
+            f"{_size(stream.bytes_received / elapsed)}/s, {_size(p.read)} read on the host"
+        )
+
+    def _sender_failure(self, stream: RemoteStream) -> BaseException | None:
+        """What stopped the thread that sends the previous hashes, as the error to show; None if it did not fail."""
+        exc = self._sender_error
+        if exc is None or isinstance(exc, ApplianceError):
+            return self._named(exc, stream) if isinstance(exc, ConnectionLostError) else exc
+        if isinstance(exc, OSError | protocol.ProtocolError):
+            return ChainCorruptError(
+                f"{self.host.name}: the previous point's block hash list cannot be read: "
+                f"{getattr(exc, 'strerror', None) or exc}; nothing was recorded",
+                hint=f"run `appliance verify {self.host.name} --repair` to rebuild it from the point",
+            )
+        return exc  # a bug: shown as an internal error
 
     # -- per disk -------------------------------------------------------------------------------------
 
@@ -215,6 +293,8 @@ class _Capture:
                          prev_hashes)  # fmt: skip
 
     def _send_old_hashes(self, stream: RemoteStream, plans: list[_DiskPlan]) -> None:
+        """Runs in a thread of its own. On failure it keeps its error for the main thread and aborts the stream,
+        so the main thread stops at once (rather than wait for records that need these hashes) and names it."""
         try:
             for plan in plans:
                 previous: Iterator[bytes] = iter_chunks(plan.prev_hashes) if plan.prev_hashes else iter(())
@@ -227,8 +307,9 @@ class _Capture:
                         pending.clear()
                 if pending:
                     stream.write(bytes(pending))
-        except BaseException as exc:  # the main thread sees the broken stream too; keep the cause for it
+        except BaseException as exc:
             self._sender_error = exc
+            stream.abort()
 
     def _receive_disk(
         self, records: protocol.RecordReader, stream: RemoteStream, plan: _DiskPlan, source: str
@@ -258,7 +339,7 @@ class _Capture:
                         end = record
                         break
                     else:
-                        raise RemoteCommandError(f"{self.host.name}: unexpected {type(record).__name__} record")
+                        raise violation(self.host, f"a {_kind(record)} record in the middle of {plan.slot}")
                 exported.flush()
                 checkpoint("capture.written")
             checkpoint("capture.export_closed")
@@ -301,6 +382,21 @@ class _DiskPlan:
     carry: Carry
     prev: DiskPoint | None
     prev_hashes: Path | None
+
+
+def _kind(record: protocol.Record) -> str:
+    """A record's name as the wire format's doc calls it."""
+    return {"DataRun": "data", "ZeroRun": "zero", "DiskEnd": "end-of-disk", "RemoteFailure": "failure"}.get(
+        type(record).__name__, type(record).__name__.lower()
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:

@@ -11,7 +11,7 @@ from appliance.domain.models import DEFAULT_BLOCK_SIZE, Host, HostKey, parse_add
 from appliance.errors import ConfigError, DiskAccessError, HostKeyError, RemoteCommandError
 from appliance.log import get_logger
 from appliance.ports import Tools
-from appliance.services.reader_session import ended_early, start_reader
+from appliance.services.reader_session import ended_early, start_reader, violation
 from appliance.store import hosts
 from appliance.store.layout import Home
 from appliance.transfer import protocol
@@ -163,6 +163,8 @@ def probe(tools: Tools, host: Host) -> protocol.Hello:
             hello = records.next()
         except EOFError:
             raise ended_early(host, stream, starting=True) from None
+        except protocol.ProtocolError as exc:
+            raise violation(host, exc) from exc
         stream.wait()
     if not isinstance(hello, protocol.Hello):
         raise RemoteCommandError(f"{host.name}: the reader answered the probe with {type(hello).__name__}")

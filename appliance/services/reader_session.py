@@ -6,8 +6,9 @@ from __future__ import annotations
 from appliance.agent import reader as wire
 from appliance.agent import reader_source
 from appliance.domain.models import Host
-from appliance.errors import ApplianceError, ConnectionLostError, RemoteCommandError
+from appliance.errors import ApplianceError, ConnectionLostError, ProtocolViolationError, RemoteCommandError
 from appliance.ports import RemoteSession, RemoteStream
+from appliance.transfer.protocol import MAX_MESSAGE, ProtocolError, printable
 
 
 def start_reader(session: RemoteSession, host: Host) -> RemoteStream:
@@ -22,7 +23,7 @@ def ended_early(host: Host, stream: RemoteStream, starting: bool) -> ApplianceEr
     """The error to show when the reader's output stops before it should."""
     status = stream.wait(timeout=5)
     stderr = stream.stderr_text().strip()
-    last = stderr.splitlines()[-1] if stderr else ""
+    last = printable(stderr.splitlines()[-1], MAX_MESSAGE) if stderr else ""
     if status == 127 or (starting and "not found" in last):
         return RemoteCommandError(
             f"{host.python} was not found on {host.name}",
@@ -31,3 +32,8 @@ def ended_early(host: Host, stream: RemoteStream, starting: bool) -> ApplianceEr
     if starting and status > 0:
         return RemoteCommandError(f"the reader failed to start on {host.name} (exit {status}): {last}")
     return ConnectionLostError(f"the connection to {host.name} broke during the transfer")
+
+
+def violation(host: Host, exc: ProtocolError | str) -> ProtocolViolationError:
+    """The host sent what the reader never sends: say what, as one line, and that nothing was recorded."""
+    return ProtocolViolationError(f"{host.name} sent what the appliance's reader never sends: {exc}")

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.agent import reader as wire
-from appliance.domain.blocks import HASH_LEN, Carry, OldBlock, block_length, zero_hash
+from appliance.domain.blocks import HASH_LEN, Carry, OldBlock, block_count, block_length, zero_hash
 
 _U64 = struct.Struct("<Q")
 _RUN_HEADER = struct.Struct("<QI")
+
+# The reader's JSON records are small: a hello names each disk asked for, a failure carries a message, a
+# post hook report at most 2000 characters of output. A larger one is not the reader's.
+MAX_JSON_RECORD = 1 << 20
+MAX_MESSAGE = 500  # characters of the host's own text (an error message) shown to the user
 
 
 class ProtocolError(Exception):
@@ -142,6 +147,11 @@ class _RunEncoder:
 class RecordReader:
     """Decodes the reader's records from `recv_some`, which returns whatever bytes have arrived (b'' at end).
 
+    The host is not trusted: every length is checked against what the reader can send before a byte of
+    it is read (a record claiming 4 GiB is refused at its header, it never makes the appliance wait for
+    or buffer 4 GiB), and every D, Z, P and E record against the disk being received (`start_disk`).
+    Anything else raises ProtocolError.
+
     Block data is handed out as a memoryview into the received chunk when a record lies in one chunk,
     so most bytes are copied once (by the transport) on their way to the disk.
     """
@@ -150,9 +160,14 @@ class RecordReader:
         self._recv_some = recv_some
         self._chunk = b""
         self._pos = 0
-        self.block_size = 0  # of the disk being received; the caller sets it before each disk
+        self._disk: _DiskCursor | None = None
+
+    def start_disk(self, size: int, block_size: int) -> None:
+        """The records that follow, up to its E record, are of a disk of `size` bytes in blocks of `block_size`."""
+        self._disk = _DiskCursor(size, block_size)
 
     def read_exact(self, n: int) -> memoryview:
+        """The next `n` bytes, gathered in memory: the caller bounds `n` by what the peer may send first."""
         available = len(self._chunk) - self._pos
         if available >= n:
             view = memoryview(self._chunk)[self._pos : self._pos + n]
@@ -170,35 +185,145 @@ class RecordReader:
         self._chunk, self._pos = joined, n
         return memoryview(joined)[:n]
 
-    def _json(self) -> dict[str, Any]:
-        (length,) = wire.U32.unpack(self.read_exact(wire.U32.size))
-        try:
-            return dict(json.loads(bytes(self.read_exact(length))))
-        except ValueError as exc:
-            raise ProtocolError(f"bad JSON record: {exc}") from exc
-
     def next(self) -> Record:
         tag = bytes(self.read_exact(1))
         if tag == b"D":
-            first, length = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
-            count = -(-length // self.block_size)
-            hashes = self.read_exact(count * HASH_LEN)
-            return DataRun(first, bytes(hashes), self.read_exact(length))
+            return self._data()
         if tag == b"Z":
             first, count = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
+            self._cursor("zero").zero(first, count)
             return ZeroRun(first, count)
         if tag == b"P":
-            return Progress(_U64.unpack(self.read_exact(_U64.size))[0])
+            (read,) = _U64.unpack(self.read_exact(_U64.size))
+            self._cursor("progress").progress(read)
+            return Progress(read)
         if tag == b"E":
             (read,) = _U64.unpack(self.read_exact(_U64.size))
+            self._cursor("end-of-disk").end(read)
+            self._disk = None
             return DiskEnd(read, bytes(self.read_exact(HASH_LEN)).hex())
         if tag == b"H":
-            obj = self._json()
-            disks = tuple(RemoteDisk(d["path"], int(d["size"]), d["kind"], d.get("error", "")) for d in obj["disks"])
-            return Hello(str(obj.get("python", "?")), disks)
+            return _hello(self._json("hello"))
         if tag == b"F":
-            return Finished(self._json().get("post_hook"))
+            return _finished(self._json("finished"))
         if tag == b"X":
-            obj = self._json()
-            return RemoteFailure(str(obj.pop("code", "error")), str(obj.pop("message", "")), obj)
-        raise ProtocolError(f"unexpected record type {tag!r}")
+            obj = self._json("failure")
+            code, message = obj.pop("code", "error"), obj.pop("message", "")
+            return RemoteFailure(printable(str(code), 40), printable(str(message), MAX_MESSAGE), obj)
+        raise ProtocolError(f"a record of unknown type {printable(tag.decode('latin-1'), 4)!r}")
+
+    def _data(self) -> DataRun:
+        first, length = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
+        count = self._cursor("data").data(first, length)
+        hashes = bytes(self.read_exact(count * HASH_LEN))
+        return DataRun(first, hashes, self.read_exact(length))
+
+    def _cursor(self, what: str) -> _DiskCursor:
+        if self._disk is None:
+            raise ProtocolError(f"a {what} record outside a disk")
+        return self._disk
+
+    def _json(self, what: str) -> dict[str, Any]:
+        (length,) = wire.U32.unpack(self.read_exact(wire.U32.size))
+        if length > MAX_JSON_RECORD:
+            raise ProtocolError(f"a {what} record of {length} bytes (the reader's are at most {MAX_JSON_RECORD})")
+        try:
+            obj = json.loads(bytes(self.read_exact(length)))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise ProtocolError(f"a {what} record that is not JSON: {printable(str(exc), 80)}") from exc
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"a {what} record that is not a JSON object")
+        return obj
+
+
+class _DiskCursor:
+    """Where the reader is in one disk: what a D, Z, P or E record may claim next.
+
+    The reader walks the disk once, front to back, and sends each changed run once: D and Z records come
+    in increasing block order and never overlap (a run of data and a run of zeroes are each closed
+    before the next one starts), each inside the disk; only the disk's last block may be short; P counts
+    bytes read so far, more each time; E comes with exactly the disk's size. So a disk has at most one
+    D or Z record per block, and a hostile host can make the appliance write nothing outside the disk.
+    """
+
+    def __init__(self, size: int, block_size: int) -> None:
+        if size < 0 or block_size <= 0:
+            raise ValueError(f"disk of {size} bytes in blocks of {block_size}")
+        self.size = size
+        self.block_size = block_size
+        self.blocks = block_count(size, block_size)
+        self.next_block = 0  # the first block a D or Z record may start at
+        self.read = 0
+
+    def data(self, first: int, length: int) -> int:
+        """Check a D record's header before its payload is read; return its number of blocks."""
+        limit = max(wire.MAX_RUN, self.block_size)  # a run closes when it reaches MAX_RUN bytes
+        if not 0 < length <= limit:
+            raise ProtocolError(f"a data record of {length} bytes (the reader sends 1 to {limit})")
+        count = -(-length // self.block_size)
+        self._run("data", first, count)
+        end = first * self.block_size + length
+        if length % self.block_size and end != self.size:
+            raise ProtocolError(f"a data record of blocks {first}+{count} with a short block before the disk's end")
+        if end > self.size:
+            raise ProtocolError(f"a data record of {length} bytes at block {first} past the disk's end")
+        return count
+
+    def zero(self, first: int, count: int) -> None:
+        if count == 0:
+            raise ProtocolError(f"an empty zero record at block {first}")
+        self._run("zero", first, count)
+
+    def _run(self, what: str, first: int, count: int) -> None:
+        if first < self.next_block:
+            raise ProtocolError(f"a {what} record at block {first}, after block {self.next_block - 1} was sent")
+        if first + count > self.blocks:
+            raise ProtocolError(
+                f"a {what} record of blocks {first}..{first + count - 1} past the disk's end (block {self.blocks - 1})"
+            )
+        self.next_block = first + count
+
+    def progress(self, read: int) -> None:
+        if not self.read < read <= self.size:
+            raise ProtocolError(f"progress of {read} bytes after {self.read}, on a disk of {self.size} bytes")
+        self.read = read
+
+    def end(self, read: int) -> None:
+        if read != self.size:
+            raise ProtocolError(f"the end of a disk of {self.size} bytes after {read} bytes")
+
+
+def _hello(obj: dict[str, Any]) -> Hello:
+    if obj.get("protocol") != wire.PROTOCOL:
+        raise ProtocolError(f"a hello of protocol {printable(str(obj.get('protocol')), 20)} (this is {wire.PROTOCOL})")
+    disks = obj.get("disks")
+    if not isinstance(disks, list):
+        raise ProtocolError("a hello without a list of disks")
+    return Hello(printable(str(obj.get("python", "?")), 40), tuple(_remote_disk(d) for d in disks))
+
+
+def _remote_disk(d: object) -> RemoteDisk:
+    if not isinstance(d, dict):
+        raise ProtocolError("a hello whose disk is not a JSON object")
+    path, size, kind, error = d.get("path"), d.get("size"), d.get("kind"), d.get("error", "")
+    if not isinstance(path, str) or not isinstance(kind, str) or not isinstance(error, str):
+        raise ProtocolError("a hello with a disk's path, kind or error that is not text")
+    if type(size) is not int or size < -1:  # -1: a probe's disk that cannot be read
+        raise ProtocolError(f"a hello with a disk size of {printable(str(size), 40)}")
+    return RemoteDisk(path, size, printable(kind, 20), printable(error, MAX_MESSAGE))
+
+
+def _finished(obj: dict[str, Any]) -> Finished:
+    hook = obj.get("post_hook")
+    if hook is None:
+        return Finished(None)
+    if not isinstance(hook, dict) or type(hook.get("rc")) is not int:
+        raise ProtocolError("a finished record whose post hook report has no exit status")
+    return Finished({"hook": "post", "rc": hook["rc"], "output": printable(str(hook.get("output", "")), 2000)})
+
+
+def printable(text: str, limit: int) -> str:
+    """Text from the host made safe to show on one line: control characters (newlines, escape sequences
+    that would move the cursor or rewrite the terminal) become spaces, and at most `limit` characters."""
+    text = "".join(c if c.isprintable() else " " for c in text[: limit * 4]).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."

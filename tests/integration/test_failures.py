@@ -12,6 +12,7 @@ from pathlib import Path
 
 from appliance.errors import (
     AuthenticationError,
+    ChainCorruptError,
     ChainLockedError,
     ConfigError,
     DiskAccessError,
@@ -181,10 +182,29 @@ def test_hooks_run_around_the_read_and_after_a_failure(make_host, home: Path) ->
     finally:
         os.rename(host.disk + ".away", host.disk)
     assert marks.read_text().split() == ["pre", "post", "pre", "post"]
-    assert run_cli(home, "host", "set", host.name, "--pre-hook", "false").rc == 0
+    # A pre hook that failed froze nothing: the post hook must not thaw what another job may have frozen.
+    failing = f"sh -c 'echo pre-failed >> {marks}; exit 1'"
+    assert run_cli(home, "host", "set", host.name, "--pre-hook", failing).rc == 0
     r = run_cli(home, "backup", host.name)
     _one_clear_line(r, RemoteCommandError.exit_code, "pre hook exited 1")
-    assert marks.read_text().split()[-1] == "post"
+    assert run_cli(home, "host", "set", host.name, "--pre-hook", pre).rc == 0
+    assert run_cli(home, "backup", host.name).rc == 0
+    assert marks.read_text().split() == ["pre", "post", "pre", "post", "pre-failed", "pre", "post"]
+
+
+def test_a_failing_hash_sender_is_named_not_the_silence_it_causes(make_host, home: Path) -> None:
+    """The thread that streams the previous hashes fails (its list is short): the reader waits for hashes that
+    never come, so the run must stop at once with the sender's error, not after the host's 300 s of silence
+    (run_cli's guard of 120 s fails the test then)."""
+    host = make_host(size=16 << 20)
+    assert run_cli(home, "backup", host.name).rc == 0
+    assert run_cli(home, "host", "set", host.name, "--timeout", "300").rc == 0
+    hashes = next((home / "store" / host.name).glob("disk0/*.hashes"))
+    os.truncate(hashes, 32 * 16)
+    before = store_state(home, host.name)
+    r = run_cli(home, "backup", host.name, timeout=120)
+    _one_clear_line(r, ChainCorruptError.exit_code, "block hash list cannot be read", "has 16 blocks")
+    assert "verify" in r.err and store_state(home, host.name) == before
 
 
 def test_a_terminal_is_asked_about_an_unknown_key(make_host, lab: Lab, home: Path) -> None:

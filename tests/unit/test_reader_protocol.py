@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from appliance.agent import reader as wire
 from appliance.agent import reader_source
@@ -32,10 +35,10 @@ def _run_reader(
     proc.stdin.write(code + protocol.encode_request([(str(disk), block_size)]))
     proc.stdin.flush()
     records = protocol.RecordReader(lambda: proc.stdout.read1(1 << 20))  # type: ignore[union-attr]
-    records.block_size = block_size
     hello = records.next()
     assert isinstance(hello, protocol.Hello)
     size = hello.disks[0].size
+    records.start_disk(size, block_size)
     carry = carry_over(old_size, size, block_size)
 
     def send() -> None:
@@ -88,3 +91,97 @@ def test_missing_disk_is_reported_not_crashed(tmp_path: Path) -> None:
     pieces = iter([proc.stdout, b""])
     rec = protocol.RecordReader(lambda: next(pieces)).next()
     assert isinstance(rec, protocol.RemoteFailure) and rec.code == "disk-missing"
+
+
+# -- a hostile host: every length and position the reader could never send -------------------------------
+
+SIZE = 10 * BS + 100  # ten whole blocks and a short last one (block 10)
+
+
+def _data(first: int, length: int) -> bytes:
+    count = -(-length // BS)
+    return wire.DATA.pack(b"D", first, length) + bytes(32) * count + b"\xaa" * length
+
+
+def _decoding(stream: bytes) -> protocol.RecordReader:
+    """A decoder of one disk fed `stream`, failing the test if it asks for a byte more (it must refuse a record
+    at its header, never wait for the payload the header claims)."""
+    pieces = iter([stream])
+
+    def recv_some() -> bytes:
+        piece = next(pieces, None)
+        if piece is None:
+            raise AssertionError("the decoder read past the record it should have refused")
+        return piece
+
+    records = protocol.RecordReader(recv_some)
+    records.start_disk(SIZE, BS)
+    return records
+
+
+def _refused(stream: bytes, needle: str) -> None:
+    records = _decoding(stream)
+    with pytest.raises(protocol.ProtocolError, match=needle):
+        while True:
+            records.next()
+
+
+def _json_record(tag: bytes, obj: object) -> bytes:
+    body = json.dumps(obj).encode()
+    return tag + wire.U32.pack(len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("stream", "needle"),
+    [
+        (wire.DATA.pack(b"D", 0, 0xFFFFFFFF), "data record of 4294967295 bytes"),  # claims 4 GiB
+        (wire.DATA.pack(b"D", 0, wire.MAX_RUN + 1), "data record of 1048577 bytes"),
+        (wire.DATA.pack(b"D", 0, 0), "data record of 0 bytes"),
+        (b"H" + wire.U32.pack(0xFFFFFFFF), "hello record of 4294967295 bytes"),
+        (b"X" + wire.U32.pack(protocol.MAX_JSON_RECORD + 1), "failure record of"),
+        (wire.DATA.pack(b"D", 11, BS), "past the disk's end"),
+        (wire.DATA.pack(b"D", 2**64 - 1, BS), "past the disk's end"),
+        (wire.DATA.pack(b"D", 9, 2 * BS), "past the disk's end"),  # overlaps the short last block as whole
+        (wire.DATA.pack(b"D", 3, BS + 5), "short block before the disk's end"),
+        (wire.ZERO.pack(b"Z", 0, 0xFFFFFFFF), "past the disk's end"),  # a negative-looking count
+        (wire.ZERO.pack(b"Z", 10, 2), "past the disk's end"),
+        (wire.ZERO.pack(b"Z", 4, 0), "empty zero record"),
+        (_data(5, BS) + _data(5, BS), "at block 5, after block 5"),  # a repeat
+        (_data(5, 2 * BS) + wire.ZERO.pack(b"Z", 6, 1), "at block 6, after block 6"),  # a step back into a run
+        (wire.PROGRESS.pack(b"P", SIZE + 1), "progress of"),
+        (wire.PROGRESS.pack(b"P", 8 * BS) + wire.PROGRESS.pack(b"P", 8 * BS), "progress of"),
+        (wire.END.pack(b"E", SIZE - 1), "end of a disk"),
+        (b"Welcome to web1!\n", "unknown type 'W'"),
+        (_json_record(b"H", [1, 2]), "not a JSON object"),
+        (b"H" + wire.U32.pack(20000) + b"[" * 20000, "not JSON"),
+        (_json_record(b"H", {"protocol": 1, "disks": [{"path": "/d", "size": "big", "kind": "file"}]}), "size"),
+        (_json_record(b"H", {"protocol": 7, "disks": []}), "protocol 7"),
+        (_json_record(b"F", {"post_hook": {"rc": "0"}}), "exit status"),
+    ],
+)
+def test_hostile_records_are_refused_at_their_header(stream: bytes, needle: str) -> None:
+    _refused(stream, needle)
+
+
+def test_data_after_the_end_of_the_disk_is_refused() -> None:
+    records = _decoding(wire.END.pack(b"E", SIZE) + bytes(32) + _data(0, BS))
+    assert isinstance(records.next(), protocol.DiskEnd)
+    with pytest.raises(protocol.ProtocolError, match="outside a disk"):
+        records.next()
+
+
+def test_what_the_reader_does_send_passes() -> None:
+    stream = (
+        _data(0, 2 * BS) + wire.ZERO.pack(b"Z", 2, 3) + wire.PROGRESS.pack(b"P", 8 * BS) + _data(9, BS + 100)
+        + wire.END.pack(b"E", SIZE) + bytes(32)
+    )  # fmt: skip
+    records = _decoding(stream)
+    kinds = [type(records.next()).__name__ for _ in range(5)]
+    assert kinds == ["DataRun", "ZeroRun", "Progress", "DataRun", "DiskEnd"]
+
+
+def test_text_from_the_host_is_shown_on_one_line() -> None:
+    failure = _json_record(b"X", {"code": "pre-hook-failed", "message": "line one\nline two\x1b[2J" + "x" * 900})
+    record = _decoding(failure).next()
+    assert isinstance(record, protocol.RemoteFailure)
+    assert record.message.startswith("line one line two [2J") and len(record.message) == protocol.MAX_MESSAGE
