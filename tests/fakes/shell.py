@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from types import TracebackType
 
 from appliance.domain.models import Host, HostKey
-from appliance.errors import ConnectionLostError, HostKeyError
+from appliance.errors import ConnectionLostError, HostKeyError, JobDeadlineError
 
 HOST_KEY = HostKey(
     key_type="ssh-ed25519",
@@ -38,6 +39,7 @@ class LocalStream:
         self.bytes_received = 0
         self.cut_after = cut_after
         self.cut = False
+        self.deadline: float | None = None
         self._gone = False  # the link is down: no read or write touches the pipes again
         self._stdin_lock = threading.Lock()  # a write in another thread never meets a closed (reused) fd
         self._proc = subprocess.Popen(
@@ -74,9 +76,14 @@ class LocalStream:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
 
+    def set_deadline(self, at: float | None) -> None:
+        self.deadline = at
+
     def recv_some(self) -> bytes:
         if self._gone:
             raise self._lost()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise JobDeadlineError("the job on the local host passed its deadline")
         assert self._proc.stdout is not None
         try:
             data = os.read(self._proc.stdout.fileno(), RECV_SIZE)
