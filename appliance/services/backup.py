@@ -11,13 +11,15 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from appliance.domain.blocks import HASH_LEN, Carry, block_length, carry_over, zero_hash
+from appliance.domain.blocks import HASH_LEN, Carry, block_hashes, block_length, carry_over, zero_hash
 from appliance.domain.models import DiskPoint, Host, Point, point_id_for, slot_name
 from appliance.errors import (
     ApplianceError,
@@ -59,6 +61,42 @@ def job_deadline(host: Host, started: float, total: int) -> float:
     """
     hooks = bool(host.pre_hook) + bool(host.post_hook)
     return started + STARTUP_SECONDS + host.timeout * (1 + hooks) + total / max(host.min_rate, 1)
+
+
+class _HashCheck:
+    """Every data block the host sends is hashed again here and must match the hash the host sent with
+    it: the hash list and the digest a point is proven by are built from the host's hashes, so a host
+    that sent other data (a fault, a compromise) would otherwise publish a point that only `verify`
+    could expose. sha256 releases the GIL: the check runs on worker threads beside the writes, a
+    bounded number of records behind (a record is at most 1 MiB)."""
+
+    AHEAD = 8
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash-check")
+        self._pending: deque[tuple[int, Future[bool]]] = deque()
+
+    def submit(self, record: DataRun, block_size: int) -> None:
+        self._pending.append((record.first, self._pool.submit(_matches, record.data, record.hashes, block_size)))
+        while len(self._pending) > self.AHEAD:
+            self._settle()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._settle()
+
+    def _settle(self) -> None:
+        first, matches = self._pending.popleft()
+        if not matches.result():
+            raise violation(self.host, f"data for blocks from {first} that does not match the hashes sent with it")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _matches(data: memoryview, hashes: bytes, block_size: int) -> bool:
+    return block_hashes(data, block_size) == hashes
 
 
 @dataclass(slots=True)
@@ -315,6 +353,7 @@ class _Capture:
         self, records: protocol.RecordReader, stream: RemoteStream, plan: _DiskPlan, source: str
     ) -> DiskPoint:
         hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
+        check = _HashCheck(self.host)
         changed = sent = 0
         done_before = self.progress.read
         try:
@@ -323,6 +362,7 @@ class _Capture:
                     record = self._next(records, stream)
                     if isinstance(record, DataRun):
                         checkpoint("capture.data")
+                        check.submit(record, plan.block_size)
                         exported.write(record.first * plan.block_size, record.data)
                         hashes.set(record.first, record.hashes)
                         changed += len(record.data)
@@ -340,6 +380,7 @@ class _Capture:
                         break
                     else:
                         raise violation(self.host, f"a {_kind(record)} record in the middle of {plan.slot}")
+                check.drain()
                 exported.flush()
                 checkpoint("capture.written")
             checkpoint("capture.export_closed")
@@ -347,6 +388,8 @@ class _Capture:
         except BaseException:
             hashes.discard()
             raise
+        finally:
+            check.close()
         if digest != end.digest:
             raise ChainCorruptError(
                 f"{self.host.name} {plan.slot}: the received blocks do not add up to the digest the host computed "

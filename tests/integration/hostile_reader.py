@@ -17,6 +17,7 @@ import time
 U32 = struct.Struct("<I")
 DATA = struct.Struct("<cQI")
 ZERO = struct.Struct("<cQI")
+END = struct.Struct("<cQ")
 FLOOD = 512 << 20  # what follows a record claiming 4 GiB: far more than the appliance may ever buffer
 TRICKLE_EVERY = 2.0  # seconds between the bytes of a trickle: below the host's timeout, never silent
 
@@ -86,6 +87,12 @@ def step_back(out, request, block_size):
     out.write(_hello(request) + _block(3, block_size) + _block(2, block_size))
 
 
+def lying(out, request, block_size):
+    """Well-formed records whose data is not what their hash says: the point must not be published."""
+    size = os.path.getsize(request["disks"][0]["path"])
+    out.write(_hello(request) + _block(0, block_size) + END.pack(b"E", size) + bytes(32))
+
+
 def huge_disk(out, request, block_size):
     out.write(_hello(request, size=100 << 40))
 
@@ -97,7 +104,7 @@ def trickle(out, request, block_size):
 
 
 MODES = {f.__name__.replace("_", "-"): f for f in (garbage, huge_json, huge_data, block_past_end, huge_count,
-                                                     zero_past_end, step_back, huge_disk, trickle)}  # fmt: skip
+                                                     zero_past_end, step_back, lying, huge_disk, trickle)}  # fmt: skip
 
 
 def main():

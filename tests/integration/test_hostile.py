@@ -66,6 +66,7 @@ def test_hostile_records_end_with_one_line_and_nothing_published(
         "huge-count": "a zero record of blocks 0..4294967294 past the disk's end",
         "zero-past-end": "past the disk's end",
         "step-back": "a data record at block 2, after block 3 was sent",
+        "lying": "data for blocks from 0 that does not match the hashes sent with it",
         "huge-disk": "is 100.0 TiB on the host, more than its limit of 64.0 TiB",
     }
     for name, needle in cases.items():
