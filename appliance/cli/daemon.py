@@ -13,10 +13,11 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import table
+from appliance.cli._output import raise_unreadable, table
 from appliance.cli.context import state
 from appliance.domain.schedule import ALL_HOSTS, parse_time_of_day
 from appliance.services.daemon import Scheduler, SystemClock, run_job
+from appliance.store import hosts as host_store
 from appliance.store import schedule as schedule_store
 
 _AT = typer.Option("--consolidate-at", help="Local time of the nightly consolidation, HH:MM")
@@ -65,4 +66,7 @@ def schedule(ctx: typer.Context, consolidate_at: Annotated[str, _AT] = "02:00") 
         )
         host = "all hosts" if job.host == ALL_HOSTS else job.host
         rows.append([job.kind, host, f"{job.due.astimezone():%Y-%m-%d %H:%M:%S}", outcome])
+    unreadable = host_store.load_all(st.home)[1]
+    rows += [["backup", name, "- (unreadable record)", "-"] for name in unreadable]
     typer.echo(table(["JOB", "HOST", "NEXT", "LAST RUN"], rows))
+    raise_unreadable(unreadable)

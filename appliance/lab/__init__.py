@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
-import json
 import os
 import secrets
 import signal
@@ -27,6 +26,7 @@ from appliance.adapters.process import CommandFailed, run
 from appliance.errors import LabError
 from appliance.lab import disks, guest
 from appliance.log import get_logger
+from appliance.store.files import as_type, read_as, write_json
 
 log = get_logger(__name__)
 
@@ -80,20 +80,18 @@ class Lab:
     # -- state ----------------------------------------------------------------------------------------
 
     def _load(self) -> dict[str, object]:
-        if not self.state_file.exists():
-            return {}
-        return dict(json.loads(self.state_file.read_text()))
+        return read_as(self.state_file, dict[str, object]) if self.state_file.exists() else {}
 
     def _save(self, state: dict[str, object]) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.state_file.write_text(json.dumps(state, indent=1))
+        write_json(self.state_file, state)
 
     @property
     def key_file(self) -> Path:
         return self.root / "id_ed25519"
 
     def hosts(self) -> list[LabHost]:
-        return [LabHost(**h) for h in self._load().get("hosts", [])]  # type: ignore[attr-defined]
+        return as_type(self._load().get("hosts", []), list[LabHost], self.state_file, "hosts")
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts():

@@ -58,7 +58,7 @@ class Scheduler:
     started: datetime | None = None
 
     def next_jobs(self) -> list[Job]:
-        intervals = [(h.name, h.interval) for h in (hosts.load(self.home, n) for n in hosts.names(self.home))]
+        intervals = [(h.name, h.interval) for h in hosts.load_all(self.home)[0]]  # a damaged record: not scheduled
         last = {key: o.started for key, o in schedule.load(self.home).items()}
         return due_jobs(intervals, last, self.clock.now(), self.consolidate_at, self.started)
 

@@ -7,26 +7,37 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from appliance.domain.models import Host, HostKey
-from appliance.errors import ChainError, ConfigError, HostNotFoundError
+from appliance.domain.models import HOST_NAME, Host
+from appliance.errors import ChainError, ConfigError, DamagedFileError, HostNotFoundError
 from appliance.store import failback, recovery
-from appliance.store.files import read_json, write_json
+from appliance.store.files import damaged, read_as, write_json
 from appliance.store.layout import Home
 from appliance.store.lock import HostLock
 
 
 def load(home: Home, name: str) -> Host:
+    """:raises ConfigError: not a host name. HostNotFoundError: no record. DamagedFileError: a damaged one."""
     path = home.host_record(name)
     if not path.exists():
         raise HostNotFoundError(f"no protected host named {name!r}")
-    try:
-        doc = read_json(path)
-        doc["host_key"] = HostKey(**doc["host_key"])
-        for key in ("disks", "pre_hook", "post_hook"):
-            doc[key] = tuple(doc.get(key) or ())
-        return Host(**doc)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"host record {path} is unreadable: {exc}") from exc
+    host = read_as(path, Host)
+    if host.name != name:
+        raise damaged(path, f"it is the record of host {host.name!r}")
+    return host
+
+
+def load_all(home: Home) -> tuple[list[Host], dict[str, DamagedFileError]]:
+    """Every host whose record reads, and what is wrong with each other file under hosts/: one damaged
+    record never hides the other hosts from a listing or the scheduler."""
+    found, unreadable = [], {}
+    for path in sorted(home.hosts_dir.glob("*.json")) if home.hosts_dir.exists() else []:
+        try:
+            if not HOST_NAME.match(path.stem):
+                raise DamagedFileError(f"{path} is not the appliance's: {path.stem!r} is not a host name")
+            found.append(load(home, path.stem))
+        except DamagedFileError as exc:
+            unreadable[path.stem] = exc
+    return found, unreadable
 
 
 def save(home: Home, host: Host) -> None:
@@ -41,7 +52,7 @@ def exists(home: Home, name: str) -> bool:
 def names(home: Home) -> list[str]:
     if not home.hosts_dir.exists():
         return []
-    return sorted(p.stem for p in home.hosts_dir.glob("*.json"))
+    return sorted(p.stem for p in home.hosts_dir.glob("*.json") if HOST_NAME.match(p.stem))
 
 
 def install_key(home: Home, name: str, source: Path, *, failback: bool = False) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from appliance.store.files import read_json, write_json
+from appliance.store.files import read_as, write_json
 from appliance.store.layout import Home
 
 NAME = "schedule.json"
@@ -26,11 +26,7 @@ def load(home: Home) -> dict[tuple[str, str], Outcome]:
     path = home.root / NAME
     if not path.exists():
         return {}
-    out = {}
-    for doc in read_json(path):
-        outcome = Outcome(**{**doc, "started": datetime.fromisoformat(doc["started"])})
-        out[(outcome.kind, outcome.host)] = outcome
-    return out
+    return {(o.kind, o.host): o for o in read_as(path, list[Outcome])}
 
 
 def record(home: Home, outcome: Outcome) -> None:
