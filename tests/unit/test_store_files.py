@@ -14,9 +14,10 @@ from appliance.cli import app
 from appliance.cli._output import HostOrCommand
 from appliance.domain.models import Host
 from appliance.domain.recovery import RESERVED_NAMES
-from appliance.errors import ConfigError, DamagedFileError
+from appliance.errors import ChainLockedError, ConfigError, DamagedFileError
 from appliance.store.files import read_as, read_json, write_json
 from appliance.store.layout import Home
+from appliance.store.lock import HostLock
 
 
 @pytest.mark.parametrize(
@@ -81,3 +82,10 @@ def test_every_word_the_cli_takes_in_place_of_a_host_is_reserved() -> None:
     groups = [g for g in typer.main.get_command(app).commands.values() if isinstance(g, HostOrCommand)]  # type: ignore[attr-defined]
     assert len(groups) >= 2
     assert {name for g in groups for name in g.commands} <= RESERVED_NAMES
+
+
+def test_a_damaged_lock_file_still_refuses_the_second_job(tmp_path: Path) -> None:
+    with HostLock(tmp_path / "lock", "web1", "backup"):
+        (tmp_path / "lock").write_text("[]")  # what the holder wrote, replaced by something else
+        with pytest.raises(ChainLockedError, match="another job is running"):
+            HostLock(tmp_path / "lock", "web1", "verify").__enter__()
