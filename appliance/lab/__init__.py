@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.adapters.process import CommandFailed, run
+from appliance.domain.models import validate_host_name
 from appliance.errors import LabError
 from appliance.lab import disks, guest
 from appliance.log import get_logger
@@ -116,6 +117,8 @@ class Lab:
         Each disk is `disk_size` bytes of random data (`data_fraction` of it), a copy of `disk_image`, or
         `with_guest`, the lab guest (images/guest); `loop` makes it a block device."""
         recipe = _DiskRecipe(disk_size, data_fraction, loop, disk_image, with_guest)
+        for name in names:
+            validate_host_name(name)  # it names the host's folder under the lab
         _require_root()
         state = self._load()
         lab_id = str(state.get("id") or secrets.token_hex(2))
