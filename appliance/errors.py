@@ -10,7 +10,7 @@ and an exit status; everything below raises them, always chaining the root cause
      +-- ChainError                      10
      |    +-- ChainLockedError           11  another job holds the host's lock
      |    +-- PointNotFoundError         12
-     |    +-- ChainCorruptError          13  a point or the catalog does not read back as recorded
+     |    +-- ChainCorruptError          13  a point does not read back as recorded, or the catalog lacks its files
      +-- StoreFullError                  14  the appliance's disk has no room
      +-- DamagedFileError                15  a file under APPLIANCE_HOME is damaged or not the appliance's
      +-- RemoteError                     20

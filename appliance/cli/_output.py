@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from typer.core import TyperGroup
 
+from appliance.errors import DamagedFileError
 from appliance.services.backup import BackupProgress
 
 
@@ -85,6 +86,14 @@ def parse_size(text: str) -> int:
     if unit not in _UNITS or value <= 0:
         raise ConfigError(f"invalid size {text!r}: use e.g. 512M, 2G")
     return int(value * _UNITS[unit])
+
+
+def raise_unreadable(unreadable: Mapping[str, DamagedFileError]) -> None:
+    """After a listing that showed everything readable: the records that were not, as one error line."""
+    if len(unreadable) == 1:
+        raise next(iter(unreadable.values()))
+    if unreadable:
+        raise DamagedFileError("; ".join(exc.message for exc in unreadable.values()))
 
 
 class HostOrCommand(TyperGroup):

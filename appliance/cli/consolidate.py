@@ -37,12 +37,11 @@ def consolidate_cmd(
         except ApplianceError as exc:
             if name:
                 raise
-            typer.echo(f"{host}: error: {exc.message}", err=True)
-            failed.append(host)
+            failed.append(f"{host}: {exc.message}")  # the other hosts are consolidated all the same
             continue
         _show(report, dry_run)
     if failed:
-        raise ChainError(f"consolidation failed for {', '.join(failed)}")
+        raise ChainError(f"consolidation failed for {'; '.join(failed)}")
 
 
 def _show(report: Report, dry_run: bool) -> None:

@@ -14,9 +14,10 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import table
+from appliance.cli._output import raise_unreadable, table
 from appliance.cli.context import state
 from appliance.domain.schedule import parse_time_of_day, ran_in_the_future
+from appliance.errors import DamagedFileError
 from appliance.services.daemon import DEFAULT_JOBS, Scheduler, SystemClock, run_job, upcoming
 from appliance.store import schedule as schedule_store
 
@@ -66,6 +67,7 @@ def schedule(ctx: typer.Context, consolidate_at: Annotated[str, _AT] = "02:00") 
     rows = [[job.kind, job.host, _when(job.due), _outcome(last.get(job.key), now)] for job in plan.jobs]
     rows += [["-", name, "-", f"UNREADABLE: {why}"] for name, why in sorted(plan.unreadable.items())]
     typer.echo(table(["JOB", "HOST", "NEXT", "LAST RUN"], rows))
+    raise_unreadable({name: DamagedFileError(why) for name, why in plan.unreadable.items()})
 
 
 def _when(moment: datetime) -> str:

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import HostOrCommand, table
+from appliance.cli._output import HostOrCommand, raise_unreadable, table
 from appliance.cli.context import state
 from appliance.domain.recovery import BootCheck
 from appliance.services import failover as service
-from appliance.store import hosts
+from appliance.store import hosts, recovery
 
 app = typer.Typer(
     cls=HostOrCommand,
@@ -63,7 +63,10 @@ def status(ctx: typer.Context) -> None:
          f"{vm.rto_seconds:.1f} s" if vm.rto_seconds is not None else "-", vm.console_log]
         for vm, live in service.status(st.home, st.tools)
     ]  # fmt: skip
-    typer.echo(table(["HOST", "POINT", "SINCE", "STATE", "ACCEL", "VNC", "RTO", "CONSOLE"], rows))
+    unreadable = recovery.unreadable(st.home)
+    rows += [[host, "-", "-", "(unreadable record)", "-", "-", "-", "-"] for host in unreadable]
+    typer.echo(table(["HOST", "POINT", "SINCE", "STATE", "ACCEL", "VNC", "RTO", "CONSOLE"], sorted(rows)))
+    raise_unreadable(unreadable)
 
 
 @app.command("stop")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import parse_size, size, table
+from appliance.cli._output import parse_size, raise_unreadable, size, table
 from appliance.cli.context import state
 from appliance.domain.models import HostKey, format_duration, parse_duration, validate_block_size
 from appliance.domain.recovery import BootCheck, Network, VmSettings
@@ -210,11 +210,16 @@ def _vm_changes(boot_check: str | None, verify_boot: bool | None, memory: int | 
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the protected hosts."""
     home = state(ctx).home
-    found = [host_store.load(home, n) for n in host_store.names(home)]
+    found, unreadable = host_store.load_all(home)
     if as_json:
-        typer.echo(json.dumps([{"name": h.name, "target": h.target, "disks": list(h.disks)} for h in found], indent=1))
-        return
-    typer.echo(table(["HOST", "ADDRESS", "DISKS"], [[h.name, h.target, " ".join(h.disks)] for h in found]))
+        docs = [{"name": h.name, "target": h.target, "disks": list(h.disks)} for h in found]
+        docs += [{"name": name, "error": exc.message} for name, exc in unreadable.items()]
+        typer.echo(json.dumps(sorted(docs, key=lambda d: str(d["name"])), indent=1))
+    else:
+        rows = [[h.name, h.target, " ".join(h.disks)] for h in found]
+        rows += [[name, "(unreadable record)", "-"] for name in unreadable]
+        typer.echo(table(["HOST", "ADDRESS", "DISKS"], sorted(rows)))
+    raise_unreadable(unreadable)
 
 
 @app.command("show")

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from appliance.domain.recovery import RESERVED_NAMES
 from appliance.errors import ConfigError
 
 HOST_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -72,10 +73,20 @@ class Host:
 
 
 def validate_host_name(name: str) -> str:
+    """Every name a command is given: it becomes file names under APPLIANCE_HOME, so it is never a path."""
     if not HOST_NAME.match(name):
         raise ConfigError(
             f"invalid host name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_new_host_name(name: str) -> str:
+    """A host being added: a valid name that is none of the words the CLI takes in a host name's place."""
+    if validate_host_name(name) in RESERVED_NAMES:
+        raise ConfigError(
+            f"{name!r} cannot name a host: `appliance failover {name}` and `appliance failback {name}` are commands"
         )
     return name
 

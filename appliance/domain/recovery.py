@@ -10,7 +10,9 @@ from datetime import datetime
 from appliance.errors import ConfigError
 
 DISK_BUSES = ("virtio", "sata", "ide")
-RESERVED_NAMES = frozenset({"status", "stop", "boot"})  # words of `appliance failover ...`
+# The words `appliance failover ...` and `appliance failback ...` take where a host name could stand
+# (cli/_output.py HostOrCommand): a host named so could never be failed over or back by its name.
+RESERVED_NAMES = frozenset({"boot", "status", "stop", "run"})
 
 
 @dataclass(frozen=True, slots=True)

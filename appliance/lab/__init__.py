@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
-import json
 import os
 import secrets
 import signal
@@ -24,9 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.adapters.process import CommandFailed, run
+from appliance.domain.models import validate_host_name
 from appliance.errors import LabError
 from appliance.lab import disks, guest
 from appliance.log import get_logger
+from appliance.store.files import as_type, read_as, write_json
 
 log = get_logger(__name__)
 
@@ -80,20 +81,18 @@ class Lab:
     # -- state ----------------------------------------------------------------------------------------
 
     def _load(self) -> dict[str, object]:
-        if not self.state_file.exists():
-            return {}
-        return dict(json.loads(self.state_file.read_text()))
+        return read_as(self.state_file, dict[str, object]) if self.state_file.exists() else {}
 
     def _save(self, state: dict[str, object]) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.state_file.write_text(json.dumps(state, indent=1))
+        write_json(self.state_file, state)
 
     @property
     def key_file(self) -> Path:
         return self.root / "id_ed25519"
 
     def hosts(self) -> list[LabHost]:
-        return [LabHost(**h) for h in self._load().get("hosts", [])]  # type: ignore[attr-defined]
+        return as_type(self._load().get("hosts", []), list[LabHost], self.state_file, "hosts")
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts():
@@ -118,6 +117,8 @@ class Lab:
         Each disk is `disk_size` bytes of random data (`data_fraction` of it), a copy of `disk_image`, or
         `with_guest`, the lab guest (images/guest); `loop` makes it a block device."""
         recipe = _DiskRecipe(disk_size, data_fraction, loop, disk_image, with_guest)
+        for name in names:
+            validate_host_name(name)  # it names the host's folder under the lab
         _require_root()
         state = self._load()
         lab_id = str(state.get("id") or secrets.token_hex(2))

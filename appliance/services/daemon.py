@@ -22,7 +22,7 @@ from datetime import time as time_of_day
 from typing import Protocol
 
 from appliance.domain.schedule import BACKUP, Job, due_jobs, jobs_to_start
-from appliance.errors import ApplianceError, ConfigError, HostNotFoundError
+from appliance.errors import ApplianceError, DamagedFileError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.backup import back_up
@@ -66,15 +66,8 @@ class Plan:
 
 def read_intervals(home: Home) -> tuple[list[tuple[str, float]], dict[str, str]]:
     """Each readable host's backup interval, and the hosts whose record is damaged (with the reason)."""
-    intervals, unreadable = [], {}
-    for name in hosts.names(home):
-        try:
-            intervals.append((name, hosts.load(home, name).interval))
-        except HostNotFoundError:
-            continue  # removed since it was listed
-        except ConfigError as exc:
-            unreadable[name] = exc.message
-    return intervals, unreadable
+    found, unreadable = hosts.load_all(home)
+    return [(h.name, h.interval) for h in found], {name: exc.message for name, exc in unreadable.items()}
 
 
 def upcoming(home: Home, history: Mapping[tuple[str, str], schedule.Outcome], now: datetime,
@@ -169,7 +162,7 @@ class Scheduler:
     def _history(self) -> dict[tuple[str, str], schedule.Outcome]:
         try:
             history = schedule.load(self.home)
-        except ConfigError as exc:
+        except DamagedFileError as exc:
             if not self._history_damaged:
                 log.error("daemon.history_unreadable", file=str(self.home.root / schedule.NAME), error=exc.message,
                           action="history taken as empty (every backup due now); the next job's outcome starts a "

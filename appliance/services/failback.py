@@ -83,8 +83,7 @@ class Progress:
 
 
 def status(home: Home, name: str) -> Progress | None:
-    doc = records.load_progress(home, name)
-    return Progress(**doc) if doc is not None else None
+    return records.load_progress(home, name, Progress)
 
 
 def request_cutover(home: Home, name: str) -> None:

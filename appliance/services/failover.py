@@ -12,7 +12,6 @@ consolidation must not merge a point that a running VM reads through.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -29,7 +28,7 @@ from appliance.errors import ApplianceError, FailoverError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.store import catalog, hosts, recovery
-from appliance.store.files import private_dir, write_json
+from appliance.store.files import private_dir, read_as, write_json
 from appliance.store.layout import Home
 from appliance.store.lock import HostLock
 
@@ -174,10 +173,7 @@ def _choose_accel(home: Home, tools: Tools, wanted: str) -> tuple[str, str]:
 
 
 def _accel_record(home: Home) -> dict[str, str]:
-    try:
-        return dict(json.loads(home.accel_file.read_text()))
-    except (OSError, ValueError):
-        return {}
+    return read_as(home.accel_file, dict[str, str]) if home.accel_file.exists() else {}
 
 
 def _remember_kvm_broken(home: Home, reason: str) -> None:

@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from appliance.domain.models import DEFAULT_BLOCK_SIZE, Host, HostKey, parse_address, validate_host_name
-from appliance.errors import ConfigError, DiskAccessError, HostKeyError, RemoteCommandError
+from appliance.domain.models import DEFAULT_BLOCK_SIZE, Host, HostKey, parse_address, validate_new_host_name
+from appliance.errors import ConfigError, DiskAccessError, HostKeyError, HostNotFoundError, RemoteCommandError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.reader_session import ended_early, start_reader, violation
@@ -71,7 +71,7 @@ def add_host(
 
     :raises ConfigError, HostKeyError, RemoteError:
     """
-    validate_host_name(name)
+    validate_new_host_name(name)
     if hosts.exists(home, name):
         raise ConfigError(f"a host named {name!r} already exists", hint=f"change it with `appliance host set {name}`")
     user, address_only, final_port = parse_address(address, port)
@@ -142,8 +142,11 @@ def set_host(home: Home, tools: Tools, name: str, **changes: object) -> Host:
 
 
 def remove_host(home: Home, name: str, *, purge: bool) -> None:
-    """Forget a host; with `purge`, delete every file of it too (refused while a job runs or a point is in use)."""
-    hosts.load(home, name)
+    """Forget a host; with `purge`, delete every file of it too (refused while a job runs or a point is in use).
+
+    The record is not read: a damaged one can be removed like any other."""
+    if not hosts.exists(home, name):
+        raise HostNotFoundError(f"no protected host named {name!r}")
     if purge:
         hosts.purge(home, name)
     hosts.remove(home, name)

@@ -7,30 +7,53 @@ replaced atomically, so a reader sees the chain before or after a point, never h
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.domain.chain import Chain
-from appliance.domain.models import DiskPoint, Point, Verification
-from appliance.errors import ChainCorruptError
-from appliance.store.files import read_json, write_json
+from appliance.domain.models import Point
+from appliance.errors import DamagedFileError
+from appliance.store.files import as_type, damaged, read_json, write_json
+from appliance.store.layout import point_file
 
 FORMAT = 1
 NAME = "chain.json"
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]*$")  # a point id or a disk slot: never a path
+
+
+@dataclass(frozen=True, slots=True)
+class _Catalog:
+    format: int
+    points: tuple[Point, ...]
 
 
 def load(chain_dir: Path, host: str) -> Chain:
+    """The host's chain as its catalog lists it (empty if there is none yet).
+
+    :raises DamagedFileError: the catalog does not read as one this appliance wrote; the message names it.
+    """
     path = chain_dir / NAME
     if not path.exists():
         return Chain(host=host)
-    try:
-        doc = read_json(path)
-        if doc.get("format") != FORMAT:
-            raise ChainCorruptError(f"{path} has format {doc.get('format')!r}; this appliance reads format {FORMAT}")
-        return Chain(host=host, points=tuple(_point(p) for p in doc["points"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ChainCorruptError(f"the catalog {path} is unreadable: {exc}") from exc
+    doc = read_json(path)
+    if isinstance(doc, dict) and doc.get("format", FORMAT) != FORMAT:
+        raise DamagedFileError(f"{path} has format {doc['format']!r}; this appliance reads format {FORMAT}")
+    points = as_type(doc, _Catalog, path).points
+    for p in points:
+        _check_names(path, p)
+    return Chain(host=host, points=points)
+
+
+def _check_names(path: Path, point: Point) -> None:
+    """Point ids and slots become file names: a catalog must not lead a command outside the chain's folder."""
+    for name in (point.id, *(d.slot for d in point.disks)):
+        if not _PLAIN_NAME.match(name):
+            raise damaged(path, f"{name!r} is not a point id or disk slot")
+    for d in point.disks:
+        if d.file != point_file(d.slot, point.id):
+            raise damaged(path, f"point {point.id} names its {d.slot} file {d.file!r}")
 
 
 def save(chain_dir: Path, chain: Chain) -> None:
@@ -68,32 +91,3 @@ def point_doc(p: Point) -> dict[str, Any]:
         "extra": p.extra,
         "dropping": p.dropping,
     }
-
-
-def _point(doc: dict[str, Any]) -> Point:
-    v = doc.get("verification")
-    return Point(
-        id=doc["id"],
-        created=datetime.fromisoformat(doc["created"]),
-        seconds=float(doc["seconds"]),
-        wire_bytes=int(doc.get("wire_bytes", 0)),
-        disks=tuple(
-            DiskPoint(
-                slot=d["slot"],
-                source=d["source"],
-                file=d["file"],
-                size=int(d["size"]),
-                block_size=int(d["block_size"]),
-                digest=d["digest"],
-                read_bytes=int(d.get("read_bytes", 0)),
-                changed_bytes=int(d.get("changed_bytes", 0)),
-                sent_bytes=int(d.get("sent_bytes", 0)),
-            )
-            for d in doc["disks"]
-        ),
-        verification=None
-        if v is None
-        else Verification(datetime.fromisoformat(v["time"]), bool(v["ok"]), v.get("detail", "")),
-        extra=dict(doc.get("extra") or {}),
-        dropping=bool(doc.get("dropping", False)),
-    )

@@ -44,13 +44,19 @@ from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import ImageTool
 from appliance.store import catalog, recovery
-from appliance.store.files import fsync_dir, fsync_file, read_json, write_atomic, write_json
+from appliance.store.files import fsync_dir, fsync_file, read_as, write_atomic, write_json
 from appliance.store.layout import Home, hashes_file, partial, point_file
 from appliance.store.lock import HostLock
 
 log = get_logger(__name__)
 
 INTENT = "publishing.json"  # the files an unfinished publication renamed into place
+
+
+@dataclass(frozen=True, slots=True)
+class _Intent:
+    point: str
+    files: tuple[str, ...]  # relative to the chain's folder
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +267,8 @@ class ChainTx:
         path = self.dir / INTENT
         if not path.exists():
             return set()
-        intent = read_json(path)
-        try:
-            point, files = intent["point"], intent["files"]
-            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-                raise TypeError("files is not a list of names")
-        except (KeyError, TypeError) as exc:
-            raise ChainCorruptError(f"{path} is damaged ({exc}); not removing anything",
-                                    hint="remove it by hand if no backup is running") from exc  # fmt: skip
-        return set() if point in self.chain.ids() else set(files)
+        intent = read_as(path, _Intent)  # damaged: nothing is removed on a guess
+        return set() if intent.point in self.chain.ids() else set(intent.files)
 
     def discard_drafts(self) -> None:
         for draft in self._drafts:
@@ -297,7 +296,8 @@ def open(home: Home, images: ImageTool, host: str, purpose: str, *, wait: float 
     Points being written and not published when the block ends (an error, a signal) are removed.
 
     :raises ChainLockedError: another job holds the host.
-    :raises ChainCorruptError: the catalog or an intent is damaged, or point files are not listed.
+    :raises DamagedFileError: the catalog or an intent is damaged (the message names the file).
+    :raises ChainCorruptError: point files are not listed in the catalog.
     """
     with HostLock(home.chain_dir(host) / "lock", host, purpose, wait=wait):
         tx = ChainTx(home, images, host)

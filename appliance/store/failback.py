@@ -11,12 +11,25 @@ $APPLIANCE_HOME/failover/<host>/failback/        ledgers and copies of the runni
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.domain.models import HostKey
-from appliance.store.files import private_dir, read_json, write_json
+from appliance.store.files import private_dir, read_as, write_json
 from appliance.store.layout import Home
+
+T = TypeVar("T")
+PROGRESS, CUTOVER, TARGET_KEY = ".json", ".cutover", ".target-key.json"
+
+
+@dataclass(frozen=True, slots=True)
+class _PinnedTarget:
+    address: str
+    port: int
+    key_type: str
+    base64: str
+    fingerprint: str
 
 
 def _folder(home: Home) -> Path:
@@ -24,43 +37,47 @@ def _folder(home: Home) -> Path:
 
 
 def progress_path(home: Home, host: str) -> Path:
-    return home.failback_dir / f"{host}.json"
+    return home.failback_file(host, PROGRESS)
 
 
 def save_progress(home: Home, host: str, doc: dict[str, Any]) -> None:
-    write_json(_folder(home) / f"{host}.json", doc)
+    _folder(home)
+    write_json(progress_path(home, host), doc)
 
 
-def load_progress(home: Home, host: str) -> dict[str, Any] | None:
+def load_progress(home: Home, host: str, kind: type[T]) -> T | None:
+    """The progress record as `kind` (the use case's own dataclass), every field checked."""
     path = progress_path(home, host)
-    return dict(read_json(path)) if path.exists() else None
+    return read_as(path, kind) if path.exists() else None
 
 
 def request_cutover(home: Home, host: str) -> None:
-    (_folder(home) / f"{host}.cutover").touch()
+    _folder(home)
+    home.failback_file(host, CUTOVER).touch()
 
 
 def cutover_requested(home: Home, host: str) -> bool:
-    return (home.failback_dir / f"{host}.cutover").exists()
+    return home.failback_file(host, CUTOVER).exists()
 
 
 def clear_cutover(home: Home, host: str) -> None:
-    (home.failback_dir / f"{host}.cutover").unlink(missing_ok=True)
+    home.failback_file(host, CUTOVER).unlink(missing_ok=True)
 
 
 def load_target_key(home: Home, host: str) -> tuple[str, int, HostKey] | None:
     """(address, port, key) pinned by an earlier run of this host's failback, if any."""
-    path = home.failback_dir / f"{host}.target-key.json"
+    path = home.failback_file(host, TARGET_KEY)
     if not path.exists():
         return None
-    doc = read_json(path)
-    return doc["address"], int(doc["port"]), HostKey(doc["key_type"], doc["base64"], doc["fingerprint"])
+    pinned = read_as(path, _PinnedTarget)
+    return pinned.address, pinned.port, HostKey(pinned.key_type, pinned.base64, pinned.fingerprint)
 
 
 def save_target_key(home: Home, host: str, address: str, port: int, key: HostKey) -> None:
     doc = {"address": address, "port": port, "key_type": key.key_type, "base64": key.base64,
            "fingerprint": key.fingerprint}  # fmt: skip
-    write_json(_folder(home) / f"{host}.target-key.json", doc)
+    _folder(home)
+    write_json(home.failback_file(host, TARGET_KEY), doc)
 
 
 def work_dir(home: Home, host: str) -> Path:
@@ -76,6 +93,6 @@ def remove_work(home: Home, host: str) -> None:
 
 def remove_all(home: Home, host: str) -> None:
     """Every failback file of the host (when the host itself is removed)."""
-    for name in (f"{host}.json", f"{host}.cutover", f"{host}.target-key.json"):
-        (home.failback_dir / name).unlink(missing_ok=True)
+    for suffix in (PROGRESS, CUTOVER, TARGET_KEY):
+        home.failback_file(host, suffix).unlink(missing_ok=True)
     remove_work(home, host)

@@ -1,17 +1,26 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Durable small-file writes: a record is either the old one or the new one, never half of each."""
+"""Small files under APPLIANCE_HOME: durable writes (a record is either the old one or the new one, never
+half of each), and typed reads (a record that is damaged or not the appliance's is one DamagedFileError
+naming the file and what is wrong, never a KeyError or TypeError deep in a command)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import json
 import os
 import tempfile
+import types
+import typing
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from appliance.errors import StoreFullError
+from appliance.errors import ApplianceError, DamagedFileError, StoreFullError
+
+T = TypeVar("T")
 
 
 def fsync_dir(path: Path) -> None:
@@ -58,8 +67,125 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+def damaged(path: Path, problem: str) -> DamagedFileError:
+    return DamagedFileError(f"{path} is damaged: {problem}")
+
+
+def read_json(path: Path) -> object:
+    """The JSON document in `path`. A file that cannot be read, is empty, is not text or not JSON is a
+    DamagedFileError naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DamagedFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not raw.strip():
+        raise damaged(path, "it is empty")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise damaged(path, "it is not text") from exc
+    except (ValueError, RecursionError) as exc:
+        raise damaged(path, f"it is not JSON ({exc})") from exc
+
+
+def read_as(path: Path, kind: type[T]) -> T:
+    """The record in `path` as `kind` (a dataclass, list[...], dict[str, ...]), every field checked against
+    its annotation: a missing or mistyped field is a DamagedFileError naming the file and the field."""
+    return as_type(read_json(path), kind, path)
+
+
+def as_type(value: object, kind: type[T], path: Path, where: str = "") -> T:
+    """`value` (decoded JSON from `path`, at field `where`) as `kind`; see `read_as`."""
+    return typing.cast(T, _convert(value, kind, path, where))
+
+
+def _convert(value: object, kind: Any, path: Path, where: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    parse = getattr(kind, "parse", None)  # a value the record keeps as text: Network ("bridge=br0"), ...
+    if parse is not None:
+        text = _expect(value, str, kind, path, where)
+        try:
+            return parse(text)
+        except ApplianceError as exc:
+            raise damaged(path, f"{_what(where)}: {exc.message}") from exc
+    if dataclasses.is_dataclass(kind):
+        return _dataclass(_expect(value, dict, kind, path, where), kind, path, where)
+    if origin in (list, tuple):
+        items = _expect(value, list, kind, path, where)
+        converted = [_convert(v, args[0], path, f"{where}[{i}]") for i, v in enumerate(items)]
+        return tuple(converted) if origin is tuple else converted
+    if kind is dict or origin is dict:
+        values = args[1] if args else object
+        return {
+            k: _convert(v, values, path, _field(where, k)) for k, v in _expect(value, dict, kind, path, where).items()
+        }
+    if kind is object:
+        return value
+    if kind is datetime:
+        try:
+            return datetime.fromisoformat(_expect(value, str, kind, path, where))
+        except ValueError:
+            raise damaged(path, f"{_what(where)} holds {value!r}, not a time") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (str, int, float, bool):
+        return _expect(value, kind, kind, path, where)
+    raise TypeError(f"no reader for {kind!r}")
+
+
+def _dataclass(doc: dict[str, object], kind: Any, path: Path, where: str) -> Any:
+    hints = _hints(kind)
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in doc:
+            values[f.name] = _convert(doc[f.name], hints[f.name], path, _field(where, f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise damaged(path, f"{_what(_field(where, f.name))} is missing")
+    try:
+        return kind(**values)
+    except (ApplianceError, ValueError) as exc:  # the type's own checks: a VM's memory, a disk bus ...
+        raise damaged(path, f"{_what(where)}: {exc}") from exc
+
+
+@functools.cache
+def _hints(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
+def _expect(value: object, json_type: type[T], kind: Any, path: Path, where: str) -> T:
+    exact = isinstance(value, json_type) and not (json_type in (int, float) and isinstance(value, bool))
+    if not exact:
+        raise damaged(path, f"{_what(where)} holds {_json_name(value)}, not {_wanted(kind)}")
+    return typing.cast(T, value)
+
+
+def _field(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _what(where: str) -> str:
+    return f"field {where!r}" if where else "it"
+
+
+def _json_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return next(n for t, n in names.items() if isinstance(value, t))
+
+
+def _wanted(kind: Any) -> str:
+    origin = typing.get_origin(kind) or kind
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array",
+             tuple: "an array", dict: "an object", datetime: "a time"}  # fmt: skip
+    return names.get(origin, "an object" if dataclasses.is_dataclass(origin) else "a string")
 
 
 def private_dir(path: Path) -> Path:

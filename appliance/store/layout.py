@@ -8,7 +8,14 @@ $APPLIANCE_HOME/
   store/<host>/lock             held by the one job working on that host
   store/<host>/disk0/<id>.qcow2 one qcow2 file per point and disk; backing file = previous point's
   store/<host>/disk0/<id>.hashes  block hashes of the newest point (what the next incremental compares to)
+  failover/<host>/              a recovery VM's record (vm.json), overlays and console log
+  failback/<host>.json          a failback's progress (and its .cutover request, its .target-key.json)
+  screenshots/<host>/           boot verification screenshots
+  schedule.json, accel.json     what the scheduler last ran; what failover learnt of KVM here
   run/                          sockets and FUSE export files of running jobs
+
+Every path of a host goes through `Home`, which refuses a name that is not a host name: no command can be
+given a name (`../hosts/web1`) that reaches outside the host's own files.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.domain.models import validate_host_name
 from appliance.store.files import private_dir
 
 
@@ -40,31 +48,39 @@ class Home:
         return self.root / "run"
 
     def host_record(self, name: str) -> Path:
-        return self.hosts_dir / f"{name}.json"
+        return self.hosts_dir / f"{validate_host_name(name)}.json"
 
     def key_file(self, name: str) -> Path:
-        return self.keys_dir / name
+        return self.keys_dir / validate_host_name(name)
 
     def failback_key_file(self, name: str) -> Path:
         """The key a failback of host `name` logs in to its target with, when it is not the host's own."""
-        return self.keys_dir / f"{name}.failback"
+        return self.keys_dir / f"{validate_host_name(name)}.failback"
 
     def chain_dir(self, name: str) -> Path:
-        return self.store_dir / name
+        return self.store_dir / validate_host_name(name)
+
+    @property
+    def failovers_dir(self) -> Path:
+        return self.root / "failover"
 
     def failover_dir(self, name: str, purpose: str = "failover") -> Path:
-        base = self.root / "failover" / name
+        base = self.failovers_dir / validate_host_name(name)
         return base if purpose == "failover" else base / purpose
 
     def screenshot(self, name: str, point_id: str) -> Path:
         return self.screenshots_dir(name) / f"{point_id}.png"
 
     def screenshots_dir(self, name: str) -> Path:
-        return self.root / "screenshots" / name
+        return self.root / "screenshots" / validate_host_name(name)
 
     @property
     def failback_dir(self) -> Path:
         return self.root / "failback"
+
+    def failback_file(self, name: str, suffix: str) -> Path:
+        """failback/<host><suffix>: `.json` (progress), `.cutover` (request), `.target-key.json` (pinned key)."""
+        return self.failback_dir / f"{validate_host_name(name)}{suffix}"
 
     @property
     def accel_file(self) -> Path:

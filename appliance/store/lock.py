@@ -58,6 +58,8 @@ class HostLock:
     def _holder(fd: int) -> str:
         try:
             info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            return f"{info.get('job', 'another job')} (pid {info.get('pid', '?')}) is running"
         except ValueError:
+            info = None
+        if not isinstance(info, dict):  # the holder is only being named: damage here must not hide the refusal
             return "another job is running"
+        return f"{info.get('job', 'another job')} (pid {info.get('pid', '?')}) is running"

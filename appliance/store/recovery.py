@@ -5,11 +5,13 @@ consolidation and deletion must leave that point alone."""
 from __future__ import annotations
 
 import shutil
-from datetime import datetime
+from collections.abc import Iterator
 from typing import Any
 
-from appliance.domain.recovery import Network, RecoveryVm, VmSettings
-from appliance.store.files import private_dir, read_json, write_json
+from appliance.domain.models import HOST_NAME
+from appliance.domain.recovery import RecoveryVm
+from appliance.errors import DamagedFileError
+from appliance.store.files import damaged, private_dir, read_as, write_json
 from appliance.store.layout import Home
 
 RECORD = "vm.json"
@@ -22,8 +24,14 @@ def save(home: Home, vm: RecoveryVm) -> None:
 
 
 def load(home: Home, host: str, purpose: str = "failover") -> RecoveryVm | None:
+    """:raises DamagedFileError: the record is damaged (its point can then not be known to be free)."""
     path = home.failover_dir(host, purpose) / RECORD
-    return _vm(read_json(path)) if path.exists() else None
+    if not path.exists():
+        return None
+    vm = read_as(path, RecoveryVm)
+    if (vm.host, vm.purpose) != (host, purpose):
+        raise damaged(path, f"it is the record of {vm.host}'s {vm.purpose} VM")
+    return vm
 
 
 def remove(home: Home, host: str, purpose: str = "failover") -> None:
@@ -39,16 +47,29 @@ def remove(home: Home, host: str, purpose: str = "failover") -> None:
 
 
 def all_vms(home: Home) -> list[RecoveryVm]:
-    root = home.root / "failover"
-    if not root.exists():
-        return []
-    found = []
-    for host_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    """Every recovery VM whose record reads (`unreadable` names the others)."""
+    return [vm for vm in _records(home) if isinstance(vm, RecoveryVm)]
+
+
+def unreadable(home: Home) -> dict[str, DamagedFileError]:
+    """Host -> what is wrong with its recovery-VM record, for every record that does not read."""
+    return dict(found for found in _records(home) if isinstance(found, tuple))
+
+
+def _records(home: Home) -> Iterator[RecoveryVm | tuple[str, DamagedFileError]]:
+    root = home.failovers_dir
+    for host_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        if not HOST_NAME.match(host_dir.name):
+            yield host_dir.name, DamagedFileError(f"{host_dir} is not the appliance's: not a host name")
+            continue
         for purpose in PURPOSES:
-            vm = load(home, host_dir.name, purpose)
+            try:
+                vm = load(home, host_dir.name, purpose)
+            except DamagedFileError as exc:
+                yield host_dir.name, exc
+                continue
             if vm is not None:
-                found.append(vm)
-    return found
+                yield vm
 
 
 def pinned_points(home: Home, host: str) -> dict[str, str]:
@@ -71,14 +92,3 @@ def _doc(vm: RecoveryVm) -> dict[str, Any]:
             "network": str(vm.settings.network), "disk_bus": vm.settings.disk_bus,
         },
     }  # fmt: skip
-
-
-def _vm(doc: dict[str, Any]) -> RecoveryVm:
-    s = doc["settings"]
-    return RecoveryVm(
-        host=doc["host"], point=doc["point"], name=doc["name"], purpose=doc["purpose"],
-        started=datetime.fromisoformat(doc["started"]), accel=doc["accel"], overlays=tuple(doc["overlays"]),
-        console_log=doc["console_log"], vnc=doc.get("vnc", ""), rto_seconds=doc.get("rto_seconds"),
-        state=doc.get("state", "running"),
-        settings=VmSettings(int(s["memory_mib"]), int(s["cpus"]), Network.parse(s["network"]), s["disk_bus"]),
-    )  # fmt: skip

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from appliance.domain.models import Host, HostKey
 from appliance.domain.schedule import BACKUP, CONSOLIDATE, Job, due_jobs, jobs_to_start
-from appliance.errors import ConfigError, RemoteError
+from appliance.errors import DamagedFileError, RemoteError
 from appliance.services.daemon import Scheduler, upcoming
 from appliance.store import hosts, schedule
 from appliance.store.layout import Home
@@ -229,7 +229,7 @@ def test_a_damaged_host_record_is_logged_once_and_the_others_keep_their_schedule
         record.write_text(json.dumps({**json.loads(record.read_text()), "interval": "15m"}))
     else:
         record.write_text(damage)
-    with pytest.raises(ConfigError, match=f"host record {record} is unreadable"):
+    with pytest.raises(DamagedFileError, match=f"{record} is damaged"):
         hosts.load(home, "web")
     clock = FakeClock(T0)
     ran: list[str] = []
@@ -257,7 +257,7 @@ def test_a_damaged_history_names_its_file_and_the_daemon_starts_a_new_one(tmp_pa
     _host(home, "web", 900)
     history = home.root / schedule.NAME
     history.write_text(damage)
-    with pytest.raises(ConfigError, match=f"history {history} is damaged"):
+    with pytest.raises(DamagedFileError, match=f"{history} is damaged"):
         schedule.load(home)
     clock = FakeClock(T0)
 
@@ -282,13 +282,14 @@ def test_schedule_shows_an_unreadable_host_and_a_last_run_later_than_now(tmp_pat
     now = datetime.now(UTC)
     schedule.record(home, schedule.Outcome(BACKUP, "web", now + YEAR, 1.0, True, "point x"))
     shown = run_cli(tmp_path, "schedule")
-    assert shown.rc == 0, shown.err
+    assert shown.rc == DamagedFileError.exit_code, shown.err  # the listing, then the damaged record named
+    assert shown.error_lines[0] == f"error: {home.host_record('db')} is damaged: it holds an array, not an object"
     rows = {tuple(line.split()[:2]): line for line in shown.out.splitlines()[1:]}
-    assert f"UNREADABLE: host record {home.host_record('db')} is unreadable" in rows[("-", "db")]
+    assert f"UNREADABLE: {home.host_record('db')} is damaged" in rows[("-", "db")]
     assert "(later than now: the clock was changed) ok: point x" in rows[(BACKUP, "web")]
     due = datetime.fromisoformat(" ".join(rows[(BACKUP, "web")].split()[2:4])).replace(tzinfo=UTC)
     assert due - now < timedelta(minutes=1)  # due at once, not a year from now
     (home.root / schedule.NAME).write_text("[]]")
     shown = run_cli(tmp_path, "schedule")
-    assert shown.rc == 3 and f"history {home.root / schedule.NAME} is damaged" in shown.err
+    assert shown.rc == DamagedFileError.exit_code and f"{home.root / schedule.NAME} is damaged" in shown.err
     assert len(shown.err.strip().splitlines()) <= 2 and "Traceback" not in shown.err  # the line and its hint
