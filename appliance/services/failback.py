@@ -39,7 +39,14 @@ from appliance.agent import writer_source
 from appliance.domain.blocks import HASH_LEN, DiskDigest, zero_hash
 from appliance.domain.models import Host, HostKey, Point, parse_address
 from appliance.domain.recovery import RecoveryVm, target_dev
-from appliance.errors import ApplianceError, ConfigError, ConnectionLostError, FailoverError, RemoteCommandError
+from appliance.errors import (
+    ApplianceError,
+    ConfigError,
+    ConnectionLostError,
+    FailoverError,
+    HostKeyError,
+    RemoteCommandError,
+)
 from appliance.faults import checkpoint, fault
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
@@ -108,7 +115,8 @@ def fail_back(
     """Copy the recovery VM of `name` to the target, cut over, prove it, keep the final state as a point.
 
     :raises FailoverError: no recovery VM, a bad mapping, a target disk too small.
-    :raises RemoteError: the target is unreachable or its key changed; run again to resume.
+    :raises HostKeyError: the target's key is not the one pinned for its address, or nobody vouched for it.
+    :raises RemoteError: the target is unreachable; run again to resume.
     """
     started = time.monotonic()
     host = hosts.load(home, name)
@@ -200,13 +208,38 @@ def _target(home: Home, tools: Tools, host: Host, point: Point, to: str, mapping
     if len(paths) != len(point.disks):
         missing = [d.source for i, d in enumerate(point.disks) if i not in paths]
         raise ConfigError(f"map every disk of the VM to a target disk; missing: {', '.join(missing)}")
-    pinned = _pinned_target_key(home, host.name, address, port)
-    if pinned is None or fingerprint or trust:
-        pinned = pin_host_key(tools, address, port, fingerprint=fingerprint, trust_first_use=trust, confirm=confirm)
-        records.save_target_key(home, host.name, address, port, pinned)
+    pinned = _target_key(home, tools, host.name, address, port, fingerprint, trust, confirm)
     key_file = host.key_file if key is None else hosts.install_key(home, host.name, key, failback=True)
     target_host = replace(host, address=address, port=port, user=user, host_key=pinned, key_file=key_file)
     return Target(target_host, tuple(paths[i] for i in range(len(point.disks))))
+
+
+def _target_key(home: Home, tools: Tools, name: str, address: str, port: int, fingerprint: str | None, trust: bool,
+                confirm: ConfirmKey | None) -> HostKey:  # fmt: skip
+    """The target's key: the one pinned for this address and port, which a run never replaces on its own
+    (`--trust-first-use` pins only when nothing is pinned); a given fingerprint that the target's key
+    matches pins it anew (the way to accept a reinstalled target).
+
+    :raises HostKeyError: the target presents another key than the one pinned, or nobody vouched for it.
+    """
+    pinned = _pinned_target_key(home, name, address, port)
+    if pinned is not None and not fingerprint:
+        seen = tools.remote.scan_host_key(address, port)
+        if seen.fingerprint != pinned.fingerprint:
+            raise HostKeyError(
+                f"HOST KEY CHANGED for failback target {address}:{port}: pinned {pinned.fingerprint}, target "
+                f"presented {seen.fingerprint} ({seen.key_type}); refusing to connect",
+                hint="--trust-first-use pins only a target with no key pinned; if the target was reinstalled, check "
+                f"its new key out of band and pass `--host-key-fingerprint {seen.fingerprint}`",
+            )
+        return pinned
+    key = pin_host_key(tools, address, port, fingerprint=fingerprint, trust_first_use=trust and pinned is None,
+                       confirm=confirm)  # fmt: skip
+    if pinned is not None and key.fingerprint != pinned.fingerprint:
+        log.warning("failback.target_key_repinned", host=name, address=address, port=port, old=pinned.fingerprint,
+                    new=key.fingerprint)  # fmt: skip
+    records.save_target_key(home, name, address, port, key)
+    return key
 
 
 def _pinned_target_key(home: Home, name: str, address: str, port: int) -> HostKey | None:

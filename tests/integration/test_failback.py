@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError, FailoverError, HostKeyError
-from appliance.lab import guest
+from appliance.lab import LabHost, guest
 from appliance.lab.boot import boot_until_up
 from tests.conftest import points_json, run_cli, start_cli
 
@@ -145,12 +145,19 @@ def test_bad_requests_change_nothing(failed_over, make_host, lab, home: Path) ->
     assert os.stat(small.disk).st_mtime_ns == before
     r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"/dev/nope={small.disk}")
     assert r.rc == ConfigError.exit_code and "no disk '/dev/nope'" in r.err
-    # the target's key was pinned by the first attempt; a new key is refused loudly
+    # the target's key was pinned by the first attempt; a new key is refused loudly, --trust-first-use or not
+    pinned = _fingerprint(small)
     for f in Path(small.folder).glob("ssh_host_ed25519_key*"):
         f.unlink()
     lab.restart_sshd(small.name)
-    r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
-    assert r.rc == HostKeyError.exit_code and "HOST KEY CHANGED" in r.err
+    new = _fingerprint(small)
+    r = _failback(home, host, small)
+    assert r.rc == HostKeyError.exit_code and "HOST KEY CHANGED" in r.err and pinned in r.err and new in r.err, r.err
+    # the new key's fingerprint, checked out of band, pins it: the run goes on to the disk's size
+    plain = ["failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}"]
+    r = run_cli(home, *plain, "--host-key-fingerprint", new)
+    assert r.rc == FailoverError.exit_code and "less than" in r.err, r.err
+    assert run_cli(home, *plain).rc == FailoverError.exit_code  # pinned for the next runs
     assert run_cli(home, "failover", "stop", host.name).rc == 0
     r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
     assert r.rc == FailoverError.exit_code and "no recovery VM" in r.err
@@ -172,3 +179,8 @@ def test_manual_cutover_waits_for_the_word(failed_over, make_host, home: Path) -
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
     _boots_with(target.disk, "written-in-failover")
+
+
+def _fingerprint(lab_host: LabHost) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(lab_host.host_key_pub)], capture_output=True, text=True, check=True)
+    return out.stdout.split()[1]
