@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError, FailoverError, HostKeyError
+from appliance.errors import ChainLockedError, ConfigError, FailoverError, HostKeyError
 from appliance.lab import LabHost, guest
 from appliance.lab.boot import boot_until_up
 from tests.conftest import points_json, run_cli, start_cli
@@ -175,6 +175,14 @@ def test_manual_cutover_waits_for_the_word(failed_over, make_host, home: Path) -
     status = run_cli(home, "failback", "status", host.name).out
     assert "waiting for" in status and "estimated downtime" in status
     assert proc.poll() is None  # the VM still runs; nothing is cut over yet
+    for job, purpose in (("backup", "backup"), ("verify", "verify")):  # the failback holds the host's lock
+        r = run_cli(home, job, host.name)
+        assert r.rc == ChainLockedError.exit_code, r.err
+        assert (
+            r.error_lines[0]
+            == f"error: {host.name} is busy: failback (pid {proc.pid}) is running; not starting {purpose}"
+            and "Traceback" not in r.err
+        ), r.err
     assert run_cli(home, "failback", host.name, "--cutover", "now").rc == 0
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
