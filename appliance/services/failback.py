@@ -110,11 +110,14 @@ class Target:
 def fail_back(
     home: Home, tools: Tools, name: str, *, to: str, mapping: Sequence[str], key: Path | None = None,
     fingerprint: str | None = None, trust_first_use: bool = False, confirm: ConfirmKey | None = None,
-    cutover: str = "auto", shutdown_timeout: float = 120.0, full_proof: bool = False, say: Say = lambda _: None,
+    cutover: str = "auto", shutdown_timeout: float = 120.0, full_proof: bool = False, force: bool = False,
+    say: Say = lambda _: None,
 ) -> Progress:  # fmt: skip
     """Copy the recovery VM of `name` to the target, cut over, prove it, keep the final state as a point.
 
-    :raises FailoverError: no recovery VM, a bad mapping, a target disk too small.
+    `force` writes to a target disk that is mounted or in use on the target (refused otherwise).
+
+    :raises FailoverError: no recovery VM, a bad mapping, a target disk too small or in use.
     :raises HostKeyError: the target's key is not the one pinned for its address, or nobody vouched for it.
     :raises RemoteError: the target is unreachable; run again to resume.
     """
@@ -132,21 +135,22 @@ def fail_back(
         progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
         records.clear_cutover(home, name)
         try:
-            return _run(tx, tools, host, vm, point, target, progress, cutover, shutdown_timeout, full_proof, started,
-                        say)  # fmt: skip
+            return _run(tx, tools, host, vm, point, target, progress, cutover, shutdown_timeout, full_proof, force,
+                        started, say)  # fmt: skip
         finally:
             records.remove_work(home, name)
 
 
 def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, target: Target, progress: Progress,
-         cutover: str, shutdown_timeout: float, full_proof: bool, started: float, say: Say) -> Progress:  # fmt: skip
+         cutover: str, shutdown_timeout: float, full_proof: bool, force: bool, started: float,
+         say: Say) -> Progress:  # fmt: skip
     home, name = tx.home, host.name
     work = records.work_dir(home, name)
     try:
         with tools.remote.connect(target.host) as session:
             session_stream = _start_writer(session, target.host)
             writer = TargetSession(session_stream)
-            _open_target(writer, target, point, name)
+            _open_target(writer, target, point, force, say)
             copier = _Copier(tx, tools, vm, point, writer, progress, work, say)
             if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
                 tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
@@ -257,15 +261,23 @@ def _start_writer(session: Any, host: Host) -> RemoteStream:
     return stream
 
 
-def _open_target(writer: TargetSession, target: Target, point: Point, name: str) -> None:
+def _open_target(writer: TargetSession, target: Target, point: Point, force: bool, say: Say) -> None:
+    """The writer opens every target disk, or refuses (too small, mounted or in use) before anything is
+    written; with `force`, a disk in use is written anyway, and that is said and logged."""
+    where = target.host.target
     disks = [(path, d.size, d.block_size) for path, d in zip(target.disks, point.disks, strict=True)]
     try:
-        infos = writer.open(disks)
+        infos = writer.open(disks, force=force)
     except EOFError:
-        raise RemoteCommandError(f"the writer did not start on {target.host.target} (is python3 there?)") from None
+        raise RemoteCommandError(f"the writer did not start on {where} (is python3 there?)") from None
+    for info in infos:
+        if force and info.get("busy"):
+            say(f"--force: writing to {info['path']} on {where} although it is {info['busy']}")
+            log.warning("failback.forced", target=where, disk=info["path"], busy=info["busy"])
     for info in infos:
         if "error" in info:
-            raise FailoverError(f"target {target.host.target}: {info['error']}; nothing was written")
+            hint = "unmount it on the target (or stop what holds it), or pass --force" if info.get("busy") else None
+            raise FailoverError(f"target {where}: {info['error']}; nothing was written", hint=hint)
 
 
 class _Copier:

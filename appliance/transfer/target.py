@@ -27,9 +27,12 @@ class TargetSession:
         self.stream = stream
         self.records = RecordReader(stream.recv_some)
 
-    def open(self, disks: Sequence[tuple[str, int, int]]) -> list[dict[str, Any]]:
-        """Send the request (path, size to fill, block size per disk); return what the target found."""
-        body = json.dumps({"disks": [{"path": p, "size": s, "block_size": b} for p, s, b in disks]}).encode()
+    def open(self, disks: Sequence[tuple[str, int, int]], *, force: bool = False) -> list[dict[str, Any]]:
+        """Send the request (path, size to fill, block size per disk); return what the target found, one
+        dict per disk with its "path" and either its "size" and "kind" or an "error" (and "busy": what
+        holds a disk in use). With `force`, the writer opens a disk in use too."""
+        request = {"disks": [{"path": p, "size": s, "block_size": b} for p, s, b in disks], "force": force}
+        body = json.dumps(request).encode()
         self.stream.write(wire.U32.pack(len(body)) + body)
         self._expect(b"H")
         return list(self._json()["disks"])

@@ -4,6 +4,7 @@ disk, booted directly with qemu-system-x86_64, shows what it wrote."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -189,6 +190,42 @@ def test_manual_cutover_waits_for_the_word(failed_over, make_host, home: Path) -
     _boots_with(target.disk, "written-in-failover")
 
 
+def test_a_target_disk_mounted_on_the_target_is_refused_unless_forced(
+    failed_over, make_host, home: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    host = failed_over
+    # smaller than the VM's disk: with --force the run stops at the size check instead, still before any write
+    target = make_host(size=512 << 20, data=0.0, loop=True, add=False)
+    subprocess.run(["mkfs.ext4", "-q", target.disk], check=True)
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    on_target = ["nsenter", "--target", target.sshd_pid_file.read_text().strip(), "--mount"]  # sshd's mounts
+    subprocess.run([*on_target, "mount", "-o", "ro", target.disk, mount_point], check=True)
+    try:
+        before = _digest(target.image)
+        r = _failback(home, host, target)
+        assert r.rc == FailoverError.exit_code, r.err
+        assert (
+            r.error_lines[0]
+            == f"error: target root@{target.address}: {target.disk} is mounted on {mount_point}; nothing was written"
+            and "--force" in r.error_lines[1]
+        ), r.err
+        r = _failback(home, host, target, "--force")
+        assert (
+            f"--force: writing to {target.disk} on root@{target.address} although it is mounted on {mount_point}"
+            in r.err
+        ), r.err
+        assert r.rc == FailoverError.exit_code and "less than" in r.err, r.err
+        assert _digest(target.image) == before
+    finally:
+        subprocess.run([*on_target, "umount", mount_point], check=True)
+
+
 def _fingerprint(lab_host: LabHost) -> str:
     out = subprocess.run(["ssh-keygen", "-lf", str(lab_host.host_key_pub)], capture_output=True, text=True, check=True)
     return out.stdout.split()[1]
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
