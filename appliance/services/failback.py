@@ -46,6 +46,7 @@ from appliance.errors import (
     FailoverError,
     HostKeyError,
     RemoteCommandError,
+    RemoteError,
 )
 from appliance.faults import checkpoint, fault
 from appliance.log import get_logger
@@ -58,6 +59,7 @@ from appliance.store import failback as records
 from appliance.store.chains import ChainTx
 from appliance.store.layout import Home
 from appliance.store.ledger import ENTRY, Ledger, differing_blocks, entries, prefixes
+from appliance.transfer.protocol import ProtocolError
 from appliance.transfer.target import TargetError, TargetSession
 
 log = get_logger(__name__)
@@ -107,6 +109,16 @@ class Target:
     disks: tuple[str, ...]  # target path per VM disk, in the VM's disk order
 
 
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """How the user asked the failback to run."""
+
+    cutover: str
+    shutdown_timeout: float
+    full_proof: bool
+    force: bool
+
+
 def fail_back(
     home: Home, tools: Tools, name: str, *, to: str, mapping: Sequence[str], key: Path | None = None,
     fingerprint: str | None = None, trust_first_use: bool = False, confirm: ConfirmKey | None = None,
@@ -119,7 +131,8 @@ def fail_back(
 
     :raises FailoverError: no recovery VM, a bad mapping, a target disk too small or in use.
     :raises HostKeyError: the target's key is not the one pinned for its address, or nobody vouched for it.
-    :raises RemoteError: the target is unreachable; run again to resume.
+    :raises RemoteError: the target is unreachable, failed or spoke garbage (25), the link broke (24); run
+        again to resume.
     """
     started = time.monotonic()
     host = hosts.load(home, name)
@@ -135,31 +148,24 @@ def fail_back(
         progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
         records.clear_cutover(home, name)
         try:
-            return _run(tx, tools, host, vm, point, target, progress, cutover, shutdown_timeout, full_proof, force,
-                        started, say)  # fmt: skip
+            options = _Options(cutover, shutdown_timeout, full_proof, force)
+            return _run(tx, tools, host, vm, point, target, progress, options, started, say)
         finally:
             records.remove_work(home, name)
 
 
 def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, target: Target, progress: Progress,
-         cutover: str, shutdown_timeout: float, full_proof: bool, force: bool, started: float,
-         say: Say) -> Progress:  # fmt: skip
+         options: _Options, started: float, say: Say) -> Progress:  # fmt: skip
     home, name = tx.home, host.name
     work = records.work_dir(home, name)
     try:
         with tools.remote.connect(target.host) as session:
-            session_stream = _start_writer(session, target.host)
-            writer = TargetSession(session_stream)
-            _open_target(writer, target, point, force, say)
-            copier = _Copier(tx, tools, vm, point, writer, progress, work, say)
-            if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
-                tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
-            if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).running:
-                copier.live(cutover, shutdown_timeout)
-            else:
-                copier.offline()
-            copier.prove_full() if full_proof else copier.prove()
-            writer.close()
+            stream = _start_writer(session, target.host)
+            writer = TargetSession(stream)
+            try:
+                copier = _copy_and_prove(tx, tools, vm, point, target, writer, progress, options, work, say)
+            except (TargetError, ProtocolError, EOFError) as exc:
+                raise _target_failed(exc, stream, target.host, writer.opened) from exc
         progress.phase = "recording the final state as a recovery point"
         _save(home, progress)
         new_point = import_point(
@@ -180,16 +186,45 @@ def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, ta
         progress.phase, progress.error = "failed (run failback again to resume)", exc.message
         _save(home, progress)
         raise
-    except TargetError as exc:
-        progress.phase, progress.error = "failed (run failback again to resume)", str(exc)
-        _save(home, progress)
-        raise RemoteCommandError(f"the target refused: {exc}") from exc
-    except EOFError as exc:
-        progress.phase, progress.error = "failed (run failback again to resume)", "connection lost"
-        _save(home, progress)
-        raise ConnectionLostError(
-            f"the connection to {target.host.target} broke during the failback; run it again to resume"
-        ) from exc
+
+
+def _copy_and_prove(tx: ChainTx, tools: Tools, vm: RecoveryVm, point: Point, target: Target, writer: TargetSession,
+                    progress: Progress, options: _Options, work: Path, say: Say) -> _Copier:  # fmt: skip
+    """Every block onto the target, proven; the VM is down afterwards. Returns the copier for its ledgers."""
+    _open_target(writer, target, point, options.force, say)
+    copier = _Copier(tx, tools, vm, point, writer, progress, work, say)
+    if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
+        tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
+    if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).running:
+        copier.live(options.cutover, options.shutdown_timeout)
+    else:
+        copier.offline()
+    copier.prove_full() if options.full_proof else copier.prove()
+    writer.close()
+    return copier
+
+
+def _target_failed(exc: Exception, stream: RemoteStream, target: Host, opened: bool) -> RemoteError:
+    """What a failure of the target's side means, in one line: the writer failed or spoke garbage (25), or
+    the link broke (24). Either way the VM is as it was and a new run resumes."""
+    where = target.target
+    if isinstance(exc, TargetError):
+        return RemoteCommandError(f"the writer on {where} failed: {exc} ({exc.code})", hint=_RESUME)
+    if isinstance(exc, ProtocolError):
+        return RemoteCommandError(f"{where} does not speak the failback writer's protocol: {exc}", hint=_RESUME)
+    status = stream.wait(timeout=5)
+    stderr = stream.stderr_text().strip()
+    last = stderr.splitlines()[-1][:300] if stderr else ""
+    if status < 0:
+        return ConnectionLostError(f"the connection to {where} broke during the failback", hint=_RESUME)
+    if status == 127 or (not opened and "not found" in last):
+        return RemoteCommandError(f"{target.python} was not found on {where}",
+                                  hint="the target needs python3 (standard library only)")  # fmt: skip
+    return RemoteCommandError(f"the writer on {where} stopped (exit {status}){': ' + last if last else ''}",
+                              hint=_RESUME)  # fmt: skip
+
+
+_RESUME = "nothing was removed; run failback again to resume"
 
 
 def _save(home: Home, progress: Progress) -> None:
@@ -266,10 +301,7 @@ def _open_target(writer: TargetSession, target: Target, point: Point, force: boo
     written; with `force`, a disk in use is written anyway, and that is said and logged."""
     where = target.host.target
     disks = [(path, d.size, d.block_size) for path, d in zip(target.disks, point.disks, strict=True)]
-    try:
-        infos = writer.open(disks, force=force)
-    except EOFError:
-        raise RemoteCommandError(f"the writer did not start on {where} (is python3 there?)") from None
+    infos = writer.open(disks, force=force)
     for info in infos:
         if force and info.get("busy"):
             say(f"--force: writing to {info['path']} on {where} although it is {info['busy']}")

@@ -10,15 +10,25 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from appliance.errors import ChainLockedError, ConfigError, FailoverError, HostKeyError
+from appliance.errors import (
+    ChainLockedError,
+    ConfigError,
+    ConnectionLostError,
+    FailoverError,
+    HostKeyError,
+    RemoteCommandError,
+)
 from appliance.lab import LabHost, guest
 from appliance.lab.boot import boot_until_up
 from tests.conftest import points_json, run_cli, start_cli
+
+HOSTILE_WRITER = Path(__file__).with_name("hostile_writer.py")
 
 WRITES = (
     "echo written-in-failover > /root/marker.txt\n"
@@ -219,6 +229,34 @@ def test_a_target_disk_mounted_on_the_target_is_refused_unless_forced(
         assert _digest(target.image) == before
     finally:
         subprocess.run([*on_target, "umount", mount_point], check=True)
+
+
+HOSTILE = [  # what the stand-in for the writer does, the exit code, what the one error line says
+    ("garbage", RemoteCommandError.exit_code, "does not speak the failback writer's protocol: expected b'H'"),
+    ("huge-record", RemoteCommandError.exit_code, "a record of 4294967295 bytes, more than the"),
+    ("huge-series", RemoteCommandError.exit_code, "4294967295 hashes after 0 for a disk of"),
+    ("ends-early", RemoteCommandError.exit_code, "stopped (exit 3): hostile writer: giving up"),
+    ("cut", ConnectionLostError.exit_code, "broke during the failback"),
+]
+
+
+def test_a_hostile_target_gets_one_line_and_changes_nothing(
+    failed_over, make_host, home: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    host = failed_over
+    target = _target(make_host)
+    wrapper = tmp_path / "hostile-python"
+    assert run_cli(home, "host", "set", host.name, "--python", str(wrapper)).rc == 0  # the target's interpreter too
+    points = points_json(home, host.name)
+    for mode, exit_code, says in HOSTILE:
+        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HOSTILE_WRITER} {mode} "$@"\n')
+        wrapper.chmod(0o700)
+        r = _failback(home, host, target)
+        assert r.rc == exit_code and says in r.error_lines[0], (mode, r.err)
+        assert [line for line in r.err.splitlines() if line.startswith("error:")] == [r.error_lines[0]], (mode, r.err)
+        assert points_json(home, host.name) == points
+        vm = [line for line in run_cli(home, "failover", "status").out.splitlines() if host.name in line]
+        assert len(vm) == 1 and "running" in vm[0], (mode, vm)
 
 
 def _fingerprint(lab_host: LabHost) -> str:
