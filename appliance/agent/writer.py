@@ -4,10 +4,13 @@ standard library only, Python 3.6+, sent over the SSH session's stdin like the r
 
 It hashes what the target's disks already hold, so that only differing blocks are sent, writes the
 blocks it is sent, and hashes the result to prove it. It never writes past the size it was asked to
-fill, and it refuses a disk smaller than the VM's before anything is written.
+fill, and it refuses before anything is written a disk smaller than the VM's and, unless forced, a
+disk in use on the target: a block device is opened with O_EXCL (the kernel's answer is EBUSY while it
+or one of its partitions is mounted, held by device-mapper, LVM or md, or open exclusively), and an
+image file that backs a loop device in use is refused too. The refusal names what holds the disk.
 
 Wire format (integers little-endian). Appliance -> target, after the code:
-  request  u32 length + JSON {"disks": [{"path", "size", "block_size"}]}
+  request  u32 length + JSON {"disks": [{"path", "size", "block_size"}], "force": bool}
   then commands, each a one-byte tag:
     H u32 disk              hash the disk's blocks (answer: h records, then e)
     D u32 disk u64 offset u32 length, then the bytes     write them
@@ -18,15 +21,18 @@ Wire format (integers little-endian). Appliance -> target, after the code:
     G u32 disk              digest of the disk as it is now (answer: g + 32 bytes)
     Q                       done
 Target -> appliance:
-  hello u32 length + JSON {"disks": [{"path", "size", "kind"} or {"path", "error"}]}
+  hello u32 length + JSON {"disks": [{"path", "size", "kind"} or {"path", "error"}]}; a disk in use
+        also has "busy": what holds it (with "error" unless forced)
   h u32 count + count x 16-byte hash prefixes (blocks in order); e; f; g + 32 bytes
   r u64 first block + u32 count + count x 16-byte hash prefixes (blocks first, first+1, ...)
   X u32 length + JSON {"code", "message"}: fatal, nothing after it
 """
 
+import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
 import sys
@@ -65,24 +71,126 @@ def json_record(obj):
     return U32.pack(len(body)) + body
 
 
-def open_disk(path, size):
+def open_disk(path, size, force=False):
+    """(fd, info) of a target disk, or (None, info with "error") when it must not be written."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd, busy = open_unless_busy(path, force)
     except FileNotFoundError:
         return None, {"path": path, "error": "%s does not exist" % path}
     except OSError as exc:
         return None, {"path": path, "error": "%s cannot be opened for writing: %s" % (path, exc.strerror)}
+    if fd is None:
+        return None, {"path": path, "busy": busy, "error": "%s is %s" % (path, busy)}
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
         os.close(fd)
         return None, {"path": path, "error": "%s is neither a block device nor an image file" % path}
     actual = os.lseek(fd, 0, os.SEEK_END)
     info = {"path": path, "size": actual, "kind": "block" if stat.S_ISBLK(mode) else "file"}
+    if busy:
+        info["busy"] = busy  # forced: the appliance says so
     if actual < size:
         os.close(fd)
         info["error"] = "%s holds %d bytes, less than the %d of the VM's disk" % (path, actual, size)
         return None, info
     return fd, info
+
+
+def open_unless_busy(path, force):
+    """(fd, "") for a disk nobody uses; (None, what holds it) for one in use, or with `force`, (fd, what
+    holds it). A block device is opened with O_EXCL, and it also keeps a mount away while it is open."""
+    if not stat.S_ISBLK(os.stat(path).st_mode):
+        busy = loop_in_use(path)
+        return (None if busy and not force else os.open(path, os.O_RDWR)), busy
+    try:
+        return os.open(path, os.O_RDWR | os.O_EXCL), ""
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    busy = holders(os.stat(path).st_rdev) or "in use"
+    return (os.open(path, os.O_RDWR) if force else None), busy
+
+
+def holders(rdev):
+    """What keeps a block device busy, in words: the mount points of it or of its partitions, else the
+    devices stacked on it (device-mapper, LVM, md); "" when neither says."""
+    name = sysfs_name(rdev)
+    devices = {rdev}
+    parts = [name] if name else []
+    if name:
+        for entry in listdir("/sys/class/block/%s" % name):
+            dev = read_dev("/sys/class/block/%s/%s" % (name, entry))
+            if dev is not None and os.path.exists("/sys/class/block/%s/%s/partition" % (name, entry)):
+                devices.add(dev)
+                parts.append(entry)
+    mounts = [point for dev, point in mount_points() if dev in devices]
+    if mounts:
+        return "mounted on %s" % ", ".join(sorted(set(mounts)))
+    held = [holder_name(h) for part in parts for h in listdir("/sys/class/block/%s/holders" % part)]
+    if held:
+        return "held by %s" % ", ".join(sorted(set(held)))
+    return ""
+
+
+def loop_in_use(path):
+    """For an image file: "the backing file of /dev/loopN, which is mounted on ..." when a loop device
+    in use reads it ("" otherwise)."""
+    real = os.path.realpath(path)
+    for loop in listdir("/sys/block"):
+        backing = read_text("/sys/block/%s/loop/backing_file" % loop)
+        dev = read_dev("/sys/block/%s" % loop)
+        if backing == real and dev is not None:
+            busy = holders(dev)
+            if busy:
+                return "the backing file of /dev/%s, which is %s" % (loop, busy)
+    return ""
+
+
+def sysfs_name(rdev):
+    try:
+        return os.path.basename(os.readlink("/sys/dev/block/%d:%d" % (os.major(rdev), os.minor(rdev))))
+    except OSError:
+        return ""
+
+
+def holder_name(name):
+    """A device-mapper holder by its name (vg-lv), any other by its kernel name (md0)."""
+    return read_text("/sys/class/block/%s/dm/name" % name) or name
+
+
+def mount_points():
+    """(device number, mount point) of every mount this process sees (its mount namespace)."""
+    found = []
+    for line in read_text("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        if len(fields) > 4 and ":" in fields[2]:
+            major, minor = fields[2].split(":")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            found.append((os.makedev(int(major), int(minor)), point))
+    return found
+
+
+def read_dev(folder):
+    text = read_text(folder + "/dev")
+    if ":" not in text:
+        return None
+    major, minor = text.split(":")
+    return os.makedev(int(major), int(minor))
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def block_hashes(fd, size, block_size, offset=0, end=None):
@@ -152,7 +260,7 @@ def main():
         disks = request["disks"]
         infos = []
         for d in disks:
-            fd, info = open_disk(d["path"], int(d["size"]))
+            fd, info = open_disk(d["path"], int(d["size"]), bool(request.get("force")))
             fds.append(fd)
             infos.append(info)
         send(out, b"H", json_record({"disks": infos}))

@@ -43,6 +43,9 @@ def run(
     full_proof: Annotated[
         bool, typer.Option("--full-proof", help="Prove by reading both whole disks again (a longer downtime)")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write to a target disk even though it is mounted or in use there")
+    ] = False,
 ) -> None:
     """Copy HOST's recovery VM to the target while it runs, cut over with a short downtime, verify."""
     st = state(ctx)
@@ -57,7 +60,7 @@ def run(
     result = service.fail_back(
         st.home, st.tools, name, to=to, mapping=disk, key=key.expanduser() if key else None, fingerprint=fingerprint,
         trust_first_use=trust_first_use, confirm=_ask, cutover=cutover, shutdown_timeout=shutdown_timeout,
-        full_proof=full_proof, say=lambda text: typer.echo(text, err=True),
+        full_proof=full_proof, force=force, say=lambda text: typer.echo(text, err=True),
     )  # fmt: skip
     typer.echo(
         f"{name}: failed back to {result.target}: sent {size(result.bytes_sent)}, downtime "

@@ -39,7 +39,15 @@ from appliance.agent import writer_source
 from appliance.domain.blocks import HASH_LEN, DiskDigest, zero_hash
 from appliance.domain.models import Host, HostKey, Point, parse_address
 from appliance.domain.recovery import RecoveryVm, target_dev
-from appliance.errors import ApplianceError, ConfigError, ConnectionLostError, FailoverError, RemoteCommandError
+from appliance.errors import (
+    ApplianceError,
+    ConfigError,
+    ConnectionLostError,
+    FailoverError,
+    HostKeyError,
+    RemoteCommandError,
+    RemoteError,
+)
 from appliance.faults import checkpoint, fault
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
@@ -51,6 +59,7 @@ from appliance.store import failback as records
 from appliance.store.chains import ChainTx
 from appliance.store.layout import Home
 from appliance.store.ledger import ENTRY, Ledger, differing_blocks, entries, prefixes
+from appliance.transfer.protocol import ProtocolError
 from appliance.transfer.target import TargetError, TargetSession
 
 log = get_logger(__name__)
@@ -99,15 +108,30 @@ class Target:
     disks: tuple[str, ...]  # target path per VM disk, in the VM's disk order
 
 
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """How the user asked the failback to run."""
+
+    cutover: str
+    shutdown_timeout: float
+    full_proof: bool
+    force: bool
+
+
 def fail_back(
     home: Home, tools: Tools, name: str, *, to: str, mapping: Sequence[str], key: Path | None = None,
     fingerprint: str | None = None, trust_first_use: bool = False, confirm: ConfirmKey | None = None,
-    cutover: str = "auto", shutdown_timeout: float = 120.0, full_proof: bool = False, say: Say = lambda _: None,
+    cutover: str = "auto", shutdown_timeout: float = 120.0, full_proof: bool = False, force: bool = False,
+    say: Say = lambda _: None,
 ) -> Progress:  # fmt: skip
     """Copy the recovery VM of `name` to the target, cut over, prove it, keep the final state as a point.
 
-    :raises FailoverError: no recovery VM, a bad mapping, a target disk too small.
-    :raises RemoteError: the target is unreachable or its key changed; run again to resume.
+    `force` writes to a target disk that is mounted or in use on the target (refused otherwise).
+
+    :raises FailoverError: no recovery VM, a bad mapping, a target disk too small or in use.
+    :raises HostKeyError: the target's key is not the one pinned for its address, or nobody vouched for it.
+    :raises RemoteError: the target is unreachable, failed or spoke garbage (25), the link broke (24); run
+        again to resume.
     """
     started = time.monotonic()
     host = hosts.load(home, name)
@@ -123,30 +147,24 @@ def fail_back(
         progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
         records.clear_cutover(home, name)
         try:
-            return _run(tx, tools, host, vm, point, target, progress, cutover, shutdown_timeout, full_proof, started,
-                        say)  # fmt: skip
+            options = _Options(cutover, shutdown_timeout, full_proof, force)
+            return _run(tx, tools, host, vm, point, target, progress, options, started, say)
         finally:
             records.remove_work(home, name)
 
 
 def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, target: Target, progress: Progress,
-         cutover: str, shutdown_timeout: float, full_proof: bool, started: float, say: Say) -> Progress:  # fmt: skip
+         options: _Options, started: float, say: Say) -> Progress:  # fmt: skip
     home, name = tx.home, host.name
     work = records.work_dir(home, name)
     try:
         with tools.remote.connect(target.host) as session:
-            session_stream = _start_writer(session, target.host)
-            writer = TargetSession(session_stream)
-            _open_target(writer, target, point, name)
-            copier = _Copier(tx, tools, vm, point, writer, progress, work, say)
-            if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
-                tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
-            if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).running:
-                copier.live(cutover, shutdown_timeout)
-            else:
-                copier.offline()
-            copier.prove_full() if full_proof else copier.prove()
-            writer.close()
+            stream = _start_writer(session, target.host)
+            writer = TargetSession(stream)
+            try:
+                copier = _copy_and_prove(tx, tools, vm, point, target, writer, progress, options, work, say)
+            except (TargetError, ProtocolError, EOFError) as exc:
+                raise _target_failed(exc, stream, target.host, writer.opened) from exc
         progress.phase = "recording the final state as a recovery point"
         _save(home, progress)
         new_point = import_point(
@@ -167,16 +185,45 @@ def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, ta
         progress.phase, progress.error = "failed (run failback again to resume)", exc.message
         _save(home, progress)
         raise
-    except TargetError as exc:
-        progress.phase, progress.error = "failed (run failback again to resume)", str(exc)
-        _save(home, progress)
-        raise RemoteCommandError(f"the target refused: {exc}") from exc
-    except EOFError as exc:
-        progress.phase, progress.error = "failed (run failback again to resume)", "connection lost"
-        _save(home, progress)
-        raise ConnectionLostError(
-            f"the connection to {target.host.target} broke during the failback; run it again to resume"
-        ) from exc
+
+
+def _copy_and_prove(tx: ChainTx, tools: Tools, vm: RecoveryVm, point: Point, target: Target, writer: TargetSession,
+                    progress: Progress, options: _Options, work: Path, say: Say) -> _Copier:  # fmt: skip
+    """Every block onto the target, proven; the VM is down afterwards. Returns the copier for its ledgers."""
+    _open_target(writer, target, point, options.force, say)
+    copier = _Copier(tx, tools, vm, point, writer, progress, work, say)
+    if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).state == "paused":
+        tools.hypervisor.destroy_keep(vm.name)  # left paused by an interrupted cutover: the guest is down
+    if tools.hypervisor.exists(vm.name) and tools.hypervisor.state(vm.name).running:
+        copier.live(options.cutover, options.shutdown_timeout)
+    else:
+        copier.offline()
+    copier.prove_full() if options.full_proof else copier.prove()
+    writer.close()
+    return copier
+
+
+def _target_failed(exc: Exception, stream: RemoteStream, target: Host, opened: bool) -> RemoteError:
+    """What a failure of the target's side means, in one line: the writer failed or spoke garbage (25), or
+    the link broke (24). Either way the VM is as it was and a new run resumes."""
+    where = target.target
+    if isinstance(exc, TargetError):
+        return RemoteCommandError(f"the writer on {where} failed: {exc} ({exc.code})", hint=_RESUME)
+    if isinstance(exc, ProtocolError):
+        return RemoteCommandError(f"{where} does not speak the failback writer's protocol: {exc}", hint=_RESUME)
+    status = stream.wait(timeout=5)
+    stderr = stream.stderr_text().strip()
+    last = stderr.splitlines()[-1][:300] if stderr else ""
+    if status < 0:
+        return ConnectionLostError(f"the connection to {where} broke during the failback", hint=_RESUME)
+    if status == 127 or (not opened and "not found" in last):
+        return RemoteCommandError(f"{target.python} was not found on {where}",
+                                  hint="the target needs python3 (standard library only)")  # fmt: skip
+    return RemoteCommandError(f"the writer on {where} stopped (exit {status}){': ' + last if last else ''}",
+                              hint=_RESUME)  # fmt: skip
+
+
+_RESUME = "nothing was removed; run failback again to resume"
 
 
 def _save(home: Home, progress: Progress) -> None:
@@ -199,13 +246,38 @@ def _target(home: Home, tools: Tools, host: Host, point: Point, to: str, mapping
     if len(paths) != len(point.disks):
         missing = [d.source for i, d in enumerate(point.disks) if i not in paths]
         raise ConfigError(f"map every disk of the VM to a target disk; missing: {', '.join(missing)}")
-    pinned = _pinned_target_key(home, host.name, address, port)
-    if pinned is None or fingerprint or trust:
-        pinned = pin_host_key(tools, address, port, fingerprint=fingerprint, trust_first_use=trust, confirm=confirm)
-        records.save_target_key(home, host.name, address, port, pinned)
+    pinned = _target_key(home, tools, host.name, address, port, fingerprint, trust, confirm)
     key_file = host.key_file if key is None else hosts.install_key(home, host.name, key, failback=True)
     target_host = replace(host, address=address, port=port, user=user, host_key=pinned, key_file=key_file)
     return Target(target_host, tuple(paths[i] for i in range(len(point.disks))))
+
+
+def _target_key(home: Home, tools: Tools, name: str, address: str, port: int, fingerprint: str | None, trust: bool,
+                confirm: ConfirmKey | None) -> HostKey:  # fmt: skip
+    """The target's key: the one pinned for this address and port, which a run never replaces on its own
+    (`--trust-first-use` pins only when nothing is pinned); a given fingerprint that the target's key
+    matches pins it anew (the way to accept a reinstalled target).
+
+    :raises HostKeyError: the target presents another key than the one pinned, or nobody vouched for it.
+    """
+    pinned = _pinned_target_key(home, name, address, port)
+    if pinned is not None and not fingerprint:
+        seen = tools.remote.scan_host_key(address, port)
+        if seen.fingerprint != pinned.fingerprint:
+            raise HostKeyError(
+                f"HOST KEY CHANGED for failback target {address}:{port}: pinned {pinned.fingerprint}, target "
+                f"presented {seen.fingerprint} ({seen.key_type}); refusing to connect",
+                hint="--trust-first-use pins only a target with no key pinned; if the target was reinstalled, check "
+                f"its new key out of band and pass `--host-key-fingerprint {seen.fingerprint}`",
+            )
+        return pinned
+    key = pin_host_key(tools, address, port, fingerprint=fingerprint, trust_first_use=trust and pinned is None,
+                       confirm=confirm)  # fmt: skip
+    if pinned is not None and key.fingerprint != pinned.fingerprint:
+        log.warning("failback.target_key_repinned", host=name, address=address, port=port, old=pinned.fingerprint,
+                    new=key.fingerprint)  # fmt: skip
+    records.save_target_key(home, name, address, port, key)
+    return key
 
 
 def _pinned_target_key(home: Home, name: str, address: str, port: int) -> HostKey | None:
@@ -223,15 +295,20 @@ def _start_writer(session: Any, host: Host) -> RemoteStream:
     return stream
 
 
-def _open_target(writer: TargetSession, target: Target, point: Point, name: str) -> None:
+def _open_target(writer: TargetSession, target: Target, point: Point, force: bool, say: Say) -> None:
+    """The writer opens every target disk, or refuses (too small, mounted or in use) before anything is
+    written; with `force`, a disk in use is written anyway, and that is said and logged."""
+    where = target.host.target
     disks = [(path, d.size, d.block_size) for path, d in zip(target.disks, point.disks, strict=True)]
-    try:
-        infos = writer.open(disks)
-    except EOFError:
-        raise RemoteCommandError(f"the writer did not start on {target.host.target} (is python3 there?)") from None
+    infos = writer.open(disks, force=force)
+    for info in infos:
+        if force and info.get("busy"):
+            say(f"--force: writing to {info['path']} on {where} although it is {info['busy']}")
+            log.warning("failback.forced", target=where, disk=info["path"], busy=info["busy"])
     for info in infos:
         if "error" in info:
-            raise FailoverError(f"target {target.host.target}: {info['error']}; nothing was written")
+            hint = "unmount it on the target (or stop what holds it), or pass --force" if info.get("busy") else None
+            raise FailoverError(f"target {where}: {info['error']}; nothing was written", hint=hint)
 
 
 class _Copier:

@@ -4,20 +4,31 @@ disk, booted directly with qemu-system-x86_64, shows what it wrote."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError, FailoverError, HostKeyError
-from appliance.lab import guest
+from appliance.errors import (
+    ChainLockedError,
+    ConfigError,
+    ConnectionLostError,
+    FailoverError,
+    HostKeyError,
+    RemoteCommandError,
+)
+from appliance.lab import LabHost, guest
 from appliance.lab.boot import boot_until_up
 from tests.conftest import points_json, run_cli, start_cli
+
+HOSTILE_WRITER = Path(__file__).with_name("hostile_writer.py")
 
 WRITES = (
     "echo written-in-failover > /root/marker.txt\n"
@@ -145,12 +156,19 @@ def test_bad_requests_change_nothing(failed_over, make_host, lab, home: Path) ->
     assert os.stat(small.disk).st_mtime_ns == before
     r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"/dev/nope={small.disk}")
     assert r.rc == ConfigError.exit_code and "no disk '/dev/nope'" in r.err
-    # the target's key was pinned by the first attempt; a new key is refused loudly
+    # the target's key was pinned by the first attempt; a new key is refused loudly, --trust-first-use or not
+    pinned = _fingerprint(small)
     for f in Path(small.folder).glob("ssh_host_ed25519_key*"):
         f.unlink()
     lab.restart_sshd(small.name)
-    r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
-    assert r.rc == HostKeyError.exit_code and "HOST KEY CHANGED" in r.err
+    new = _fingerprint(small)
+    r = _failback(home, host, small)
+    assert r.rc == HostKeyError.exit_code and "HOST KEY CHANGED" in r.err and pinned in r.err and new in r.err, r.err
+    # the new key's fingerprint, checked out of band, pins it: the run goes on to the disk's size
+    plain = ["failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}"]
+    r = run_cli(home, *plain, "--host-key-fingerprint", new)
+    assert r.rc == FailoverError.exit_code and "less than" in r.err, r.err
+    assert run_cli(home, *plain).rc == FailoverError.exit_code  # pinned for the next runs
     assert run_cli(home, "failover", "stop", host.name).rc == 0
     r = run_cli(home, "failback", host.name, "--to", f"root@{small.address}", "--disk", f"{host.disk}={small.disk}")
     assert r.rc == FailoverError.exit_code and "no recovery VM" in r.err
@@ -168,7 +186,84 @@ def test_manual_cutover_waits_for_the_word(failed_over, make_host, home: Path) -
     status = run_cli(home, "failback", "status", host.name).out
     assert "waiting for" in status and "estimated downtime" in status
     assert proc.poll() is None  # the VM still runs; nothing is cut over yet
+    for job, purpose in (("backup", "backup"), ("verify", "verify")):  # the failback holds the host's lock
+        r = run_cli(home, job, host.name)
+        assert r.rc == ChainLockedError.exit_code, r.err
+        assert (
+            r.error_lines[0]
+            == f"error: {host.name} is busy: failback (pid {proc.pid}) is running; not starting {purpose}"
+            and "Traceback" not in r.err
+        ), r.err
     assert run_cli(home, "failback", host.name, "--cutover", "now").rc == 0
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
     _boots_with(target.disk, "written-in-failover")
+
+
+def test_a_target_disk_mounted_on_the_target_is_refused_unless_forced(
+    failed_over, make_host, home: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    host = failed_over
+    # smaller than the VM's disk: with --force the run stops at the size check instead, still before any write
+    target = make_host(size=512 << 20, data=0.0, loop=True, add=False)
+    subprocess.run(["mkfs.ext4", "-q", target.disk], check=True)
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    on_target = ["nsenter", "--target", target.sshd_pid_file.read_text().strip(), "--mount"]  # sshd's mounts
+    subprocess.run([*on_target, "mount", "-o", "ro", target.disk, mount_point], check=True)
+    try:
+        before = _digest(target.image)
+        r = _failback(home, host, target)
+        assert r.rc == FailoverError.exit_code, r.err
+        assert (
+            r.error_lines[0]
+            == f"error: target root@{target.address}: {target.disk} is mounted on {mount_point}; nothing was written"
+            and "--force" in r.error_lines[1]
+        ), r.err
+        r = _failback(home, host, target, "--force")
+        assert (
+            f"--force: writing to {target.disk} on root@{target.address} although it is mounted on {mount_point}"
+            in r.err
+        ), r.err
+        assert r.rc == FailoverError.exit_code and "less than" in r.err, r.err
+        assert _digest(target.image) == before
+    finally:
+        subprocess.run([*on_target, "umount", mount_point], check=True)
+
+
+HOSTILE = [  # what the stand-in for the writer does, the exit code, what the one error line says
+    ("garbage", RemoteCommandError.exit_code, "does not speak the failback writer's protocol: expected b'H'"),
+    ("huge-record", RemoteCommandError.exit_code, "a record of 4294967295 bytes, more than the"),
+    ("huge-series", RemoteCommandError.exit_code, "4294967295 hashes after 0 for a disk of"),
+    ("ends-early", RemoteCommandError.exit_code, "stopped (exit 3): hostile writer: giving up"),
+    ("cut", ConnectionLostError.exit_code, "broke during the failback"),
+]
+
+
+def test_a_hostile_target_gets_one_line_and_changes_nothing(
+    failed_over, make_host, home: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    host = failed_over
+    target = _target(make_host)
+    wrapper = tmp_path / "hostile-python"
+    assert run_cli(home, "host", "set", host.name, "--python", str(wrapper)).rc == 0  # the target's interpreter too
+    points = points_json(home, host.name)
+    for mode, exit_code, says in HOSTILE:
+        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HOSTILE_WRITER} {mode} "$@"\n')
+        wrapper.chmod(0o700)
+        r = _failback(home, host, target)
+        assert r.rc == exit_code and says in r.error_lines[0], (mode, r.err)
+        assert [line for line in r.err.splitlines() if line.startswith("error:")] == [r.error_lines[0]], (mode, r.err)
+        assert points_json(home, host.name) == points
+        vm = [line for line in run_cli(home, "failover", "status").out.splitlines() if host.name in line]
+        assert len(vm) == 1 and "running" in vm[0], (mode, vm)
+
+
+def _fingerprint(lab_host: LabHost) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(lab_host.host_key_pub)], capture_output=True, text=True, check=True)
+    return out.stdout.split()[1]
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
