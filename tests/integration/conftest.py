@@ -27,10 +27,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pytest.fail("integration tests run as root (network namespaces, sshd, FUSE)")
     for binary in ("qemu-img", "qemu-storage-daemon", "/usr/sbin/sshd", "ip"):
         require(binary)
-    _remove_stale_test_vms(tmp_path_factory.getbasetemp())
+    _remove_stale_test_vms(_run_root(tmp_path_factory.getbasetemp()))
     lab = Lab(tmp_path_factory.mktemp("lab"))
     yield lab
     lab.down()
+
+
+def _run_root(basetemp: Path) -> Path:
+    """This pytest run's temporary root, shared by its xdist workers (each has a popen-gwN folder in it)."""
+    return basetemp.parent if basetemp.name.startswith("popen-gw") else basetemp
 
 
 def _remove_stale_test_vms(this_run: Path) -> None:
