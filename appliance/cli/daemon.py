@@ -17,6 +17,7 @@ from appliance.cli._output import table
 from appliance.cli.context import state
 from appliance.domain.schedule import ALL_HOSTS, parse_time_of_day
 from appliance.services.daemon import Scheduler, SystemClock, run_job
+from appliance.services.failover import restart_interrupted
 from appliance.store import schedule as schedule_store
 
 _AT = typer.Option("--consolidate-at", help="Local time of the nightly consolidation, HH:MM")
@@ -46,6 +47,8 @@ def daemon(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     tools = st.tools
+    # First what a power cut or reboot of the appliance stopped: the recovery VMs that were running.
+    restart_interrupted(st.home, tools, say=lambda text: typer.echo(text, err=True))
     Scheduler(st.home, lambda job: run_job(st.home, tools, job), SystemClock(), parse_time_of_day(consolidate_at),
               stop).run()  # fmt: skip
 
