@@ -289,8 +289,8 @@ def _fall_back_to_tcg(home: Home, tools: Tools, vm: RecoveryVm, reason: str, say
     machine = hv.machine()
     say(f"KVM failed ({reason}): starting {vm.name} again with TCG (software emulation), as every VM on {machine} "
         "from now on")  # fmt: skip
-    log.warning("failover.kvm_fallback", host=vm.host, vm=vm.name, reason=reason, kernel=machine.kernel,
-                cpu=machine.cpu)  # fmt: skip
+    log.info("failover.kvm_fallback", host=vm.host, vm=vm.name, reason=reason, kernel=machine.kernel,
+             cpu=machine.cpu)  # fmt: skip
     hv.destroy_keep(vm.name)
     vm = replace(vm, accel="tcg", vnc="")
     recovery.save(home, vm)
