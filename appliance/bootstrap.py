@@ -22,4 +22,8 @@ def home(override: str | None = None) -> Home:
 
 def tools(home: Home) -> Tools:
     uri = os.environ.get("APPLIANCE_LIBVIRT_URI") or DEFAULT_LIBVIRT_URI
-    return Tools(remote=ParamikoShell(home.root), images=QemuImages(), hypervisor=LibvirtHypervisor(uri))
+    # Another QEMU binary for recovery VMs (libvirt's `<emulator>`): a newer build, or a wrapper that
+    # makes KVM fail on purpose to test the fallback to TCG on a machine where KVM works.
+    emulator = os.environ.get("APPLIANCE_QEMU_EMULATOR") or None
+    hypervisor = LibvirtHypervisor(uri, emulator=emulator)
+    return Tools(remote=ParamikoShell(home.root), images=QemuImages(), hypervisor=hypervisor)

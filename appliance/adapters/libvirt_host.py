@@ -13,6 +13,7 @@ import libvirt
 import libvirt_qemu
 
 from appliance.adapters import libvirt_xml
+from appliance.domain.accel import Machine
 from appliance.domain.recovery import DomainSpec, DomainState
 from appliance.errors import HypervisorError
 from appliance.log import get_logger
@@ -42,13 +43,46 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+# Why a domain is shut off or paused, in libvirt's words (`virsh domstate --reason`): a VM whose QEMU
+# died reads `shutoff, crashed` even when `<on_crash>` turned the crash into an ordinary shut-off.
+_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF: {
+        libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: "unknown",
+        libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
+        libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+        libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+        libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
+        libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+        libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from snapshot",
+        libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+    },
+    libvirt.VIR_DOMAIN_PAUSED: {
+        libvirt.VIR_DOMAIN_PAUSED_UNKNOWN: "unknown",
+        libvirt.VIR_DOMAIN_PAUSED_USER: "user",
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION: "migration",
+        libvirt.VIR_DOMAIN_PAUSED_SAVE: "save",
+        libvirt.VIR_DOMAIN_PAUSED_DUMP: "dump",
+        libvirt.VIR_DOMAIN_PAUSED_IOERROR: "ioerror",
+        libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: "watchdog",
+        libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT: "from snapshot",
+        libvirt.VIR_DOMAIN_PAUSED_SHUTTING_DOWN: "shutting down",
+        libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: "snapshot",
+        libvirt.VIR_DOMAIN_PAUSED_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_PAUSED_STARTING_UP: "starting up",
+    },
+    libvirt.VIR_DOMAIN_CRASHED: {libvirt.VIR_DOMAIN_CRASHED_PANICKED: "panicked"},
+}
+_LOG_START = ": starting up libvirt version"  # the line libvirt writes to a domain's log at each start
 
 
 class LibvirtHypervisor:
     """The Hypervisor port over one libvirt connection (qemu:///system by default)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, emulator: str | None = None) -> None:
+        """`emulator`: a QEMU binary for recovery VMs other than libvirt's default (a wrapper, a build)."""
         self.uri = uri
+        self.emulator = emulator
         self._connection: libvirt.virConnect | None = None
 
     @property
@@ -80,12 +114,27 @@ class LibvirtHypervisor:
             return False
         return True
 
+    def machine(self) -> Machine:
+        """The kernel release and CPU model this appliance runs on (what KVM's behaviour depends on)."""
+        cpu = ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        except OSError:
+            pass
+        return Machine(kernel=os.uname().release, cpu=cpu or os.uname().machine)
+
     def exists(self, name: str) -> bool:
         return self._domain(name) is not None
 
     def start(self, spec: DomainSpec) -> None:
-        """Define the domain and start it; on failure nothing stays defined."""
-        xml = libvirt_xml.render(spec)
+        """Define the domain and start it. A shut-off domain of that name is redefined in place (its
+        UUID and checkpoints stay); a domain defined here is undefined again if it does not start."""
+        existing = self._domain(spec.name)
+        if existing is not None and existing.isActive():
+            raise HypervisorError(f"{spec.name} is already running")
+        uuid = existing.UUIDString() if existing is not None else None
+        xml = libvirt_xml.render(spec, emulator=self.emulator, uuid=uuid)
         try:
             dom = self._conn.defineXML(xml)
         except libvirt.libvirtError as exc:
@@ -93,15 +142,22 @@ class LibvirtHypervisor:
         try:
             dom.create()
         except libvirt.libvirtError as exc:
-            dom.undefine()
+            if existing is None:
+                dom.undefine()
             raise HypervisorError(f"the recovery VM did not start: {exc.get_error_message()}") from exc
 
     def state(self, name: str) -> DomainState:
         dom = self._domain(name)
         if dom is None:
             return DomainState(False, "gone", "")
-        state, reason = dom.state()
-        return DomainState(state == libvirt.VIR_DOMAIN_RUNNING, _STATES.get(state, str(state)), str(reason))
+        try:
+            state, reason = dom.state()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # removed between the lookup and now
+                return DomainState(False, "gone", "")
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+        named = _REASONS.get(state, {}).get(reason, str(reason))
+        return DomainState(state == libvirt.VIR_DOMAIN_RUNNING, _STATES.get(state, str(state)), named)
 
     def remove(self, name: str) -> None:
         """Stop the domain at once (power off) and forget its definition."""
@@ -209,11 +265,16 @@ class LibvirtHypervisor:
         self.monitor(name, {"execute": "screendump", "arguments": {"filename": str(path), "format": "png"}})
 
     def qemu_log_tail(self, name: str, lines: int = 5) -> str:
+        """The last lines QEMU (and libvirt) wrote to the domain's log since its latest start."""
         path = Path("/var/log/libvirt/qemu") / f"{name}.log"
         try:
-            return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+            text = path.read_text(errors="replace")
         except OSError:
             return ""
+        start = text.rfind(_LOG_START)
+        if start >= 0:
+            text = text[text.find("\n", start) + 1 :]
+        return "\n".join(text.strip().splitlines()[-lines:])
 
     def monitor(self, name: str, command: dict[str, Any]) -> Any:
         """A QMP command to the domain's QEMU, through libvirt (which owns the monitor socket)."""

@@ -17,9 +17,12 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
-def render(spec: DomainSpec) -> str:
+def render(spec: DomainSpec, *, emulator: str | None = None, uuid: str | None = None) -> str:
+    """The domain XML; `emulator` replaces libvirt's QEMU binary, `uuid` redefines an existing domain."""
     domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(domain, "name", spec.name)
+    if uuid:
+        _sub(domain, "uuid", uuid)
     meta = _sub(domain, "metadata")
     ET.SubElement(meta, f"{{{METADATA_NS}}}recovery", {"host": spec.host, "point": spec.point, "purpose": spec.purpose})
     _sub(domain, "memory", str(spec.memory_mib), unit="MiB")
@@ -38,6 +41,8 @@ def render(spec: DomainSpec) -> str:
     seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
     _sub(seclabel, "label", "+0:+0")
     devices = _sub(domain, "devices")
+    if emulator:
+        _sub(devices, "emulator", emulator)
     for index, overlay in enumerate(spec.disks):
         disk = _sub(devices, "disk", type="file", device="disk")
         _sub(disk, "driver", name="qemu", type="qcow2", discard="unmap")

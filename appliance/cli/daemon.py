@@ -19,6 +19,7 @@ from appliance.cli.context import state
 from appliance.domain.schedule import parse_time_of_day, ran_in_the_future
 from appliance.errors import DamagedFileError
 from appliance.services.daemon import DEFAULT_JOBS, Scheduler, SystemClock, run_job, upcoming
+from appliance.services.failover import restart_interrupted
 from appliance.store import schedule as schedule_store
 
 _AT = typer.Option("--consolidate-at", help="Local time of the nightly consolidation, HH:MM")
@@ -50,6 +51,8 @@ def daemon(
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, request_stop)
+    # First what a power cut or reboot of the appliance stopped: the recovery VMs that were running.
+    restart_interrupted(st.home, tools, say=lambda text: typer.echo(text, err=True))
     # The scheduler runs in its own thread and this one only waits: a signal handler runs here, never inside
     # the scheduler's own waiting on its events (setting an event whose lock the interrupted code holds
     # would deadlock).

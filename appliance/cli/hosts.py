@@ -130,6 +130,10 @@ def set_(
     vm_cpus: Annotated[int | None, typer.Option("--vm-cpus", help="Recovery VM CPUs")] = None,
     vm_network: Annotated[str | None, typer.Option("--vm-network", help="user, none or bridge=NAME")] = None,
     vm_disk_bus: Annotated[str | None, typer.Option("--vm-disk-bus", help="virtio, sata or ide")] = None,
+    vm_restart: Annotated[
+        bool | None,
+        typer.Option("--vm-restart/--no-vm-restart", help="`appliance daemon` restarts its recovery VM after a reboot"),
+    ] = None,
     interval: Annotated[str | None, typer.Option("--interval", help="Backup every 15m, 1h, ... (the daemon)")] = None,
     keep_last: Annotated[int | None, typer.Option("--keep-last", help="Keep the N newest points")] = None,
     keep_hourly: Annotated[int | None, typer.Option("--keep-hourly", help="Newest point of each of N hours")] = None,
@@ -140,6 +144,8 @@ def set_(
     """Change a protected host's settings."""
     st = state(ctx)
     changes: dict[str, object] = _vm_changes(boot_check, verify_boot, vm_memory, vm_cpus, vm_network, vm_disk_bus)
+    if vm_restart is not None:
+        changes["vm_restart"] = vm_restart
     keep = {
         "last": keep_last,
         "hourly": keep_hourly,
@@ -238,6 +244,7 @@ def show(ctx: typer.Context, name: str) -> None:
         ("max disk", f"{size(h.max_disk_size)} (a larger disk is refused)"),
         ("min rate", f"{size(h.min_rate)}/s (a slower backup ends at its deadline)"),
         ("recovery VM", f"{h.vm_memory_mib} MiB, {h.vm_cpus} CPU, network {h.vm_network}, disks on {h.vm_disk_bus}"),
+        ("VM restart", "yes, by the daemon after a reboot" if h.vm_restart else "no"),
         ("boot check", h.boot_check + (", after every backup" if h.verify_boot else "")),
         ("interval", format_duration(h.interval) if h.interval else "- (no scheduled backups)"),
         ("retention", str(RetentionPolicy(h.keep_last, h.keep_hourly, h.keep_daily, h.keep_weekly, h.keep_monthly))),

@@ -136,4 +136,12 @@ class DomainSpec:
 class DomainState:
     running: bool
     state: str  # running, paused, shutoff, crashed, gone, ...
-    reason: str
+    reason: str  # libvirt's reason for the state: crashed, failed, shutdown, destroyed, ioerror, ...
+
+    @property
+    def stopped(self) -> bool:
+        """No QEMU runs for the domain: shut off, or not defined at all (a paused VM is not stopped)."""
+        return self.state in ("shutoff", "gone")
+
+    def __str__(self) -> str:
+        return f"{self.state}, {self.reason}" if self.reason else self.state

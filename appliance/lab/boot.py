@@ -16,14 +16,16 @@ from appliance.lab import guest
 MEMORY = "512"
 
 
-def boot_until_up(disk: Path, fmt: str, timeout: float = 120.0) -> float:
+def boot_until_up(disk: Path, fmt: str, timeout: float = 120.0, accel: str = "tcg") -> float:
     """Seconds from starting QEMU on `disk` until the guest prints its UP line."""
-    return boot_and_read(disk, fmt, timeout)[0]
+    return boot_and_read(disk, fmt, timeout, accel)[0]
 
 
-def boot_and_read(disk: Path, fmt: str, timeout: float = 120.0) -> tuple[float, str]:
-    """(seconds until the UP line, the UP line), booting `disk` under TCG; QEMU is killed afterwards."""
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", MEMORY, "-display", "none", "-serial", "stdio",
+def boot_and_read(disk: Path, fmt: str, timeout: float = 120.0, accel: str = "tcg") -> tuple[float, str]:
+    """(seconds until the UP line, the UP line), booting `disk` with `accel` (kvm gets the host's CPU, as a
+    recovery VM does); QEMU is killed afterwards."""
+    cpu = ["-cpu", "host"] if accel == "kvm" else []
+    argv = ["qemu-system-x86_64", "-accel", accel, *cpu, "-m", MEMORY, "-display", "none", "-serial", "stdio",
             "-monitor", "none", "-no-reboot", "-drive", f"file={disk},format={fmt},if=virtio"]  # fmt: skip
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -12,7 +12,6 @@ consolidation must not merge a point that a running VM reads through.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -21,22 +20,31 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance.domain.accel import (
+    EARLY_SECONDS,
+    AccelChoice,
+    KvmFailure,
+    choose,
+    start_failure_reason,
+    stop_failure_reason,
+)
 from appliance.domain.chain import Chain
 from appliance.domain.models import Host, Point
-from appliance.domain.recovery import BootCheck, DomainSpec, Network, RecoveryVm, VmSettings, vm_name
-from appliance.errors import ApplianceError, FailoverError
+from appliance.domain.recovery import BootCheck, DomainSpec, DomainState, Network, RecoveryVm, VmSettings, vm_name
+from appliance.errors import ApplianceError, DamagedFileError, FailoverError, HypervisorError
 from appliance.log import get_logger
 from appliance.ports import Tools
+from appliance.store import accel as accel_store
 from appliance.store import catalog, hosts, recovery
-from appliance.store.files import private_dir, read_as, write_json
+from appliance.store.files import private_dir
 from appliance.store.layout import Home
 from appliance.store.lock import HostLock
 
 log = get_logger(__name__)
 
 Say = Callable[[str], None]
-_KVM_FAILURE = re.compile(r"emulation failure|KVM internal error|kvm run failed", re.IGNORECASE)
 SCREEN_SETTLE_SECONDS = 3.0
+STOP_LOCK_WAIT = 10.0  # seconds `failover stop` waits for the host's lock (a backup's few seconds of setup)
 
 
 def settings_for(host: Host, *, memory: int | None, cpus: int | None, network: str | None,
@@ -56,44 +64,95 @@ def fail_over(
 ) -> RecoveryVm:  # fmt: skip
     """Boot a point of `name` as its recovery VM and wait until the guest is up; return its record.
 
+    A recovery VM that is shut off but was never stopped by `failover stop` (the appliance rebooted, the
+    guest powered off, QEMU was killed) or was kept by `failover stop --keep` is started again on its
+    own overlays instead: what the business wrote since the failover is never thrown away here.
+
     :raises PointNotFoundError, FailoverError, HypervisorError:
     """
     started = time.monotonic()
     host = hosts.load(home, name)
-    vm = _start_vm(home, tools, host, point_ref, settings or settings_for(host, memory=None, cpus=None,
-                   network=None, disk_bus=None), "failover", accel, force, say)  # fmt: skip
+    settings = settings or settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)
+    vm, may_fall_back = _start_vm(home, tools, host, point_ref, settings, "failover", accel, force, say)
     check = boot_check or BootCheck.parse(host.boot_check)
-    vm = _await_boot(home, tools, vm, check, started, timeout, say)
+    return _await_boot(home, tools, vm, check, started, timeout, may_fall_back, say)
+
+
+def restart_interrupted(home: Home, tools: Tools, say: Say = lambda _: None) -> list[RecoveryVm]:
+    """Start again every recovery VM whose record says it runs but whose domain does not (a power cut
+    or reboot of the appliance, QEMU killed), on its own overlays, for hosts with `vm_restart`.
+
+    Each VM that cannot start is logged and left as it was (its writes kept); the others still start.
+    """
+    restarted = []
+    for vm in recovery.all_vms(home):
+        if vm.purpose != "failover" or vm.state != "running":
+            continue
+        try:
+            host = hosts.load(home, vm.host)
+            if not tools.hypervisor.state(vm.name).stopped:
+                continue
+            if not host.vm_restart:
+                log.info("failover.restart_skipped", host=vm.host, vm=vm.name, why="the host's vm_restart is off")
+                continue
+            restarted.append(_restart(home, tools, host, say))
+        except Exception as exc:  # noqa: BLE001 - one VM that cannot start must not keep the others down
+            error = exc.message if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+            log.error("failover.restart_failed", host=vm.host, vm=vm.name, error=error)
+    log.info("failover.restarts_done", restarted=[vm.host for vm in restarted])
+    return restarted
+
+
+def _restart(home: Home, tools: Tools, host: Host, say: Say) -> RecoveryVm:
+    settings = settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)  # the VM keeps its own
+    vm, may_fall_back = _start_vm(home, tools, host, "latest", settings, "failover", "auto", False, say)
+    if may_fall_back:
+        vm = _watch_first_seconds(home, tools, vm, say)
+    log.info("failover.restarted", host=vm.host, vm=vm.name, point=vm.point, accel=vm.accel)
     return vm
 
 
 def _start_vm(home: Home, tools: Tools, host: Host, point_ref: str, settings: VmSettings, purpose: str,
-              accel: str, force: bool, say: Say) -> RecoveryVm:  # fmt: skip
-    """Pin the point, create the overlays, start the domain. The record exists before the VM does."""
-    hv = tools.hypervisor
-    name = vm_name(host.name, purpose)
+              accel: str, force: bool, say: Say) -> tuple[RecoveryVm, bool]:  # fmt: skip
+    """Pin the point, create the overlays (or take the kept ones), start the domain; return the VM and
+    whether a KVM failure may still fall back to TCG. The record exists before the VM does."""
     with HostLock(home.chain_dir(host.name) / "lock", host.name, purpose, wait=30.0):
         chain = catalog.load(home.chain_dir(host.name), host.name)
-        point = chain.find(point_ref)
-        _refuse_unfit(home, tools, host, chain, point, settings, purpose, force)
-        folder = private_dir(home.failover_dir(host.name, purpose))
-        overlays = _make_overlays(home, tools, host.name, point, folder)
-        chosen, why = _choose_accel(home, tools, accel)
-        vm = RecoveryVm(
-            host=host.name, point=point.id, name=name, purpose=purpose, started=datetime.now(UTC), accel=chosen,
-            overlays=tuple(str(o) for o in overlays), console_log=str(folder / "console.log"), settings=settings,
-        )  # fmt: skip
+        kept = _kept_vm(home, tools, host.name, purpose)
+        if kept is None:
+            point = chain.find(point_ref)
+            _refuse_unfit(home, tools, host, point, settings, purpose, force)
+            folder = private_dir(home.failover_dir(host.name, purpose))
+            vm = RecoveryVm(
+                host=host.name, point=point.id, name=vm_name(host.name, purpose), purpose=purpose,
+                started=datetime.now(UTC), accel="tcg", settings=settings, console_log=str(folder / "console.log"),
+                overlays=tuple(str(o) for o in _make_overlays(home, tools, host.name, point, folder)),
+            )  # fmt: skip
+        else:
+            point = chain.find(kept.point)
+            _refuse_other_point(chain, kept, point_ref)
+            _refuse_short_of(tools, kept.settings, len(kept.overlays))
+            vm = kept
+        choice = _choose_accel(home, tools, accel, say)
+        vm = replace(vm, accel=choice.accel, state="running", vnc="")
         recovery.save(home, vm)
-    say(f"booting {host.name} point {point.id} ({point.time_iso}) as VM {name} with {chosen.upper()} ({why})")
+    if kept is None:
+        say(f"booting {host.name} point {point.id} ({point.time_iso}) as VM {vm.name} with {choice.accel.upper()} "
+            f"({choice.why})")  # fmt: skip
+    else:
+        say(f"resuming {vm.name} on its kept writes: point {point.id} ({point.time_iso}), first started "
+            f"{_ago(vm.started)} ago; with {choice.accel.upper()} ({choice.why})")  # fmt: skip
     try:
-        hv.start(_spec(vm))
+        vm = _start_domain(home, tools, vm, choice.may_fall_back, say)
     except BaseException:
-        recovery.remove(home, host.name, purpose)
+        if kept is None:
+            recovery.remove(home, host.name, purpose)  # a VM that never ran wrote nothing
+        else:
+            recovery.save(home, kept)  # as it was, writes and all
         raise
-    vm = replace(vm, vnc=hv.vnc_display(name))
-    recovery.save(home, vm)
-    log.info("failover.started", host=host.name, point=point.id, vm=name, accel=chosen, purpose=purpose)
-    return vm
+    log.info("failover.started", host=host.name, point=point.id, vm=vm.name, accel=vm.accel, purpose=purpose,
+             resumed=kept is not None)  # fmt: skip
+    return vm, choice.may_fall_back and vm.accel == "kvm"
 
 
 def _spec(vm: RecoveryVm) -> DomainSpec:
@@ -104,23 +163,44 @@ def _spec(vm: RecoveryVm) -> DomainSpec:
     )  # fmt: skip
 
 
-def _refuse_unfit(home: Home, tools: Tools, host: Host, chain: Chain, point: Point, settings: VmSettings,
-                  purpose: str, force: bool) -> None:  # fmt: skip
-    hv = tools.hypervisor
-    existing = recovery.load(home, host.name, purpose)
-    if existing is not None and (existing.state == "running" or purpose == "verify"):
-        if hv.exists(existing.name) and hv.state(existing.name).running:
-            raise FailoverError(
-                f"a recovery VM for {host.name} is already running ({existing.name}, point {existing.point}, "
-                f"since {existing.started:%Y-%m-%d %H:%M})",
-                hint=f"`appliance failover stop {host.name}` stops it",
-            )
-        recovery.remove(home, host.name, purpose)  # a record whose VM is gone (appliance restarted)
-    elif existing is not None:
+def _kept_vm(home: Home, tools: Tools, host: str, purpose: str) -> RecoveryVm | None:
+    """The recovery VM of `host` to start again on its own overlays: recorded, and its domain stopped.
+
+    A verification's leftover (its VM was killed mid-check) is removed instead: its writes are worth nothing.
+    """
+    existing = recovery.load(home, host, purpose)
+    if existing is None:
+        return None
+    live = tools.hypervisor.state(existing.name)
+    if not live.stopped:
+        now = "already running" if live.running else f"there, {live}"
         raise FailoverError(
-            f"{host.name} has a stopped recovery VM whose writes were kept (point {existing.point})",
-            hint=f"fail back first, or discard them with `appliance failover stop {host.name}`",
+            f"a recovery VM for {host} is {now} ({existing.name}, point {existing.point}, "
+            f"since {existing.started.astimezone():%Y-%m-%d %H:%M})",
+            hint=f"`appliance failover stop {host}` stops it",
         )
+    if purpose == "verify":
+        tools.hypervisor.remove(existing.name)
+        recovery.remove(home, host, purpose)
+        return None
+    return existing
+
+
+def _refuse_other_point(chain: Chain, kept: RecoveryVm, point_ref: str) -> None:
+    """Another point while a recovery VM's writes are kept would mean choosing which to lose: the user does."""
+    if point_ref == "latest":
+        return
+    asked = chain.find(point_ref)
+    if asked.id != kept.point:
+        raise FailoverError(
+            f"{kept.host}'s recovery VM on point {kept.point} holds the writes made since its failover; "
+            f"not booting point {asked.id} (discard them first with `appliance failover stop {kept.host}`)"
+        )
+
+
+def _refuse_unfit(home: Home, tools: Tools, host: Host, point: Point, settings: VmSettings, purpose: str,
+                  force: bool) -> None:  # fmt: skip
+    hv = tools.hypervisor
     if hv.exists(vm_name(host.name, purpose)):
         raise FailoverError(f"a libvirt domain named {vm_name(host.name, purpose)} already exists",
                             hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
@@ -138,6 +218,12 @@ def _refuse_unfit(home: Home, tools: Tools, host: Host, chain: Chain, point: Poi
             f"point {point.id} did not boot when it was verified ({boot.get('detail', '')})",
             hint="choose another point with --point, or boot it anyway with --force",
         )
+    _refuse_short_of(tools, settings, len(point.disks))
+
+
+def _refuse_short_of(tools: Tools, settings: VmSettings, disks: int) -> None:
+    """What the VM needs from this appliance: memory, its bridge, a bus for all its disks."""
+    hv = tools.hypervisor
     available = hv.free_memory_mib()
     if settings.memory_mib > available:
         raise FailoverError(f"not enough memory: the VM asks {settings.memory_mib} MiB, {available} MiB are free",
@@ -145,12 +231,13 @@ def _refuse_unfit(home: Home, tools: Tools, host: Host, chain: Chain, point: Poi
     if settings.network.kind == "bridge" and not hv.bridge_exists(settings.network.bridge):
         raise FailoverError(f"there is no bridge {settings.network.bridge!r} on this appliance",
                             hint="`ip link show type bridge` lists the bridges; or use --network user")  # fmt: skip
-    if settings.disk_bus == "ide" and len(point.disks) > 4:
+    if settings.disk_bus == "ide" and disks > 4:
         raise FailoverError("IDE takes at most 4 disks; use --disk-bus sata or virtio")
 
 
 def _make_overlays(home: Home, tools: Tools, host: str, point: Point, folder: Path) -> list[Path]:
-    """One disposable overlay per disk, backed by the point's file (absolute path, read-only for QEMU)."""
+    """One disposable overlay per disk, backed by the point's file (absolute path, read-only for QEMU).
+    Called only when the host has no recovery VM record: any file found there holds no VM's writes."""
     chain_dir = home.chain_dir(host)
     overlays = []
     for disk in point.disks:
@@ -161,44 +248,106 @@ def _make_overlays(home: Home, tools: Tools, host: str, point: Point, folder: Pa
     return overlays
 
 
-def _choose_accel(home: Home, tools: Tools, wanted: str) -> tuple[str, str]:
-    if wanted in ("kvm", "tcg"):
-        return wanted, "as asked"
-    if not tools.hypervisor.kvm_available():
-        return "tcg", "no usable /dev/kvm"
-    known = _accel_record(home)
-    if known.get("kvm") == "broken" and known.get("kernel") == os.uname().release:
-        return "tcg", f"KVM failed here on {known.get('since', '?')[:10]}: {known.get('reason', '')}"
-    return "kvm", "KVM is available"
+def _ago(when: datetime) -> str:
+    seconds = max(0, int((datetime.now(UTC) - when).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{days} d"] * bool(days) + [f"{hours} h"] * bool(hours) + [f"{minutes} min"] * bool(minutes)
+    return " ".join(parts[:2]) if parts else f"{seconds} s"
 
 
-def _accel_record(home: Home) -> dict[str, str]:
-    return read_as(home.accel_file, dict[str, str]) if home.accel_file.exists() else {}
+def _choose_accel(home: Home, tools: Tools, wanted: str, say: Say) -> AccelChoice:
+    """The one KVM-or-TCG decision of every recovery VM (failover, boot verification, the daemon's restarts)."""
+    hv = tools.hypervisor
+    kvm_usable = wanted == "auto" and hv.kvm_available()
+    return choose(wanted, kvm_usable, hv.machine(), _remembered_failure(home, say))
 
 
-def _remember_kvm_broken(home: Home, reason: str) -> None:
-    write_json(home.accel_file, {"kvm": "broken", "kernel": os.uname().release, "reason": reason,
-                                 "since": datetime.now(UTC).isoformat()})  # fmt: skip
+def _remembered_failure(home: Home, say: Say) -> KvmFailure | None:
+    """The accel record; a damaged one is said, logged and removed, never a reason not to fail over (it
+    only saves a KVM attempt that would fail and fall back again)."""
+    try:
+        return accel_store.load(home)
+    except DamagedFileError as exc:
+        say(f"warning: {exc.message}; removed, KVM is tried again")
+        log.warning("failover.accel_record_damaged", file=str(home.accel_file), error=exc.message)
+        accel_store.forget(home)
+        return None
+
+
+def _start_domain(home: Home, tools: Tools, vm: RecoveryVm, may_fall_back: bool, say: Say) -> RecoveryVm:
+    """Start the VM's domain; a refused KVM start (QEMU aborting: "failed to set MSR") falls back to TCG."""
+    try:
+        tools.hypervisor.start(_spec(vm))
+    except HypervisorError as exc:
+        if not (may_fall_back and vm.accel == "kvm"):
+            raise
+        return _fall_back_to_tcg(home, tools, vm, start_failure_reason(exc.message), say)
+    return _running(home, tools, vm)
+
+
+def _running(home: Home, tools: Tools, vm: RecoveryVm) -> RecoveryVm:
+    vm = replace(vm, vnc=tools.hypervisor.vnc_display(vm.name))
+    recovery.save(home, vm)
+    return vm
+
+
+def _fall_back_to_tcg(home: Home, tools: Tools, vm: RecoveryVm, reason: str, say: Say) -> RecoveryVm:
+    """KVM cannot run this VM here: start the same VM (its overlays as they are) with TCG once, and
+    remember the failure for this kernel and CPU when TCG has started it (a VM that TCG cannot start
+    either did not fail because of KVM)."""
+    hv = tools.hypervisor
+    machine = hv.machine()
+    say(f"KVM failed ({reason}): starting {vm.name} again with TCG (software emulation), as every VM on {machine} "
+        "from now on")  # fmt: skip
+    log.info("failover.kvm_fallback", host=vm.host, vm=vm.name, reason=reason, kernel=machine.kernel,
+             cpu=machine.cpu)  # fmt: skip
+    hv.destroy_keep(vm.name)
+    vm = replace(vm, accel="tcg", vnc="")
+    recovery.save(home, vm)
+    hv.start(_spec(vm))
+    accel_store.remember(home, KvmFailure(machine=machine, reason=reason, since=datetime.now(UTC)))
+    return _running(home, tools, vm)
+
+
+def _after_stop(home: Home, tools: Tools, vm: RecoveryVm, state: DomainState, seconds_running: float,
+                may_fall_back: bool, say: Say) -> RecoveryVm:  # fmt: skip
+    """The VM stopped before its guest booted: if that is KVM failing and `auto` chose KVM, start it again
+    with TCG; otherwise say why it stopped (its overlays stay: `failover HOST` starts it again)."""
+    output = tools.hypervisor.qemu_log_tail(vm.name, 20)
+    reason = stop_failure_reason(state, output, seconds_running) if vm.accel == "kvm" else None
+    if reason is not None and may_fall_back:
+        return _fall_back_to_tcg(home, tools, vm, reason, say)
+    last = (output.splitlines() or ["no log"])[-1]
+    raise FailoverError(f"the recovery VM {vm.name} stopped ({state}): {reason or last}")
+
+
+def _watch_first_seconds(home: Home, tools: Tools, vm: RecoveryVm, say: Say) -> RecoveryVm:
+    """KVM may fail only once the guest runs: watch a VM started with KVM through its first seconds."""
+    since = time.monotonic()
+    while (elapsed := time.monotonic() - since) < EARLY_SECONDS:
+        state = tools.hypervisor.state(vm.name)
+        if not state.running:
+            return _after_stop(home, tools, vm, state, elapsed, True, say)
+        time.sleep(0.2)
+    return vm
 
 
 def _await_boot(home: Home, tools: Tools, vm: RecoveryVm, check: BootCheck, started: float, timeout: float,
-                say: Say) -> RecoveryVm:  # fmt: skip
-    """Poll the boot check; if KVM turns out broken (nested KVM here), restart the VM under TCG once."""
+                may_fall_back: bool, say: Say) -> RecoveryVm:  # fmt: skip
+    """Poll the boot check; a VM that stops first because KVM failed is started again with TCG, once."""
     hv = tools.hypervisor
     watcher = _BootWatcher(tools, vm, check)
     deadline = started + timeout
+    running_since = time.monotonic()
     while time.monotonic() < deadline:
         state = hv.state(vm.name)
         if not state.running:
-            failure = hv.qemu_log_tail(vm.name, 20)
-            kvm_broke = _KVM_FAILURE.search(failure)
-            if vm.accel == "kvm" and (kvm_broke or state.state in ("paused", "crashed")):
-                reason = kvm_broke.group(0) if kvm_broke else f"the VM {state.state}"
-                vm = _restart_with_tcg(home, tools, vm, reason, say)
-                watcher = _BootWatcher(tools, vm, check)
-                continue
-            last = (failure.splitlines() or ["no log"])[-1]
-            raise FailoverError(f"the recovery VM {vm.name} stopped ({state.state}): {last}")
+            vm = _after_stop(home, tools, vm, state, time.monotonic() - running_since, may_fall_back, say)
+            may_fall_back, running_since = False, time.monotonic()
+            watcher = _BootWatcher(tools, vm, check)
+            continue
         if watcher.booted():
             vm = replace(vm, rto_seconds=round(time.monotonic() - started, 2))
             recovery.save(home, vm)
@@ -206,20 +355,6 @@ def _await_boot(home: Home, tools: Tools, vm: RecoveryVm, check: BootCheck, star
             return vm
         time.sleep(0.1)
     log.warning("failover.boot_not_seen", host=vm.host, vm=vm.name, timeout=timeout, check=str(check))
-    return vm
-
-
-def _restart_with_tcg(home: Home, tools: Tools, vm: RecoveryVm, reason: str, say: Say) -> RecoveryVm:
-    """KVM is there but cannot run the guest (nested KVM): remember that, and run it under TCG."""
-    say(f"KVM failed on this machine ({reason}); restarting the VM with TCG (software emulation)")
-    log.warning("failover.kvm_fallback", host=vm.host, vm=vm.name, reason=reason)
-    _remember_kvm_broken(home, reason)
-    tools.hypervisor.remove(vm.name)
-    vm = replace(vm, accel="tcg")
-    recovery.save(home, vm)
-    tools.hypervisor.start(_spec(vm))
-    vm = replace(vm, vnc=tools.hypervisor.vnc_display(vm.name))
-    recovery.save(home, vm)
     return vm
 
 
@@ -290,27 +425,39 @@ def find_console_line(console_log: str, pattern: str) -> str:
 
 
 def stop(home: Home, tools: Tools, name: str, *, keep: bool = False, purpose: str = "failover") -> RecoveryVm:
-    """Power the recovery VM off; without `keep`, its overlays (its writes) are deleted too."""
+    """Power the recovery VM off; without `keep`, its overlays (its writes) are deleted too.
+
+    The one place besides a verified failback where a recovery VM's writes are removed. It takes the
+    host's lock, so it never deletes overlays under a failback that is copying them.
+    """
     hosts.load(home, name)
-    vm = recovery.load(home, name, purpose)
-    if vm is None:
-        raise FailoverError(f"{name} has no recovery VM", hint="`appliance failover status` lists them")
-    tools.hypervisor.remove(vm.name)
-    if keep:
-        vm = replace(vm, state="stopped")
-        recovery.save(home, vm)
-    else:
-        recovery.remove(home, name, purpose)
+    with HostLock(home.chain_dir(name) / "lock", name, "failover stop", wait=STOP_LOCK_WAIT):
+        vm = recovery.load(home, name, purpose)
+        if vm is None:
+            raise FailoverError(f"{name} has no recovery VM", hint="`appliance failover status` lists them")
+        tools.hypervisor.remove(vm.name)
+        if keep:
+            vm = replace(vm, state="stopped")
+            recovery.save(home, vm)
+        else:
+            recovery.remove(home, name, purpose)
     log.info("failover.stopped", host=name, vm=vm.name, kept=keep)
     return vm
 
 
 def status(home: Home, tools: Tools) -> list[tuple[RecoveryVm, str]]:
-    """Every recorded recovery VM with what libvirt says of it now."""
+    """Every recorded recovery VM with what libvirt says of it now; a failover VM whose domain is not
+    running (shut off, kept, the appliance restarted) still has its writes: `failover HOST` resumes it."""
     found = []
     for vm in recovery.all_vms(home):
-        live = tools.hypervisor.state(vm.name) if vm.state == "running" else None
-        found.append((vm, live.state if live else vm.state))
+        live = tools.hypervisor.state(vm.name)
+        if live.running:
+            shown = "running"
+        elif live.stopped and vm.purpose == "failover":
+            shown = "stopped (writes kept)"
+        else:
+            shown = str(live)
+        found.append((vm, shown))
     return found
 
 
@@ -320,11 +467,11 @@ def verify_boot(home: Home, tools: Tools, name: str, *, point_ref: str = "latest
     started = time.monotonic()
     host = hosts.load(home, name)
     settings = replace(settings_for(host, memory=None, cpus=None, network=None, disk_bus=None), network=Network("none"))
-    vm = _start_vm(home, tools, host, point_ref, settings, "verify", accel, True, say)
+    vm, may_fall_back = _start_vm(home, tools, host, point_ref, settings, "verify", accel, True, say)
     check = BootCheck.parse(host.boot_check)
     shot = home.screenshot(name, vm.point)
     try:
-        vm = _await_boot(home, tools, vm, check, started, timeout, say)
+        vm = _await_boot(home, tools, vm, check, started, timeout, may_fall_back, say)
         private_dir(shot.parent)
         tools.hypervisor.screenshot_png(vm.name, shot)
         line = find_console_line(vm.console_log, check.pattern) if check.kind == "console" else ""

@@ -159,7 +159,9 @@ def test_every_command_names_the_damaged_file(base: Path, tmp_path: Path, relati
 
 
 @pytest.mark.parametrize("damage", ["garbage", "wrong-type", "mistyped-field"])
-def test_a_damaged_accel_record_stops_a_failover_before_the_vm_starts(base: Path, tmp_path: Path, damage: str) -> None:
+def test_a_damaged_accel_record_is_named_and_never_stops_a_failover(base: Path, tmp_path: Path, damage: str) -> None:
+    """The accel record only saves a KVM attempt: damaged, it is named in one warning line and removed, and the
+    failover goes on (on the worst day a cache file must not stand between the business and its VM)."""
     from appliance.adapters.libvirt_host import LibvirtHypervisor
 
     if not LibvirtHypervisor("qemu:///system").kvm_available():
@@ -169,10 +171,13 @@ def test_a_damaged_accel_record_stops_a_failover_before_the_vm_starts(base: Path
     (home / "accel.json").write_bytes(_damaged({"kvm": "broken"}, damage, (), ("kvm", 1)))
     try:
         r = run_cli(home, "failover", BAD, "--timeout", "1", timeout=120)
-        assert r.rc == DamagedFileError.exit_code, r.err
-        _one_clear_line(r, str(home / "accel.json"))
+        warnings = [line for line in r.err.splitlines() if line.startswith("warning:") and "accel.json" in line]
+        assert len(warnings) == 1 and str(home / "accel.json") in warnings[0], r.err
+        assert "Traceback" not in r.err and "error:" not in r.err, r.err
+        assert f"recovery-{BAD}" in r.out  # the VM was started (its boot not awaited: --timeout 1)
+        assert not (home / "accel.json").exists() or run_cli(home, "failover", "status").rc == 0
     finally:
-        run_cli(home, "failover", "stop", BAD)  # only if the damage went unnoticed and a VM started
+        run_cli(home, "failover", "stop", BAD)
 
 
 def test_a_damaged_host_record_can_still_be_removed(base: Path, tmp_path: Path) -> None:

@@ -7,7 +7,11 @@ chain's files must not change by a single byte while a recovery VM runs and writ
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import select
+import signal
 import socket
 import subprocess
 import time
@@ -17,7 +21,7 @@ import pytest
 
 from appliance.errors import ChainCorruptError, FailoverError, HypervisorError, PointNotFoundError
 from appliance.lab import guest
-from tests.conftest import points_json, run_cli
+from tests.conftest import points_json, run_cli, start_cli
 from tests.integration.helpers import store_state
 
 UP = "console:APPLIANCE-GUEST-UP"
@@ -176,3 +180,103 @@ def test_the_tcp_check_finds_the_guest_on_a_bridge_and_waits_for_its_port(make_h
         if host is not None:
             run_cli(home, "failover", "stop", host.name)
         subprocess.run(["ip", "link", "del", bridge], check=False)
+
+
+# The guest's first boot writes a file into its disk; every later boot says that it found it there.
+WRITE_ONCE = (
+    'if [ -f /root/kept.txt ]; then echo "FOUND-KEPT $(cat /root/kept.txt)" >/dev/ttyS0;'
+    " else echo written-after-failover > /root/kept.txt; fi\n"
+)
+FOUND = "FOUND-KEPT written-after-failover"
+
+
+@pytest.fixture
+def writing_host(make_host, guest_image: Path, home: Path):  # type: ignore[no-untyped-def]
+    """A lab guest with two points, whose recovery VM writes a file on its first boot."""
+    host = make_host(image=guest_image)
+    assert run_cli(home, "host", "set", host.name, "--boot-check", UP, "--vm-memory", "256").rc == 0
+    guest.write_autorun(host.disk, WRITE_ONCE)
+    for n in (1, 2):
+        guest.set_marker(host.disk, f"point-{n}")
+        assert run_cli(home, "backup", host.name).rc == 0
+    yield host
+    run_cli(home, "failover", "stop", host.name)
+
+
+def _autorun_console(home: Path, host: str) -> str:
+    """The console of the VM's current boot once the guest's autorun has finished (and synced its disk)."""
+    console = home / "failover" / host / "console.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if guest.AUTORUN_DONE_PATTERN.search(text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"the guest's autorun did not finish: {text[-500:]}")
+
+
+def _kill_qemu(host: str) -> None:
+    """QEMU killed as the kernel's OOM killer would: no shutdown, nothing flushed by QEMU itself."""
+    name = f"recovery-{host}"
+    os.kill(int(Path(f"/run/libvirt/qemu/{name}.pid").read_text()), signal.SIGKILL)
+    virsh = ["virsh", "-c", "qemu:///system", "domstate", name]
+    for _ in range(100):
+        if subprocess.run(virsh, capture_output=True, text=True).stdout.strip() == "shut off":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} still runs after SIGKILL")
+
+
+def test_a_killed_recovery_vm_keeps_its_writes_and_failover_brings_it_back(writing_host, home: Path) -> None:
+    name = writing_host.name
+    first, second = (str(p["id"]) for p in points_json(home, name))
+    assert run_cli(home, "failover", name, "--timeout", "180").rc == 0
+    assert FOUND not in _autorun_console(home, name)  # the first boot wrote the file
+    _kill_qemu(name)
+    assert "stopped (writes kept)" in run_cli(home, "failover", "status").out
+    r = run_cli(home, "failover", name, "--point", first)
+    assert r.rc == FailoverError.exit_code and second in r.err and f"appliance failover stop {name}" in r.err
+    r = run_cli(home, "failover", name, "--timeout", "180")
+    assert r.rc == 0, r.out + r.err
+    assert f"resuming recovery-{name} on its kept writes: point {second}" in r.err and "first started" in r.err
+    assert FOUND in _autorun_console(home, name)
+    # writes kept by `failover stop --keep` come back the same way
+    assert run_cli(home, "failover", "stop", name, "--keep").rc == 0
+    assert "stopped (writes kept)" in run_cli(home, "failover", "status").out
+    r = run_cli(home, "failover", name, "--timeout", "180")
+    assert r.rc == 0 and "resuming" in r.err, r.out + r.err
+    assert FOUND in _autorun_console(home, name)
+
+
+def _daemon_until(home: Path, event: str) -> list[dict[str, str]]:
+    """Run `appliance daemon` until it logs `event`, then stop it with SIGTERM; its log events."""
+    daemon = start_cli(home, "--log-json", "daemon")
+    assert daemon.stderr is not None
+    seen, deadline = "", time.monotonic() + 120
+    while f'"{event}"' not in seen and time.monotonic() < deadline:
+        if select.select([daemon.stderr], [], [], 1.0)[0]:
+            chunk = os.read(daemon.stderr.fileno(), 65536)  # unbuffered, so that select sees every line
+            if not chunk:
+                break
+            seen += chunk.decode(errors="replace")
+    daemon.send_signal(signal.SIGTERM)
+    seen += daemon.communicate(timeout=60)[1]
+    assert daemon.returncode == 0 and f'"{event}"' in seen and "Traceback" not in seen, seen
+    return [json.loads(line) for line in seen.splitlines() if line.startswith("{")]
+
+
+def test_the_daemon_restarts_a_recovery_vm_that_was_running_when_the_appliance_stopped(writing_host, home) -> None:  # type: ignore[no-untyped-def]
+    name = writing_host.name
+    assert run_cli(home, "failover", name, "--timeout", "180").rc == 0
+    _autorun_console(home, name)
+    _kill_qemu(name)
+    assert run_cli(home, "host", "set", name, "--no-vm-restart").rc == 0
+    assert "VM restart:  no" in run_cli(home, "host", "show", name).out
+    skipped = _daemon_until(home, "failover.restarts_done")
+    assert any(e["event"] == "failover.restart_skipped" and e["host"] == name for e in skipped)
+    assert "stopped (writes kept)" in run_cli(home, "failover", "status").out
+    assert run_cli(home, "host", "set", name, "--vm-restart").rc == 0
+    restarted = _daemon_until(home, "failover.restarts_done")
+    assert any(e["event"] == "failover.restarted" and e["host"] == name for e in restarted)
+    assert FOUND in _autorun_console(home, name)
+    assert "running" in run_cli(home, "failover", "status").out
