@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu
@@ -76,25 +79,53 @@ _REASONS = {
 _LOG_START = ": starting up libvirt version"  # the line libvirt writes to a domain's log at each start
 
 
+_T = TypeVar("_T")
+
+
+def _one_line_errors(cls: type[_T]) -> type[_T]:
+    """Every public method of the adapter turns a libvirt error it did not handle itself (libvirtd gone
+    mid-call, a domain removed under it) into a HypervisorError: the user reads one line, never a trace."""
+    for name, method in list(vars(cls).items()):
+        if callable(method) and not name.startswith("_"):
+            setattr(cls, name, _wrapped(name, method))
+    return cls
+
+
+def _wrapped(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except libvirt.libvirtError as exc:
+            subject = f" {args[0]}" if args and isinstance(args[0], str) else ""
+            raise HypervisorError(f"libvirt failed at {name}{subject}: {exc.get_error_message() or exc}") from exc
+
+    return call
+
+
+@_one_line_errors
 class LibvirtHypervisor:
-    """The Hypervisor port over one libvirt connection (qemu:///system by default)."""
+    """The Hypervisor port over one libvirt connection (qemu:///system by default), shared by the
+    scheduler's job threads (libvirt connections are thread-safe; opening one is done once, under a lock)."""
 
     def __init__(self, uri: str, emulator: str | None = None) -> None:
         """`emulator`: a QEMU binary for recovery VMs other than libvirt's default (a wrapper, a build)."""
         self.uri = uri
         self.emulator = emulator
         self._connection: libvirt.virConnect | None = None
+        self._opening = threading.Lock()
 
     @property
     def _conn(self) -> libvirt.virConnect:
-        if self._connection is None:
-            try:
-                self._connection = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise HypervisorError(
-                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}", hint=_START_HINT
-                ) from exc
-        return self._connection
+        with self._opening:
+            if self._connection is None:
+                try:
+                    self._connection = libvirt.open(self.uri)
+                except libvirt.libvirtError as exc:
+                    raise HypervisorError(
+                        f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}", hint=_START_HINT
+                    ) from exc
+            return self._connection
 
     def _domain(self, name: str) -> libvirt.virDomain | None:
         try:

@@ -35,7 +35,7 @@ from appliance.errors import ApplianceError, DamagedFileError, FailoverError, Hy
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.store import accel as accel_store
-from appliance.store import catalog, hosts, recovery
+from appliance.store import chains, hosts, recovery
 from appliance.store.files import private_dir
 from appliance.store.layout import Home
 from appliance.store.lock import HostLock
@@ -116,8 +116,8 @@ def _start_vm(home: Home, tools: Tools, host: Host, point_ref: str, settings: Vm
               accel: str, force: bool, say: Say) -> tuple[RecoveryVm, bool]:  # fmt: skip
     """Pin the point, create the overlays (or take the kept ones), start the domain; return the VM and
     whether a KVM failure may still fall back to TCG. The record exists before the VM does."""
-    with HostLock(home.chain_dir(host.name) / "lock", host.name, purpose, wait=30.0):
-        chain = catalog.load(home.chain_dir(host.name), host.name)
+    with chains.open(home, tools.images, host.name, purpose, wait=30.0) as tx:
+        chain = tx.chain
         kept = _kept_vm(home, tools, host.name, purpose)
         if kept is None:
             point = chain.find(point_ref)
@@ -485,9 +485,8 @@ def verify_boot(home: Home, tools: Tools, name: str, *, point_ref: str = "latest
         "screenshot": str(shot) if shot.exists() else "", "check": str(check), "accel": vm.accel,
         "detail": line or ("booted" if vm.rto_seconds is not None else f"no sign of a boot within {timeout:.0f} s"),
     }  # fmt: skip
-    with HostLock(home.chain_dir(name) / "lock", name, "verify", wait=60.0):
-        chain = catalog.load(home.chain_dir(name), name)
-        point = chain.find(vm.point)
-        catalog.save(home.chain_dir(name), chain.with_point(replace(point, extra={**point.extra, "boot": verdict})))
+    with chains.open(home, tools.images, name, "verify", wait=60.0) as tx:
+        point = tx.chain.find(vm.point)
+        tx.record(replace(point, extra={**point.extra, "boot": verdict}))
     log.info("point.boot_verified", host=name, point=vm.point, ok=verdict["ok"], rto=vm.rto_seconds)
     return verdict
