@@ -20,4 +20,5 @@ def test_an_unhandled_libvirt_error_becomes_a_hypervisor_error(monkeypatch: pyte
     monkeypatch.setattr(hv, "_domain", lambda name: _VanishingDomain())
     with pytest.raises(HypervisorError, match="libvirt failed at destroy_keep recovery-web1: End of file"):
         hv.destroy_keep("recovery-web1")
+    monkeypatch.undo()
     assert hv.state("no-such-domain").state == "gone"  # the real driver answers through the same wrapper
