@@ -103,6 +103,16 @@ def _wrapped(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _arp_table() -> list[tuple[str, str]]:
+    """(IPv4 address, MAC) of every complete entry of the kernel's ARP table."""
+    try:
+        with open("/proc/net/arp", encoding="ascii") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return []
+    return [(row[0], row[3].lower()) for row in rows if len(row) >= 4 and row[2] != "0x0"]
+
+
 @_one_line_errors
 class LibvirtHypervisor:
     """The Hypervisor port over one libvirt connection (qemu:///system by default), shared by the
@@ -245,15 +255,14 @@ class LibvirtHypervisor:
         return f"127.0.0.1:{port}" if port else ""
 
     def guest_addresses(self, name: str) -> list[str]:
-        """IPv4 addresses the guest was seen with on the network (ARP), for a TCP boot check."""
+        """IPv4 addresses the guest was seen with on the network, for a TCP boot check: the kernel's ARP
+        table (/proc/net/arp) for the domain's MAC addresses. libvirt's own ARP source is not used: libvirt
+        9.0 fails to parse newer kernels' neighbour messages ("wrong nlmsg len", seen on 6.18)."""
         dom = self._domain(name)
         if dom is None or not dom.isActive():
             return []
-        try:
-            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)
-        except libvirt.libvirtError:
-            return []
-        return [a["addr"] for i in ifaces.values() for a in (i.get("addrs") or []) if a.get("type") == 0]
+        macs = libvirt_xml.mac_addresses(dom.XMLDesc(0))
+        return [address for address, mac in _arp_table() if mac in macs]
 
     def backup(self, name: str, targets: list[tuple[str, Path]], checkpoint: str, since: str | None) -> None:
         """A point-in-time copy of the disks into local qcow2 files, made by QEMU (libvirt push backup).

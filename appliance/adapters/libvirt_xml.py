@@ -82,6 +82,12 @@ def vnc_port(live_xml: str) -> int | None:
     return port if port > 0 else None
 
 
+def mac_addresses(live_xml: str) -> set[str]:
+    """The MAC addresses of a domain's network interfaces (libvirt picks them at definition)."""
+    macs = (el.get("address", "") for el in ET.fromstring(live_xml).iterfind("./devices/interface/mac"))
+    return {mac.lower() for mac in macs if mac}
+
+
 def recovery_metadata(xml: str) -> dict[str, str] | None:
     el = ET.fromstring(xml).find(f"./metadata/{{{METADATA_NS}}}recovery")
     return dict(el.attrib) if el is not None else None

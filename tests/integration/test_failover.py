@@ -154,13 +154,15 @@ def test_verify_boot_after_every_backup_when_the_host_asks(guest_host, home: Pat
 
 def test_the_tcp_check_finds_the_guest_on_a_bridge_and_waits_for_its_port(make_host, guest_image, home) -> None:  # type: ignore[no-untyped-def]
     """`tcp:PORT` on a bridged VM: the address comes from ARP, the boot is seen when the port answers."""
-    from appliance.lab import _free_subnet
+    from appliance.lab import _free_subnet, _subnet_lock
 
-    bridge, subnet = f"brt{secrets.token_hex(2)}", _free_subnet()
+    bridge = f"brt{secrets.token_hex(2)}"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     host = None
     try:
-        subprocess.run(["ip", "addr", "add", f"{subnet}.1/24", "dev", bridge], check=True)
+        with _subnet_lock():  # another run's lab must not take the same subnet meanwhile
+            subnet = _free_subnet()
+            subprocess.run(["ip", "addr", "add", f"{subnet}.1/24", "dev", bridge], check=True)
         subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
         host = make_host(image=guest_image)
         guest.write_autorun(host.disk, (
