@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.domain.accel import Machine
 from appliance.domain.recovery import DomainSpec, DomainState
 from appliance.errors import HypervisorError
 
@@ -34,8 +35,13 @@ class FakeHypervisor:
 
     uri = "test:///fake"
 
-    def __init__(self, *, kvm: bool = False, free_memory_mib: int = 8192, bridges: tuple[str, ...] = ()) -> None:
+    MACHINE = Machine(kernel="6.18.44-test", cpu="Test CPU")
+
+    def __init__(self, *, kvm: bool = False, free_memory_mib: int = 8192, bridges: tuple[str, ...] = (),
+                 console: str = "APPLIANCE-GUEST-UP marker=fake") -> None:  # fmt: skip
+        """`console`: the line a started guest "prints" on its serial console (its console log file)."""
         self.kvm = kvm
+        self.console = console
         self.memory = free_memory_mib
         self.bridges = set(bridges)
         self.domains: dict[str, FakeDomain] = {}
@@ -56,6 +62,13 @@ class FakeHypervisor:
     def kvm_available(self) -> bool:
         return self.kvm
 
+    def machine(self) -> Machine:
+        return self.MACHINE
+
+    def crash(self, name: str) -> None:
+        """QEMU killed (SIGKILL, the OOM killer): the domain stays defined, shut off, reason "crashed"."""
+        self._turn_off(name, "crashed")
+
     def exists(self, name: str) -> bool:
         return name in self.domains
 
@@ -68,6 +81,8 @@ class FakeHypervisor:
                 del self._refusals[i]
                 raise HypervisorError(f"the recovery VM did not start: {message}")
         self.domains[spec.name] = FakeDomain(spec)
+        if self.console:
+            Path(spec.console_log).write_text(f"{self.console}\n")
 
     def state(self, name: str) -> DomainState:
         domain = self.domains.get(name)
