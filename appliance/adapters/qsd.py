@@ -19,6 +19,7 @@ import errno
 import os
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +39,7 @@ QSD = "qemu-storage-daemon"
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_ZERO_RANGE = 0x10
 START_TIMEOUT = 15.0
+_SUN_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path, without its final NUL)
 _QMP_GONE = (QMPError, OSError, EOFError, TimeoutError, ImageToolError)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -66,6 +68,10 @@ class ImageExport:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / f"export-{token}"
         self._socket = run_dir / f"qmp-{token}.sock"
+        self._socket_dir: Path | None = None
+        if len(os.fsencode(self._socket)) > _SUN_PATH_MAX:  # a deep APPLIANCE_HOME: AF_UNIX takes 107 bytes
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="appliance-qmp-"))  # 0700, removed at the end
+            self._socket = self._socket_dir / "qmp.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._fd: int | None = None
@@ -220,6 +226,9 @@ class ImageExport:
         for leftover in (self.path, self._socket):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+        if self._socket_dir is not None:
+            with contextlib.suppress(OSError):
+                self._socket_dir.rmdir()
         if clean and failure is not None:
             raise ImageToolError(f"closing {self.image.name} failed: {failure}") from failure
 

@@ -129,3 +129,16 @@ def test_two_disks_make_one_point(make_host, home: Path, tmp_path: Path) -> None
     assert p["disks"][0]["changed_bytes"] == 0  # type: ignore[index]
     image = home / "store" / host.name / p["disks"][1]["file"]  # type: ignore[index]
     assert point_raw_digest(image, disks.disk_size(str(second)), tmp_path) == file_digest(second)
+
+
+def test_a_home_deeper_than_a_unix_socket_path_can_be(make_host, lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """qemu-storage-daemon's QMP socket lives in the home's run folder; past AF_UNIX's 107 bytes it goes to
+    a short private folder instead of failing every backup."""
+    from tests.integration.helpers import host_add
+
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 5) / "home"
+    host = make_host(add=False)
+    assert run_cli(deep, *host_add(host, lab.key_file, "--trust-first-use")).rc == 0
+    r = run_cli(deep, "backup", host.name)
+    assert r.rc == 0, r.err
+    assert run_cli(deep, "verify", host.name).rc == 0

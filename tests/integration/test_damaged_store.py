@@ -141,7 +141,7 @@ def _one_clear_line(r: Result, names: str) -> str:
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-@pytest.mark.parametrize("relative", list(FILES))
+@pytest.mark.parametrize("relative", list(FILES), ids=[r.replace(BAD, "BAD").replace(GOOD, "GOOD") for r in FILES])
 def test_every_command_names_the_damaged_file(base: Path, tmp_path: Path, relative: str, damage: str) -> None:
     commands, drop, mistype, good = FILES[relative]
     if good is None:
