@@ -10,6 +10,7 @@ import time as systime
 from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -232,6 +233,18 @@ def test_a_damaged_host_record_is_logged_once_and_the_others_keep_their_schedule
     with pytest.raises(DamagedFileError, match=f"{record} is damaged"):
         hosts.load(home, "web")
     clock = FakeClock(T0)
+    ran, logs = _run_for_an_hour(home, clock)
+    assert ran == ["good"] * 5
+    unreadable = [e for e in logs if e["event"] == "daemon.host_unreadable"]
+    assert len(unreadable) == 1 and unreadable[0]["file"] == str(record)
+    plan = upcoming(home, schedule.load(home), clock.now(), time(2, 0))
+    assert list(plan.unreadable) == ["web"] and str(record) in plan.unreadable["web"]
+    assert {j.host for j in plan.jobs} == {"good"}
+
+
+def _run_for_an_hour(home: Home, clock: FakeClock) -> tuple[list[str], list[dict[str, Any]]]:
+    """Run the scheduler with jobs that succeed until the fake clock is an hour on: the hosts of the jobs
+    it ran, in order, and what it logged."""
     ran: list[str] = []
 
     def runner(job: Job) -> str:
@@ -243,12 +256,7 @@ def test_a_damaged_host_record_is_logged_once_and_the_others_keep_their_schedule
     sched = _scheduler(home, runner, clock)
     with capture_logs() as logs:
         sched.run()
-    assert ran == ["good"] * 5
-    unreadable = [e for e in logs if e["event"] == "daemon.host_unreadable"]
-    assert len(unreadable) == 1 and unreadable[0]["file"] == str(record)
-    plan = upcoming(home, schedule.load(home), clock.now(), time(2, 0))
-    assert list(plan.unreadable) == ["web"] and str(record) in plan.unreadable["web"]
-    assert {j.host for j in plan.jobs} == {"good"}
+    return ran, logs
 
 
 @pytest.mark.parametrize("damage", ["garbage{", "{}", '[{"kind": "backup"}]', "[[]]"])
@@ -260,15 +268,7 @@ def test_a_damaged_history_names_its_file_and_the_daemon_starts_a_new_one(tmp_pa
     with pytest.raises(DamagedFileError, match=f"{history} is damaged"):
         schedule.load(home)
     clock = FakeClock(T0)
-
-    def runner(job: Job) -> str:
-        if clock.now() >= T0 + timedelta(hours=1):
-            sched.request_stop()
-        return "ok"
-
-    sched = _scheduler(home, runner, clock)
-    with capture_logs() as logs:
-        sched.run()
+    _, logs = _run_for_an_hour(home, clock)
     assert [e["event"] for e in logs if "history" in e["event"]] == ["daemon.history_unreadable",
                                                                      "daemon.history_readable"]  # fmt: skip
     assert schedule.load(home)[(BACKUP, "web")].started == T0 + timedelta(hours=1)
