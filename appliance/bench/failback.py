@@ -50,7 +50,7 @@ def run_failback_bench(size: int = 2 << 30, data: float = 0.4) -> None:
             target = lab.up([f"t{len(rows)}"], disk_size=size, data_fraction=0.0)[-1]
             if stale:
                 subprocess.run(["cp", "--sparse=always", str(original), target.disk], check=True)
-            run("failover", "src", "--point", first, "--accel", "tcg")
+            run("failover", "src", "--point", first)  # --accel auto: KVM, or TCG where KVM fails
             time.sleep(5)  # the guest writes while the copy runs
             wire = _wire(target)
             started = time.monotonic()
@@ -73,7 +73,7 @@ def run_failback_bench(size: int = 2 << 30, data: float = 0.4) -> None:
 def _naive(lab: Lab, app: list[str], run, work: Path, size: int, first: str):  # type: ignore[no-untyped-def]
     """Stop the VM, convert its disk to raw, stream it to the target with OpenSSH cat: all of it is downtime."""
     target: LabHost = lab.up(["naive"], disk_size=size, data_fraction=0.0)[-1]
-    run("failover", "src", "--point", first, "--accel", "tcg")
+    run("failover", "src", "--point", first)
     time.sleep(5)
     overlay = Path(app[app.index("--home") + 1]) / "failover" / "src" / "disk0.qcow2"
     raw = work / "naive.raw"
