@@ -209,7 +209,9 @@ def test_a_target_disk_mounted_on_the_target_is_refused_unless_forced(
     subprocess.run(["mkfs.ext4", "-q", target.disk], check=True)
     mount_point = tmp_path / "mnt"
     mount_point.mkdir()
-    on_target = ["nsenter", "--target", target.sshd_pid_file.read_text().strip(), "--mount"]  # sshd's mounts
+    # sshd's own mounts (`ip netns exec` gave it a mount namespace); --root keeps its root directory, which
+    # is not the namespace's root where the appliance itself runs in a chroot
+    on_target = ["nsenter", "--target", target.sshd_pid_file.read_text().strip(), "--mount", "--root"]
     subprocess.run([*on_target, "mount", "-o", "ro", target.disk, mount_point], check=True)
     try:
         before = _digest(target.image)
