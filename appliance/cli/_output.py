@@ -10,16 +10,9 @@ from typing import Any
 
 from typer.core import TyperGroup
 
+from appliance.domain.models import format_size as size
 from appliance.errors import DamagedFileError
 from appliance.services.backup import BackupProgress
-
-
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

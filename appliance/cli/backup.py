@@ -8,9 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from appliance.cli._output import ProgressLine, size, table
+from appliance.cli._output import ProgressLine, table
 from appliance.cli.context import State, state
 from appliance.domain.models import Point
+from appliance.domain.models import format_size as size
 from appliance.errors import ChainCorruptError
 from appliance.services.backup import back_up
 from appliance.services.failover import verify_boot

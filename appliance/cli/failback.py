@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import HostOrCommand, size
+from appliance.cli._output import HostOrCommand
 from appliance.cli.context import state
 from appliance.domain.models import HostKey
+from appliance.domain.models import format_size as size
 from appliance.errors import ConfigError
 from appliance.services import failback as service
 

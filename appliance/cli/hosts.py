@@ -11,9 +11,10 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import parse_size, raise_unreadable, size, table
+from appliance.cli._output import parse_size, raise_unreadable, table
 from appliance.cli.context import state
 from appliance.domain.models import HostKey, format_duration, parse_duration, validate_block_size
+from appliance.domain.models import format_size as size
 from appliance.domain.recovery import BootCheck, Network, VmSettings
 from appliance.domain.retention import RetentionPolicy
 from appliance.errors import ConfigError

@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli._output import parse_size, size, table
+from appliance.cli._output import parse_size, table
 from appliance.cli.context import state
+from appliance.domain.models import format_size as size
 from appliance.lab import Lab, disks, guest, sshd_running
 from appliance.lab.boot import boot_and_read
 from appliance.lab.demo import run_demo

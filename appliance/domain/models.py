@@ -110,6 +110,15 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def format_size(n: float) -> str:
+    """Bytes as people read them: '512 B', '1.5 GiB' (binary units, as qemu-img and the options use)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def validate_block_size(size: int) -> int:
     if size < 4096 or size > (1 << 20) or size & (size - 1):
         raise ConfigError(f"invalid block size {size}: use a power of two from 4K to 1M")

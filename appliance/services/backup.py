@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.domain.blocks import HASH_LEN, Carry, block_hashes, block_length, carry_over, zero_hash
-from appliance.domain.models import DiskPoint, Host, Point, point_id_for, slot_name
+from appliance.domain.models import DiskPoint, Host, Point, format_size, point_id_for, slot_name
 from appliance.errors import (
     ApplianceError,
     ChainCorruptError,
@@ -249,8 +249,8 @@ class _Capture:
                 raise violation(self.host, f"a hello with a size of {disk.size} bytes for {disk.path}")
             if disk.size > self.host.max_disk_size:
                 raise ProtocolViolationError(
-                    f"{self.host.name}: {disk.path} is {_size(disk.size)} on the host, more than its limit of "
-                    f"{_size(self.host.max_disk_size)}; nothing was recorded",
+                    f"{self.host.name}: {disk.path} is {format_size(disk.size)} on the host, more than its limit of "
+                    f"{format_size(self.host.max_disk_size)}; nothing was recorded",
                     hint=f"if it really is that large: `appliance host set {self.host.name} --max-disk-size SIZE`",
                 )
         log.info(
@@ -283,8 +283,8 @@ class _Capture:
         elapsed = max(time.monotonic() - self.started, 1e-3)
         return JobDeadlineError(
             f"{self.host.name}: the backup passed its deadline of {self.deadline - self.started:.0f} s (for "
-            f"{_size(p.total)} at the host's minimum rate of {_size(self.host.min_rate)}/s), receiving "
-            f"{_size(stream.bytes_received / elapsed)}/s, {_size(p.read)} read on the host"
+            f"{format_size(p.total)} at the host's minimum rate of {format_size(self.host.min_rate)}/s), receiving "
+            f"{format_size(stream.bytes_received / elapsed)}/s, {format_size(p.read)} read on the host"
         )
 
     def _sender_failure(self, stream: RemoteStream) -> BaseException | None:
@@ -432,14 +432,6 @@ def _kind(record: protocol.Record) -> str:
     return {"DataRun": "data", "ZeroRun": "zero", "DiskEnd": "end-of-disk", "RemoteFailure": "failure"}.get(
         type(record).__name__, type(record).__name__.lower()
     )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:
