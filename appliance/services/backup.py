@@ -8,7 +8,6 @@ point atomically: a run interrupted anywhere leaves the chain exactly as it was.
 
 from __future__ import annotations
 
-import errno
 import threading
 import time
 from collections import deque
@@ -29,7 +28,6 @@ from appliance.errors import (
     JobDeadlineError,
     ProtocolViolationError,
     RemoteCommandError,
-    StoreFullError,
 )
 from appliance.faults import checkpoint
 from appliance.log import get_logger
@@ -38,6 +36,7 @@ from appliance.services.image_reader import read_chunks
 from appliance.services.reader_session import ended_early, start_reader, violation
 from appliance.store import chains, hosts
 from appliance.store.chains import ChainTx, NewPoint
+from appliance.store.files import full_disk_as_store_full
 from appliance.store.hashes import HashListWriter, iter_chunks
 from appliance.store.layout import Home
 from appliance.transfer import protocol
@@ -147,12 +146,8 @@ def _record(tx: ChainTx, writer: _PointWriter, purpose: str) -> Point:
     """Write a new point and publish it last in the chain."""
     previous = tx.chain.newest
     log.info("backup.started", host=tx.host, previous=previous.id if previous else None, purpose=purpose)
-    try:
+    with full_disk_as_store_full(f"{tx.host}'s new point"):  # the hash lists are written here
         point = writer.run(time.monotonic())
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFullError(f"the appliance's disk is full while writing {tx.host}'s new point") from exc
-        raise
     tx.publish(writer.draft, point)
     log.info("point.created", host=tx.host, point=point.id, depth=len(tx.chain.points), seconds=round(point.seconds, 2),
              changed=point.changed_bytes, sent=point.sent_bytes, wire=point.wire_bytes, purpose=purpose)  # fmt: skip

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from appliance.domain.accel import KvmFailure, Machine
-from appliance.store.files import damaged, read_as, write_json
+from appliance.store.files import read_as, write_json
 from appliance.store.layout import Home
 
 
@@ -21,7 +21,7 @@ class _Record:
     kvm: str
     kernel: str
     reason: str
-    since: str
+    since: datetime
     cpu: str = ""  # absent in the first format: such a record never matches a machine
 
 
@@ -36,11 +36,7 @@ def load(home: Home) -> KvmFailure | None:
     record = read_as(path, _Record)
     if record.kvm != "broken" or not record.cpu:
         return None
-    try:
-        since = datetime.fromisoformat(record.since)
-    except ValueError as exc:
-        raise damaged(path, f"field 'since' is not a time ({record.since!r:.40})") from exc
-    return KvmFailure(machine=Machine(kernel=record.kernel, cpu=record.cpu), reason=record.reason, since=since)
+    return KvmFailure(machine=Machine(kernel=record.kernel, cpu=record.cpu), reason=record.reason, since=record.since)
 
 
 def forget(home: Home) -> None:

@@ -30,7 +30,6 @@ gives the same result, and a P whose file is gone was renamed already.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,12 +38,12 @@ from pathlib import Path
 
 from appliance.domain.chain import Chain
 from appliance.domain.models import DiskPoint, Point
-from appliance.errors import ChainCorruptError, StoreFullError
+from appliance.errors import ChainCorruptError
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import ImageTool
 from appliance.store import catalog, recovery
-from appliance.store.files import fsync_dir, fsync_file, read_as, write_atomic, write_json
+from appliance.store.files import fsync_dir, fsync_file, full_disk_as_store_full, read_as, write_atomic, write_json
 from appliance.store.layout import Home, hashes_file, partial, point_file
 from appliance.store.lock import HostLock
 
@@ -136,7 +135,7 @@ class ChainTx:
 
     def publish(self, draft: NewPoint, point: Point) -> None:
         """Make a written point durable and list it last (see the module doc for why this is atomic)."""
-        try:
+        with full_disk_as_store_full(f"{self.host}'s new point"):
             for path in draft.partials:
                 fsync_file(path)
             final = [path.with_name(path.name[1 : -len(".part")]) for path in draft.partials]
@@ -151,8 +150,6 @@ class ChainTx:
             checkpoint("capture.before_catalog")
             self._save(self.chain.appended(point))
             checkpoint("capture.after_catalog")
-        except OSError as exc:
-            raise _full_or(exc, f"{self.host}'s new point") from exc
         (self.dir / INTENT).unlink()
         self._drop_old_hash_lists()
 
@@ -197,11 +194,9 @@ class ChainTx:
             point = replace(point, dropping=True)
             self.record(point)
             checkpoint("consolidate.marked")
-        try:
+        with full_disk_as_store_full(f"merging {self.host}'s point {point.id}"):
             for disk in point.disks:
                 self._merge_disk(disk.file, child.disk(disk.slot) if disk.slot in child_slots else None)
-        except OSError as exc:
-            raise _full_or(exc, f"merging {self.host}'s point {point.id}") from exc
         self._save(Chain(self.host, tuple(p for p in self.chain.points if p.id != point.id)))
         log.info("chain.merged", host=self.host, point=point.id, into=child.id)
 
@@ -281,12 +276,6 @@ def _is_leftover(relative: str, published: set[str], needed_hashes: set[str]) ->
     name = relative.rpartition("/")[2]
     unneeded_hashes = name.endswith(".hashes") and relative not in needed_hashes
     return name.endswith(".part") or relative in published or unneeded_hashes
-
-
-def _full_or(exc: OSError, what: str) -> OSError | StoreFullError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFullError(f"the appliance's disk is full while writing {what}")
-    return exc
 
 
 @contextmanager

@@ -33,7 +33,11 @@ class _PinnedTarget:
 
 
 def _folder(home: Home) -> Path:
-    return private_dir(home.root / "failback")
+    return private_dir(home.failback_dir)
+
+
+def _work(home: Home, host: str) -> Path:
+    return home.failover_dir(host) / "failback"
 
 
 def progress_path(home: Home, host: str) -> Path:
@@ -82,13 +86,12 @@ def save_target_key(home: Home, host: str, address: str, port: int, key: HostKey
 
 def work_dir(home: Home, host: str) -> Path:
     """An empty private folder for the ledgers and copies of a failback that starts now."""
-    folder = home.failover_dir(host) / "failback"
-    shutil.rmtree(folder, ignore_errors=True)
-    return private_dir(folder)
+    shutil.rmtree(_work(home, host), ignore_errors=True)
+    return private_dir(_work(home, host))
 
 
 def remove_work(home: Home, host: str) -> None:
-    shutil.rmtree(home.failover_dir(host) / "failback", ignore_errors=True)
+    shutil.rmtree(_work(home, host), ignore_errors=True)
 
 
 def remove_all(home: Home, host: str) -> None:

@@ -14,6 +14,7 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +61,18 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             tmp.unlink()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFullError(f"no room to write {path.name}: the appliance's disk is full") from exc
+        raise
+
+
+@contextlib.contextmanager
+def full_disk_as_store_full(what: str) -> Iterator[None]:
+    """An OSError of a full disk (or quota) raised in the block becomes StoreFullError naming `what`; any
+    other error passes as it is."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFullError(f"the appliance's disk is full while writing {what}") from exc
         raise
 
 
