@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from appliance.agent import writer as wire
 from appliance.agent import writer_source
@@ -54,6 +53,7 @@ from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import import_point
 from appliance.services.hosts import ConfirmKey, pin_host_key
 from appliance.services.image_reader import read_chunks
+from appliance.services.reader_session import how_it_ended, start_agent
 from appliance.store import chains, hosts, recovery
 from appliance.store import failback as records
 from appliance.store.chains import ChainTx
@@ -159,7 +159,7 @@ def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, ta
     work = records.work_dir(home, name)
     try:
         with tools.remote.connect(target.host) as session:
-            stream = _start_writer(session, target.host)
+            stream = start_agent(session, target.host.python, writer_source(), wire.BOOTSTRAP)
             writer = TargetSession(stream)
             try:
                 copier = _copy_and_prove(tx, tools, vm, point, target, writer, progress, options, work, say)
@@ -211,9 +211,7 @@ def _target_failed(exc: Exception, stream: RemoteStream, target: Host, opened: b
         return RemoteCommandError(f"the writer on {where} failed: {exc} ({exc.code})", hint=_RESUME)
     if isinstance(exc, ProtocolError):
         return RemoteCommandError(f"{where} does not speak the failback writer's protocol: {exc}", hint=_RESUME)
-    status = stream.wait(timeout=5)
-    stderr = stream.stderr_text().strip()
-    last = stderr.splitlines()[-1][:300] if stderr else ""
+    status, last = how_it_ended(stream, limit=300)
     if status < 0:
         return ConnectionLostError(f"the connection to {where} broke during the failback", hint=_RESUME)
     if status == 127 or (not opened and "not found" in last):
@@ -286,13 +284,6 @@ def _pinned_target_key(home: Home, name: str, address: str, port: int) -> HostKe
     if pinned is None or pinned[:2] != (address, port):
         return None
     return pinned[2]
-
-
-def _start_writer(session: Any, host: Host) -> RemoteStream:
-    code = writer_source()
-    stream: RemoteStream = session.start([host.python, "-c", wire.BOOTSTRAP, str(len(code))])
-    stream.write(code)
-    return stream
 
 
 def _open_target(writer: TargetSession, target: Target, point: Point, force: bool, say: Say) -> None:

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Starting the reader on a host and naming what went wrong when it stops early."""
+"""Starting the code the appliance ships to a machine (the reader on a host, the writer on a failback
+target) and naming what went wrong when it stops early."""
 
 from __future__ import annotations
 
@@ -11,19 +12,29 @@ from appliance.ports import RemoteSession, RemoteStream
 from appliance.transfer.protocol import MAX_MESSAGE, ProtocolError, printable
 
 
-def start_reader(session: RemoteSession, host: Host) -> RemoteStream:
-    """Run the one fixed bootstrap command and send the reader's code over its stdin."""
-    code = reader_source()
-    stream = session.start([host.python, "-c", wire.BOOTSTRAP, str(len(code))])
-    stream.write(code)
+def start_agent(session: RemoteSession, python: str, source: bytes, bootstrap: str) -> RemoteStream:
+    """Run the one fixed bootstrap command and send the agent's code over its stdin: nothing is installed
+    on the machine, and the code always matches the appliance."""
+    stream = session.start([python, "-c", bootstrap, str(len(source))])
+    stream.write(source)
     return stream
+
+
+def start_reader(session: RemoteSession, host: Host) -> RemoteStream:
+    return start_agent(session, host.python, reader_source(), wire.BOOTSTRAP)
+
+
+def how_it_ended(stream: RemoteStream, limit: int = MAX_MESSAGE) -> tuple[int, str]:
+    """The command's exit status (-1: none came, the link broke) and the last line of its stderr, made safe
+    to show on one line."""
+    status = stream.wait(timeout=5)
+    stderr = stream.stderr_text().strip()
+    return status, printable(stderr.splitlines()[-1], limit) if stderr else ""
 
 
 def ended_early(host: Host, stream: RemoteStream, starting: bool) -> ApplianceError:
     """The error to show when the reader's output stops before it should."""
-    status = stream.wait(timeout=5)
-    stderr = stream.stderr_text().strip()
-    last = printable(stderr.splitlines()[-1], MAX_MESSAGE) if stderr else ""
+    status, last = how_it_ended(stream)
     if status == 127 or (starting and "not found" in last):
         return RemoteCommandError(
             f"{host.python} was not found on {host.name}",
