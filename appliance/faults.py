@@ -4,7 +4,8 @@
 `APPLIANCE_CRASH_AT=name` or `name:n` kills the process with SIGKILL the (n-th) time it reaches the
 checkpoint `name`: no cleanup, no finally blocks, exactly like a power cut of the appliance process.
 `APPLIANCE_FAULT=name` makes `fault(name)` true once: the code then misbehaves the way `name` says (a
-corrupted write, a missed block), so that a test proves a check catches it. Unset (always, outside
+corrupted write, a missed block), so that a test proves a check catches it. `APPLIANCE_PAUSE=name:seconds`
+makes `pause(name)` say how long to stop there (a freeze held on purpose, to kill what holds it). Unset (always, outside
 tests), each costs one comparison.
 """
 
@@ -36,3 +37,10 @@ def fault(name: str) -> bool:
         return False
     _fired.add(name)
     return True
+
+
+_pause_name, _, _pause_seconds = os.environ.get("APPLIANCE_PAUSE", "").partition(":")
+
+
+def pause(name: str) -> float:
+    return float(_pause_seconds or 0) if name == _pause_name else 0.0

@@ -11,8 +11,18 @@ the blocks that differ. A block of zeroes is never sent: it is a one-line "zero"
 hold data, and nothing at all when it was zero already. The digest of the whole disk (sha256 over the
 block hashes) goes with the end of each disk, so the appliance can prove what it stored.
 
+Every point is one moment of the disks, where the kernel lets the reader prove it (see `Moment`): the
+block layer's trace events (tracefs) report every write while the disks are read; the blocks written
+meanwhile are read again, pass after pass while that set shrinks; then every file system on the disks
+is frozen (FIFREEZE, by a watchdog process that thaws them whatever happens to the reader), the last
+written blocks are read, and the file systems are thawed. Where that cannot be done (no tracefs, a
+file instead of a block device, writes that outpace the copy), the point is a live read and says so.
+Disks are read with O_DIRECT: what is on the disk, never a stale page of the host's cache, and without
+evicting the server's own cache.
+
 Wire format (all integers little-endian). Appliance -> host, after the code itself:
-  request     u32 length + JSON  {"disks": [{"path", "block_size"}], "pre_hook": [argv], "post_hook": [argv]}
+  request     u32 length + JSON  {"disks": [{"path", "block_size"}], "pre_hook": [argv], "post_hook": [argv],
+              "consistency": "auto" | "live", "freeze_limit": seconds}
   old hashes  per disk, after the host's hello, runs covering every block of the disk as it is now:
               u8 kind + u32 count; kind 1 (HASH) is followed by count x 16-byte hash prefixes;
               kind 0 (ZERO) and 2 (UNKNOWN) carry nothing
@@ -21,27 +31,37 @@ Host -> appliance, one record after another, each starting with a one-byte type:
   D u64 block, u32 length, then 32-byte hash of each block, then the block bytes (consecutive blocks)
   Z u64 block, u32 count: blocks that now read as zeroes
   P u64       bytes read so far on the current disk
-  E u64 bytes read, 32-byte digest: end of the current disk
+  E u64 bytes read, 32-byte digest: end of the current disk's first (full) pass
+  R u32 disk  a later pass over disk number `disk` (0-based, in the request's order): the D and Z
+              records that follow, up to the next R, M or X record, are blocks of that disk read again
+  M u32+JSON  the moment: what the point is (frozen, one moment, or a live read) and how it was taken
   F u32+JSON  finished: what the post hook did
   X u32+JSON  fatal error: {"code", "message", ...}; nothing after it
-Within a disk, D and Z records come in increasing block order and never overlap, a D record carries 1 to
-MAX_RUN bytes and only the disk's last block may be short, P grows, E carries the disk's size. The
-appliance refuses anything else as a protocol violation (appliance.transfer.protocol): keep them in step.
+Each disk's first pass comes first, disks in order, each ended by its E record; then R passes, then M,
+then F. Within a pass, D and Z records come in increasing block order and never overlap, a D record
+carries 1 to MAX_RUN bytes and only the disk's last block may be short; P grows, E carries the disk's
+size, and its digest is sha256 over the block hashes of the first pass. The appliance refuses anything
+else as a protocol violation (appliance.transfer.protocol): keep them in step.
 """
 
 import collections
+import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
+import re
+import select
 import signal
 import stat
 import struct
 import subprocess
 import sys
 import threading
+import time
 
-PROTOCOL = 1
+PROTOCOL = 2
 PREFIX_LEN = 16  # bytes of each old block hash sent to the host: 128 bits, collision-safe, half the upload
 HASH_LEN = 32
 CHUNK = 4 << 20  # bytes read at once; a multiple of every block size the appliance uses
@@ -56,6 +76,7 @@ DATA = struct.Struct("<cQI")
 ZERO = struct.Struct("<cQI")
 PROGRESS = struct.Struct("<cQ")
 END = struct.Struct("<cQ")
+REPASS = struct.Struct("<cI")
 
 # The one fixed command line the appliance runs: it reads this file from stdin and executes it.
 BOOTSTRAP = 'import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),"appliance-reader","exec"))'
@@ -165,6 +186,78 @@ def _json_record(tag, obj):
     return tag + U32.pack(len(body)) + body
 
 
+ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths aligned to the logical block size: a page covers all
+
+
+class Disk(object):
+    """One disk the host asked for: its descriptors (a direct one where the kernel allows it), size, kind."""
+
+    def __init__(self, index, path, block_size):
+        self.index = index
+        self.path = path
+        self.block_size = block_size
+        self.fd, self.size, self.kind = open_disk(path)
+        self.direct_fd = _open_direct(path) if self.kind == "block" else None
+        self.buffer = None  # a page-aligned buffer for direct reads, made on first use
+        self.rdev = os.fstat(self.fd).st_rdev if self.kind == "block" else None
+
+    def read(self, offset, length):
+        """`length` bytes at `offset` as they are on the disk: direct I/O for a block device, so neither a
+        stale page of the host's cache of the device (file data is written around that cache) nor a
+        trace of this read in that cache. A file, or a device that refuses direct I/O, is read buffered."""
+        if self.direct_fd is not None:
+            try:
+                return self._read_direct(offset, length)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct_fd)  # the device takes no direct I/O after all: buffered from here on
+                self.direct_fd = None
+        return _read_full(self.fd, offset, length, self.size)
+
+    def _read_direct(self, offset, length):
+        span = -(-length // ALIGN) * ALIGN
+        if self.buffer is None or len(self.buffer) < span:
+            self.buffer = mmap.mmap(-1, max(span, CHUNK))
+        view = memoryview(self.buffer)
+        got = 0
+        os.lseek(self.direct_fd, offset, os.SEEK_SET)  # lseek + readv: os.preadv is Python 3.7+
+        while got < length:
+            n = os.readv(self.direct_fd, [view[got:span]])
+            if n <= 0:
+                raise Fatal("disk-changed", "disk ended at %d bytes, expected %d" % (offset + got, self.size))
+            got += n
+        data = bytes(view[:length])  # a copy: the buffer is reused by the next read
+        view.release()
+        return data
+
+    def close(self):
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def _open_direct(path):
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _read_full(fd, offset, length, size):
+    # pread into a new bytes object: no zero-filling of a fresh buffer, and glibc reuses the freed chunks,
+    # so there are no page faults either (bytearray(want) cost a third of the time)
+    buf = os.pread(fd, length, offset)
+    while len(buf) < length:
+        more = os.pread(fd, length - len(buf), offset + len(buf))
+        if not more:
+            raise Fatal("disk-changed", "disk ended at %d bytes, expected %d" % (offset + len(buf), size))
+        buf += more
+    return buf
+
+
 def open_disk(path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -179,10 +272,6 @@ def open_disk(path):
         os.close(fd)
         raise Fatal("disk-not-a-disk", "%s is neither a block device nor an image file" % path, path=path)
     size = os.lseek(fd, 0, os.SEEK_END)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except (AttributeError, OSError):
-        pass
     return fd, size, "block" if stat.S_ISBLK(mode) else "file"
 
 
@@ -210,11 +299,11 @@ class _HoleFinder(object):
         return self.next_data >= offset + length
 
 
-def chunks(fd, size):
+def chunks(disk):
     """Yield (offset, buffer) of the disk, read ahead by a thread so that I/O overlaps hashing."""
     q = queue.Queue(maxsize=4)
-
-    holes = _HoleFinder(fd, size)
+    size = disk.size
+    holes = _HoleFinder(disk.fd, size)
 
     def reader():
         offset = 0
@@ -223,17 +312,8 @@ def chunks(fd, size):
                 want = min(CHUNK, size - offset)
                 if want == CHUNK and holes.is_hole(offset, want):
                     q.put((offset, ZERO_CHUNK))  # a hole of a sparse image file reads as zeroes: skip the read
-                    offset += want
-                    continue
-                # pread into a new bytes object: no zero-filling of a fresh buffer, and glibc reuses the
-                # freed chunks, so there are no page faults either (bytearray(want) cost a third of the time)
-                buf = os.pread(fd, want, offset)
-                while len(buf) < want:
-                    more = os.pread(fd, want - len(buf), offset + len(buf))
-                    if not more:
-                        raise Fatal("disk-changed", "disk ended at %d bytes, expected %d" % (offset + len(buf), size))
-                    buf += more
-                q.put((offset, buf))
+                else:
+                    q.put((offset, disk.read(offset, want)))
                 offset += want
             q.put(None)
         except OSError as exc:
@@ -306,11 +386,12 @@ def _hash_pool():
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers)
 
 
-def send_disk(fd, size, block_size, old, out, pool):
+def send_disk(disk, old, out, pool):
     """Read one disk, send what changed, return (bytes read, digest).
 
     Chunks are hashed by a pool of threads, a few chunks ahead, and compared in order here.
     """
+    block_size = disk.block_size
     digest = hashlib.sha256()
     zero_hash_full = hashlib.sha256(bytes(block_size)).digest()
     zero_chunk = ZERO_CHUNK
@@ -325,7 +406,7 @@ def send_disk(fd, size, block_size, old, out, pool):
         else:
             _send_chunk(hashed.result(), offset // block_size, block_size, n, olds, digest, out)
 
-    for offset, buf in chunks(fd, size):
+    for offset, buf in chunks(disk):
         n = len(buf)
         all_zero_before, olds = old.take(-(-n // block_size))
         if all_zero_before and n % block_size == 0 and (buf is zero_chunk or buf == zero_chunk[:n]):
@@ -388,6 +469,557 @@ def _flush_data(out, view, first, start, end, block_size, n, hashes):  # view: t
     out.send(DATA.pack(b"D", first + start, hi - lo), b"".join(hashes), view[lo:hi])
 
 
+# -- later passes: blocks read again ---------------------------------------------------------------------
+
+
+def read_runs(disk, blocks):
+    """Read the given blocks of `disk` (any order, duplicates allowed): [(first block, bytes)], in runs of
+    consecutive blocks of at most MAX_RUN bytes, in block order."""
+    bs = disk.block_size
+    last = -(-disk.size // bs) - 1
+    runs = []
+    start = prev = None
+    for b in sorted(set(blocks)):
+        if b < 0 or b > last:
+            continue
+        if start is not None and b == prev + 1 and (b - start + 1) * bs <= max(MAX_RUN, bs):
+            prev = b
+            continue
+        if start is not None:
+            runs.append((start, prev))
+        start = prev = b
+    if start is not None:
+        runs.append((start, prev))
+    out = []
+    for first, end in runs:
+        offset = first * bs
+        out.append((first, disk.read(offset, min((end + 1) * bs, disk.size) - offset)))
+    return out
+
+
+def send_runs(disk, runs, out):
+    """Send blocks read again as one later pass over `disk`: an R record, then D and Z records. Nothing
+    is compared with what the appliance holds: a block written since it was read has almost always
+    changed, and the appliance checks each block against its hash anyway."""
+    out.send(REPASS.pack(b"R", disk.index))
+    bs = disk.block_size
+    for first, data in runs:
+        view = memoryview(data)
+        j = 0
+        count = -(-len(data) // bs)
+        while j < count:
+            zero = _is_zero(view, j, bs)
+            k = j + 1
+            while k < count and _is_zero(view, k, bs) == zero:
+                k += 1
+            if zero:
+                out.send(ZERO.pack(b"Z", first + j, k - j))
+            else:
+                hashes = [hashlib.sha256(view[i * bs : (i + 1) * bs]).digest() for i in range(j, k)]
+                out.send(
+                    DATA.pack(b"D", first + j, min(k * bs, len(data)) - j * bs),
+                    b"".join(hashes),
+                    bytes(view[j * bs : k * bs]),
+                )
+            j = k
+
+
+def _is_zero(view, j, bs):
+    piece = view[j * bs : (j + 1) * bs]
+    return piece == bytes(len(piece))
+
+
+# -- tracing writes: the block layer's trace events ---------------------------------------------------
+
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+TRACE_BUFFER_KB = 4096  # per CPU; a busy disk's completions are ~50 bytes each, drained continuously
+EVENT_LINE = re.compile(rb": (block_\w+|tracing_mark_write): (.*)$")
+BLOCK_EVENT = re.compile(rb"^(\d+),(\d+) (\S+) (?:\(.*?\) )?(\d+) \+ (\d+)")
+MARK = b"appliance-mark-"
+
+
+class Unavailable(Exception):
+    """What the reader needs for a frozen moment is missing here: the point is then a live read."""
+
+
+def tracefs_root():
+    """Where tracefs is mounted, mounting it where systemd would if nothing mounted it (as root)."""
+    for root in TRACEFS:
+        if os.path.isdir(os.path.join(root, "instances")):
+            return root
+    if os.path.isdir(TRACEFS[0]):
+        done = subprocess.run(
+            ["mount", "-t", "tracefs", "tracefs", TRACEFS[0]],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if done.returncode == 0 and os.path.isdir(os.path.join(TRACEFS[0], "instances")):
+            return TRACEFS[0]
+        raise Unavailable("tracefs cannot be mounted: %s" % done.stderr.decode(errors="replace").strip()[-200:])
+    raise Unavailable("this kernel has no tracefs")
+
+
+def trace_target(disk):
+    """(kernel dev number of the whole disk, byte offset of `disk` on it, request-based?) for a block device."""
+    if disk.kind != "block":
+        raise Unavailable("%s is an image file, not a block device" % disk.path)
+    major, minor = os.major(disk.rdev), os.minor(disk.rdev)
+    sysdir = os.path.realpath("/sys/dev/block/%d:%d" % (major, minor))
+    offset = 0
+    if os.path.exists(os.path.join(sysdir, "partition")):
+        offset = int(_read_text(os.path.join(sysdir, "start"))) * 512
+        sysdir = os.path.dirname(sysdir)
+        major, minor = [int(x) for x in _read_text(os.path.join(sysdir, "dev")).split(":")]
+    return (major << 20) | minor, offset, os.path.isdir(os.path.join(sysdir, "mq"))
+
+
+def _read_text(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _write_text(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+class Tracer(object):
+    """Every write to the disks from now on, as sets of blocks between marks.
+
+    A tracing instance of its own (so the host's own tracing is untouched), with the completion events
+    of the disks' requests (bio events for bio-based devices such as device-mapper) filtered in the
+    kernel to the disks and to anything but reads. A write that was in flight when tracing started
+    completes after it: every change to a block after `start` is seen. A thread drains the events all
+    the time; `mark` closes the current window and returns the blocks written in it.
+    """
+
+    def __init__(self, disks):
+        self.disks = disks
+        targets = [trace_target(d) for d in disks]
+        root = tracefs_root()
+        instances = os.path.join(root, "instances")
+        _remove_stale_instances(instances)
+        self.dir = os.path.join(instances, "appliance-%d" % os.getpid())
+        try:
+            os.mkdir(self.dir)
+        except OSError as exc:
+            raise Unavailable("a tracing instance cannot be made in %s: %s" % (instances, exc.strerror))
+        self.fd = None
+        try:
+            self._setup(targets)
+        except (OSError, Unavailable) as exc:
+            self.close()
+            if isinstance(exc, Unavailable):
+                raise
+            raise Unavailable("block tracing cannot be set up: %s" % (exc.strerror or exc))
+        self.lock = threading.Condition()
+        self.window = {}
+        self.closed = {}
+        self.marks = 0
+        self.error = None
+        self.stop = False
+        self.lost_at_start = self.lost()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _setup(self, targets):
+        self.ranges = {}  # kernel dev -> [(disk index, byte offset, size)]
+        request_based = []
+        bio_based = []
+        for disk, (dev, offset, mq) in zip(self.disks, targets):
+            self.ranges.setdefault(dev, []).append((disk.index, offset, disk.size))
+            (request_based if mq else bio_based).append(dev)
+        _write_text(os.path.join(self.dir, "buffer_size_kb"), str(TRACE_BUFFER_KB))
+        _try_write(os.path.join(self.dir, "buffer_percent"), "0")
+        events = [
+            ("block_rq_complete", request_based),
+            ("block_bio_queue", bio_based),
+            ("block_bio_complete", bio_based),
+        ]
+        enabled = []
+        for event, devs in events:
+            if not devs:
+                continue
+            base = os.path.join(self.dir, "events", "block", event)
+            if not os.path.isdir(base):
+                raise Unavailable("this kernel has no %s trace event" % event)
+            devs = sorted(set(devs))
+            by_dev = " || ".join("dev == %d" % d for d in devs)
+            try:  # reads are filtered in the kernel where its filter language allows, and here in any case
+                _write_text(os.path.join(base, "filter"), '(%s) && !(rwbs ~ "R*")' % by_dev)
+            except OSError:
+                _write_text(os.path.join(base, "filter"), by_dev)
+            enabled.append(base)
+        self.fd = os.open(os.path.join(self.dir, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+        for base in enabled:
+            _write_text(os.path.join(base, "enable"), "1")
+
+    def _drain(self):
+        rest = b""
+        try:
+            while not self.stop:
+                try:
+                    data = os.read(self.fd, 1 << 16)
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EINTR):
+                        raise
+                    data = b""
+                if not data:
+                    select.select([self.fd], [], [], 0.02)
+                    continue
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    self._event(line)
+        except Exception as exc:  # reported by the next mark
+            with self.lock:
+                self.error = exc
+                self.lock.notify_all()
+
+    def _event(self, line):
+        m = EVENT_LINE.search(line)
+        if m is None:
+            return
+        if m.group(1) == b"tracing_mark_write":
+            body = m.group(2).strip()
+            if body.startswith(MARK):
+                with self.lock:
+                    self.closed[int(body[len(MARK) :])] = self.window
+                    self.window = {}
+                    self.lock.notify_all()
+            return
+        e = BLOCK_EVENT.match(m.group(2))
+        if e is None or e.group(3).startswith(b"R"):
+            return
+        sectors = int(e.group(5))
+        if not sectors:
+            return
+        dev = (int(e.group(1)) << 20) | int(e.group(2))
+        start = int(e.group(4)) * 512
+        for index, offset, size in self.ranges.get(dev, ()):
+            lo, hi = max(start - offset, 0), min(start + sectors * 512 - offset, size)
+            if lo < hi:
+                bs = self.disks[index].block_size
+                with self.lock:
+                    self.window.setdefault(index, set()).update(range(lo // bs, -(-hi // bs)))
+
+    def mark(self, timeout=10.0):
+        """Close the current window: {disk index: set of blocks written in it}, every write completed before
+        this call included (the mark goes through the same buffers, after them)."""
+        self.marks += 1
+        n = self.marks
+        _write_text(os.path.join(self.dir, "trace_marker"), (MARK + str(n).encode()).decode())
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while n not in self.closed and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable("the trace marker did not come back in %d s" % timeout)
+                self.lock.wait(left)
+            if self.error is not None:
+                raise Unavailable("reading the trace failed: %s" % self.error)
+            return self.closed.pop(n)
+
+    def lost(self):
+        """Events the kernel dropped or overwrote, over all CPUs (0 while nothing was lost)."""
+        total = 0
+        per_cpu = os.path.join(self.dir, "per_cpu")
+        for cpu in os.listdir(per_cpu):
+            for line in _read_text(os.path.join(per_cpu, cpu, "stats")).splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("overrun", "commit overrun", "dropped events"):
+                    total += int(value.split()[0])
+        return total
+
+    def lost_any(self):
+        return self.lost() != self.lost_at_start
+
+    def close(self):
+        self.stop = True
+        if getattr(self, "thread", None) is not None:
+            self.thread.join(1)
+        for event in ("block_rq_complete", "block_bio_queue", "block_bio_complete"):
+            _try_write(os.path.join(self.dir, "events", "block", event, "enable"), "0")
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+def _try_write(path, text):
+    try:
+        _write_text(path, text)
+    except OSError:
+        pass
+
+
+def _remove_stale_instances(instances):
+    """Instances of readers that were killed (SIGKILL leaves them): their buffers are the host's memory."""
+    try:
+        names = os.listdir(instances)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("appliance-"):
+            continue
+        try:
+            os.kill(int(name[len("appliance-") :]), 0)
+        except ProcessLookupError:
+            try:
+                os.rmdir(os.path.join(instances, name))
+            except OSError:
+                pass
+        except (ValueError, OSError):
+            pass
+
+
+# -- the file systems on the disks, and freezing them ----------------------------------------------------
+
+NOT_FREEZABLE = ("vfat", "msdos", "exfat", "ntfs", "ntfs3", "fuseblk", "iso9660", "squashfs", "erofs")
+
+
+def block_devices_on(disks):
+    """'major:minor' of every block device whose writes land on the disks: the disks, their partitions, and
+    what is built on them (device-mapper, LVM volumes, md), found through sysfs holders."""
+    seen = set()
+    todo = ["%d:%d" % (os.major(d.rdev), os.minor(d.rdev)) for d in disks if d.kind == "block"]
+    while todo:
+        dev = todo.pop()
+        if dev in seen:
+            continue
+        seen.add(dev)
+        sysdir = os.path.realpath("/sys/dev/block/%s" % dev)
+        children = []
+        try:
+            children = [os.path.join(sysdir, "holders", h) for h in os.listdir(os.path.join(sysdir, "holders"))]
+            children += [
+                os.path.join(sysdir, p)
+                for p in os.listdir(sysdir)
+                if os.path.exists(os.path.join(sysdir, p, "partition"))
+            ]
+        except OSError:
+            pass
+        for child in children:
+            try:
+                todo.append(_read_text(os.path.join(child, "dev")))
+            except OSError:
+                pass
+    return seen
+
+
+def _unescape(field):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def filesystems_on(disks):
+    """[(mount point, type, 'major:minor', read-only)] of each file system that lives on the disks, once per
+    file system (bind mounts and the same file system mounted twice are frozen once)."""
+    devices = block_devices_on(disks)
+    found = {}
+    try:
+        lines = _read_text("/proc/self/mountinfo").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        head, _, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if len(fields) < 6 or len(rest) < 2:
+            continue
+        dev, mountpoint, options = fields[2], _unescape(fields[4]), fields[5].split(",")
+        if dev not in devices:
+            try:  # btrfs and a few others show an anonymous device: their source names the real one
+                st = os.stat(_unescape(rest[1]))
+                dev = "%d:%d" % (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else dev
+            except OSError:
+                pass
+        if dev in devices and dev not in found:
+            found[dev] = (mountpoint, rest[0], dev, "ro" in options)
+    return list(found.values())
+
+
+def swap_ranges(disks):
+    """{disk index: [(first block, last block)]} of swap partitions on the disks: what is written there is
+    never part of a file system's state, so it does not count against the moment."""
+    ranges = {}
+    try:
+        lines = _read_text("/proc/swaps").splitlines()[1:]
+    except OSError:
+        return ranges
+    for line in lines:
+        try:
+            st = os.stat(_unescape(line.split()[0]))
+        except (OSError, IndexError):
+            continue
+        if not stat.S_ISBLK(st.st_mode):
+            continue
+        sysdir = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(st.st_rdev), os.minor(st.st_rdev)))
+        if not os.path.exists(os.path.join(sysdir, "partition")):
+            continue
+        parent = _read_text(os.path.join(os.path.dirname(sysdir), "dev"))
+        start = int(_read_text(os.path.join(sysdir, "start"))) * 512
+        length = int(_read_text(os.path.join(sysdir, "size"))) * 512
+        for d in disks:
+            if d.kind == "block" and "%d:%d" % (os.major(d.rdev), os.minor(d.rdev)) == parent:
+                bs = d.block_size
+                ranges.setdefault(d.index, []).append((start // bs, (start + length - 1) // bs))
+    return ranges
+
+
+# The watchdog: a process of its own (new session: an SSH hangup does not reach it) that freezes and thaws
+# the file systems for the reader. It thaws them when the reader asks, when the reader goes away (its
+# stdin ends: the reader exited or was killed with SIGKILL), when the SSH session goes away (the reader's
+# output, which it watches, is closed by sshd) and when the hard limit passes, whichever comes first: a
+# freeze never outlives its run. It imports everything before it is
+# asked to freeze, and touches no file system while one is frozen.
+WATCHDOG = r"""
+import errno, fcntl, json, os, select, signal, sys, time
+FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
+limit = float(sys.argv[1])
+paths = json.loads(sys.argv[2])
+fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in paths]
+frozen = []
+since = None
+expired = False
+def thaw():
+    while frozen:
+        try:
+            fcntl.ioctl(fds[frozen.pop()], FITHAW, 0)
+        except OSError:
+            pass
+def on_term(signum, frame):
+    thaw()
+    os._exit(1)
+signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGINT, on_term)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def say(obj):
+    try:
+        os.write(1, (json.dumps(obj) + "\n").encode())
+    except OSError:
+        thaw()
+        os._exit(1)
+say({"ready": True})
+pending = b""
+watch = select.poll()
+watch.register(0, select.POLLIN)
+session = int(sys.argv[3])
+if session >= 0:
+    watch.register(session, 0)  # the reader's output to sshd: POLLERR/POLLHUP once the session is gone
+while True:
+    timeout = None if since is None else max(0.0, since + limit - time.monotonic()) * 1000
+    events = dict(watch.poll(timeout))
+    if not events:
+        thaw()
+        since, expired = None, True
+        continue
+    if session in events:
+        thaw()
+        os._exit(0)
+    data = os.read(0, 64)
+    if not data:
+        thaw()
+        os._exit(0)
+    pending += data
+    while b"\n" in pending:
+        line, pending = pending.split(b"\n", 1)
+        if line == b"F":
+            expired, states = False, {}
+            since = time.monotonic()
+            for i, fd in enumerate(fds):
+                try:
+                    fcntl.ioctl(fd, FIFREEZE, 0)
+                    frozen.append(i)
+                    states[paths[i]] = "frozen"
+                except OSError as exc:
+                    states[paths[i]] = "already frozen" if exc.errno == errno.EBUSY else os.strerror(exc.errno)
+            say({"states": states, "seconds": time.monotonic() - since})
+        elif line == b"T":
+            held = None if since is None else time.monotonic() - since
+            thaw()
+            since = None
+            say({"held": held, "expired": expired})
+"""
+
+
+class Freezer(object):
+    """The reader's side of the watchdog: freeze() and thaw() through it, and nothing held if the reader dies."""
+
+    def __init__(self, mountpoints, limit, session_fd):
+        self.limit = limit
+        argv = [sys.executable or "python3", "-I", "-S", "-c", WATCHDOG, repr(float(limit)), json.dumps(mountpoints)]
+        session = os.dup(session_fd)  # a number of its own: the watchdog's 0 and 1 are its pipes to the reader
+        try:
+            self.proc = self._start(argv + [str(session)], session)
+        finally:
+            os.close(session)
+        self.pending = b""
+        if not self._answer(30).get("ready"):
+            raise Unavailable("the freeze watchdog did not start")
+
+    @staticmethod
+    def _start(argv, session):
+        return subprocess.Popen(
+            argv,
+            pass_fds=(session,),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    def _answer(self, timeout):
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise Unavailable("the freeze watchdog did not answer in %d s" % timeout)
+            data = os.read(fd, 4096)
+            if not data:
+                err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+                raise Unavailable("the freeze watchdog ended: %s" % (err[-1] if err else "no message"))
+            self.pending += data
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line.decode())
+
+    def _ask(self, what, timeout):
+        try:
+            self.proc.stdin.write(what)
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise Unavailable("the freeze watchdog went away: %s" % exc)
+        return self._answer(timeout)
+
+    def freeze(self):
+        """{mount point: 'frozen' | 'already frozen' | why not}, once every file system was asked."""
+        return self._ask(b"F\n", self.limit + 60)["states"]
+
+    def thaw(self):
+        """(seconds the freeze held, whether the watchdog had to end it at its limit)."""
+        answer = self._ask(b"T\n", 30)
+        return answer.get("held") or 0.0, bool(answer.get("expired"))
+
+    def close(self):
+        """Thaw whatever is frozen and end the watchdog (its stdin closes)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()  # SIGTERM: it thaws, then exits
+            self.proc.wait()
+
+
 def run_hook(argv, name):
     if not argv:
         return None
@@ -402,6 +1034,241 @@ def run_hook(argv, name):
     return {"hook": name, "rc": done.returncode, "output": done.stdout.decode(errors="replace")[-2000:]}
 
 
+# -- one point: a live read, or one moment ------------------------------------------------------------
+
+FREEZE_AT = 32 << 20  # bytes written during a pass small enough to read again while frozen: freeze now
+FREEZE_MAX = 256 << 20  # more than this written up to the freeze (its flush included): thaw, try again
+MAX_PASSES = 8  # passes after the first before freezing whatever is left
+FREEZE_TRIES = 3
+FREEZE_LIMIT = 10.0  # seconds the watchdog lets a freeze last, whatever happens to the reader
+
+
+class Hooks(object):
+    """The user's pre and post hooks. The post hook undoes what the pre hook did, whatever happens, but only
+    once the pre hook succeeded: after a failed (or interrupted) `fsfreeze -f` it would thaw a freeze that
+    belongs to someone else."""
+
+    def __init__(self, request):
+        self.pre_argv = request.get("pre_hook") or None
+        self.post_argv = request.get("post_hook") or None
+        self.armed = False
+
+    def pre(self):
+        result = run_hook(self.pre_argv, "pre")
+        if result is not None and result["rc"] != 0:
+            raise Fatal("pre-hook-failed", "pre hook exited %d: %s" % (result["rc"], result["output"].strip()[-300:]))
+        self.armed = True
+
+    def post(self):
+        if not self.armed:
+            return None
+        self.armed = False
+        return run_hook(self.post_argv, "post")
+
+
+def _merge(into, more):
+    for index, blocks in more.items():
+        into.setdefault(index, set()).update(blocks)
+    return into
+
+
+class Capture(object):
+    """One point of all the disks. `run` returns the moment record: what the point is and how it was taken."""
+
+    def __init__(self, request, disks, out, old, pool, hooks):
+        self.request = request
+        self.disks = disks
+        self.out = out
+        self.old = old
+        self.pool = pool
+        self.hooks = hooks
+        self.reread = [0] * len(disks)
+        self.passes = 0
+
+    def run(self):
+        if self.request.get("consistency") == "live":
+            return self._live("live reads were asked for")
+        try:
+            tracer = Tracer(self.disks)
+        except Unavailable as exc:
+            return self._live(str(exc))
+        try:
+            return self._moment(tracer)
+        finally:
+            tracer.close()
+
+    def _first_pass(self):
+        for disk in self.disks:
+            read, digest = send_disk(disk, self.old, self.out, self.pool)
+            self.out.send(END.pack(b"E", read), digest)
+
+    def _live(self, missing):
+        self.hooks.pre()  # around the whole read: the user's only way to make a live read consistent
+        self._first_pass()
+        return self._record("live", missing=missing)
+
+    def _record(self, kind, **extra):
+        record = {
+            "kind": kind,
+            "passes": self.passes,
+            "reread": self.reread,
+            "direct": all(d.direct_fd is not None for d in self.disks if d.kind == "block"),
+        }
+        record.update(extra)
+        return record
+
+    def _pass(self, dirty):
+        """Read again and send the blocks in `dirty` ({disk index: blocks})."""
+        for index in sorted(dirty):
+            if dirty[index]:
+                disk = self.disks[index]
+                runs = read_runs(disk, dirty[index])
+                self.reread[index] += sum(len(data) for _, data in runs)
+                send_runs(disk, runs, self.out)
+        self.passes += 1
+
+    def _bytes(self, dirty):
+        return sum(len(blocks) * self.disks[i].block_size for i, blocks in dirty.items())
+
+    def _moment(self, tracer):
+        mounts = [m for m in filesystems_on(self.disks) if not m[3]]
+        not_frozen = {}
+        freezable = []
+        for mountpoint, fstype, dev, _ in mounts:
+            if fstype in NOT_FREEZABLE:
+                not_frozen[mountpoint] = "%s cannot be frozen" % fstype
+            elif not _shows(mountpoint, dev):
+                not_frozen[mountpoint] = "hidden under another mount"
+            else:
+                freezable.append(mountpoint)
+        self._first_pass()
+        dirty = tracer.mark()
+        converged = self._converge(tracer, dirty)
+        if converged is None:
+            return self._record("live", missing="the disks were written faster than they could be read again")
+        if tracer.lost_any():
+            return self._record("live", missing="trace events were lost (the kernel's trace buffer overflowed)")
+        self.hooks.pre()  # the application's own quiescing, just before the freeze
+        limit = float(self.request.get("freeze_limit") or FREEZE_LIMIT)
+        freezer = Freezer(freezable, limit, self.out.fd) if freezable else None
+        try:
+            os.sync()  # what the file systems hold in memory goes to disk now, not during the freeze
+            self._pass(_merge(converged, tracer.mark()))
+            return self._freeze(tracer, freezer, tracer.mark(), not_frozen)
+        finally:
+            if freezer is not None:
+                freezer.close()
+
+    def _converge(self, tracer, dirty):
+        """Pass after pass while the set of blocks written meanwhile shrinks: the set left, or None if the
+        disks are written faster than they can be read."""
+        previous = None
+        while True:
+            size = self._bytes(dirty)
+            if size <= FREEZE_AT:
+                return dirty
+            if self.passes >= MAX_PASSES or (previous is not None and size > previous * 0.9):
+                return dirty if size <= FREEZE_MAX else None
+            self._pass(dirty)
+            previous = size
+            dirty = tracer.mark()
+
+    def _freeze(self, tracer, freezer, pending, not_frozen):
+        problems = []
+        for attempt in range(1, FREEZE_TRIES + 1):
+            states, held, expired, runs, during = self._frozen_read(tracer, freezer, pending)
+            for index in sorted(runs):
+                self.reread[index] += sum(len(data) for _, data in runs[index])
+                send_runs(self.disks[index], runs[index], self.out)
+            if runs:
+                self.passes += 1
+            why = self._unproven(tracer, expired, runs is None, during)
+            if why is None:
+                failed = dict((mp, state) for mp, state in states.items() if state not in ("frozen", "already frozen"))
+                not_frozen.update(failed)
+                frozen = sorted(mp for mp in states if mp not in failed)
+                kind = "frozen" if frozen and not not_frozen else "moment"
+                return self._record(kind, seconds=round(held, 3), tries=attempt, frozen=frozen, not_frozen=not_frozen)
+            failed = [
+                "%s: %s" % (mp, state) for mp, state in states.items() if state not in ("frozen", "already frozen")
+            ]
+            problems.append(why + (" (not frozen: %s)" % ", ".join(failed) if failed else ""))
+            if tracer.lost_any():
+                break
+            pending = during if runs is not None else _merge(pending, during)
+        return self._record("live", missing="the moment could not be proven: %s" % "; ".join(problems))
+
+    def _frozen_read(self, tracer, freezer, pending):
+        """Freeze, read what was written up to the freeze (its flush included), thaw. Nothing here touches a
+        frozen file system: the reads go to the block devices, the marks to tracefs."""
+        states = {}
+        held, expired = 0.0, False
+        started = time.monotonic()
+        try:
+            if freezer is not None:
+                states = freezer.freeze()
+            time.sleep(float(self.request.get("pause_frozen") or 0))  # tests: a freeze held on purpose
+            pending = _merge(pending, tracer.mark())
+            runs = None
+            if self._bytes(pending) <= FREEZE_MAX:
+                runs = dict((i, read_runs(self.disks[i], blocks)) for i, blocks in pending.items() if blocks)
+            during = tracer.mark()
+        finally:
+            if freezer is not None:
+                held, expired = freezer.thaw()
+            else:
+                held = time.monotonic() - started
+        return states, held, expired, runs, during
+
+    def _unproven(self, tracer, expired, too_much, during):
+        if expired:
+            return "the freeze reached its limit of %g s" % float(self.request.get("freeze_limit") or FREEZE_LIMIT)
+        if too_much:
+            return "more than %d MiB was written up to the freeze" % (FREEZE_MAX >> 20)
+        if tracer.lost_any():
+            return "trace events were lost (the kernel's trace buffer overflowed)"
+        swaps = swap_ranges(self.disks)
+        written = 0
+        for index, blocks in during.items():
+            ranges = swaps.get(index, ())
+            written += sum(1 for b in blocks if not any(lo <= b <= hi for lo, hi in ranges))
+        if written:
+            return "%d blocks were written while the file systems were frozen" % written
+        return None
+
+
+def _shows(mountpoint, dev):
+    """Whether `mountpoint` still leads to the file system on `dev` (not to another one mounted over it)."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError:
+        return False
+    return "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev)) == dev or os.major(st.st_dev) == 0
+
+
+def consistency_plan(request):
+    """What a point of these disks will be, for `host add`: (method, why)."""
+    try:
+        disks = [Disk(i, d["path"], int(d["block_size"])) for i, d in enumerate(request["disks"])]
+    except Fatal as exc:
+        return "live", str(exc)
+    try:
+        try:
+            Tracer(disks).close()
+        except Unavailable as exc:
+            return "live", str(exc)
+        mounts = [m for m in filesystems_on(disks) if not m[3]]
+        stuck = ["%s (%s)" % (m[0], m[1]) for m in mounts if m[1] in NOT_FREEZABLE]
+        if not mounts:
+            return "moment", "no file system on the disks is mounted read-write here"
+        if stuck:
+            return "moment", "cannot be frozen: %s" % ", ".join(stuck)
+        return "frozen", "frozen: %s" % ", ".join(m[0] for m in mounts)
+    finally:
+        for d in disks:
+            d.close()
+
+
 def probe(request, out):
     """Answer what `host add` wants to know, without running hooks or reading data."""
     disks = []
@@ -412,7 +1279,14 @@ def probe(request, out):
             disks.append({"path": d["path"], "size": size, "kind": kind})
         except Fatal as exc:
             disks.append({"path": d["path"], "size": -1, "kind": "", "error": str(exc), "code": exc.code})
-    out.send(_json_record(b"H", {"protocol": PROTOCOL, "python": "%d.%d.%d" % sys.version_info[:3], "disks": disks}))
+    method, why = consistency_plan(request)
+    hello = {
+        "protocol": PROTOCOL,
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "disks": disks,
+        "consistency": {"method": method, "why": why},
+    }
+    out.send(_json_record(b"H", hello))
     out.send(_json_record(b"F", {"post_hook": None}))
     out.close()
 
@@ -422,7 +1296,7 @@ def main():
         signal.signal(sig, _on_signal)
     stdin = sys.stdin.buffer
     out = Output(sys.stdout.fileno())
-    post_hook = None
+    hooks = None
     code = 0
     try:
         raw = stdin.read(U32.size)
@@ -432,29 +1306,17 @@ def main():
         if request.get("probe"):
             probe(request, out)
             os._exit(0)
-        pre = run_hook(request.get("pre_hook"), "pre")
-        if pre is not None and pre["rc"] != 0:
-            raise Fatal("pre-hook-failed", "pre hook exited %d: %s" % (pre["rc"], pre["output"].strip()[-300:]))
-        # From here on the post hook undoes what the pre hook did, whatever happens. Not before: after a
-        # failed (or interrupted) `fsfreeze -f` it would thaw a freeze that belongs to someone else.
-        post_hook = request.get("post_hook") or None
-        disks = []
-        for d in request["disks"]:
-            fd, size, kind = open_disk(d["path"])
-            disks.append((fd, size, kind, d))
+        hooks = Hooks(request)
+        disks = [Disk(i, d["path"], int(d["block_size"])) for i, d in enumerate(request["disks"])]
         hello = {
             "protocol": PROTOCOL,
             "python": "%d.%d.%d" % sys.version_info[:3],
-            "disks": [{"path": d["path"], "size": size, "kind": kind} for fd, size, kind, d in disks],
+            "disks": [{"path": d.path, "size": d.size, "kind": d.kind} for d in disks],
         }
         out.send(_json_record(b"H", hello))
-        old = OldHashes(stdin)
-        pool = _hash_pool()
-        for fd, size, _, d in disks:
-            read, digest = send_disk(fd, size, int(d["block_size"]), old, out, pool)
-            out.send(END.pack(b"E", read), digest)
-        post, post_hook = run_hook(post_hook, "post"), None
-        out.send(_json_record(b"F", {"post_hook": post}))
+        moment = Capture(request, disks, out, OldHashes(stdin), _hash_pool(), hooks).run()
+        out.send(_json_record(b"M", moment))
+        out.send(_json_record(b"F", {"post_hook": hooks.post()}))
         out.close()
     except Fatal as exc:
         code = 3
@@ -468,10 +1330,9 @@ def main():
     except (Hangup, BrokenPipeError):
         code = 4
     finally:
-        if post_hook:
-            result = run_hook(post_hook, "post")
-            if result and result["rc"] != 0:
-                sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
+        result = hooks.post() if hooks is not None else None
+        if result and result["rc"] != 0:
+            sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
     sys.stderr.flush()
     os._exit(code)
 

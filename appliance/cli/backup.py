@@ -40,6 +40,9 @@ def backup(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The pro
         f"changed {size(point.changed_bytes)}, sent {size(point.sent_bytes)}, "
         f"on the wire {size(point.wire_bytes)}, depth {depth}"
     )
+    c = point.consistency
+    if c is not None:
+        typer.echo(f"{name}: {c.label}" + (f": {c.detail}" if c.detail else ""), err=not c.consistent)
     if hosts.load(st.home, name).verify_boot:
         _verify_boot(st, name, point.id, 300.0)
 
@@ -74,11 +77,12 @@ def points(
         typer.echo(json.dumps(docs, indent=1))
         return
     rows = [
-        [p.id, p.time_iso, size(p.changed_bytes), size(p.sent_bytes), f"{p.seconds:.1f}", str(i + 1), _verified(p),
-         pins.get(p.id, "")]
+        [p.id, p.time_iso, size(p.changed_bytes), size(p.sent_bytes), f"{p.seconds:.1f}", str(i + 1),
+         p.consistency.label if p.consistency else "-", _verified(p), pins.get(p.id, "")]
         for i, p in enumerate(chain.points)
     ]  # fmt: skip
-    typer.echo(table(["ID", "TIME", "CHANGED", "SENT", "SECONDS", "DEPTH", "VERIFIED", "IN USE BY"], rows))
+    headers = ["ID", "TIME", "CHANGED", "SENT", "SECONDS", "DEPTH", "CONSISTENCY", "VERIFIED", "IN USE BY"]
+    typer.echo(table(headers, rows))
 
 
 def _verify_boot(st: State, name: str, point: str, timeout: float) -> None:

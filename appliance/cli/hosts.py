@@ -13,7 +13,14 @@ import typer
 
 from appliance.cli._output import parse_size, raise_unreadable, table
 from appliance.cli.context import state
-from appliance.domain.models import HostKey, format_duration, parse_duration, validate_block_size
+from appliance.domain.models import (
+    HostKey,
+    format_duration,
+    parse_duration,
+    validate_block_size,
+    validate_consistency,
+    validate_freeze_limit,
+)
 from appliance.domain.models import format_size as size
 from appliance.domain.recovery import BootCheck, Network, VmSettings
 from appliance.domain.retention import RetentionPolicy
@@ -56,10 +63,13 @@ def add(
     ],
     port: Annotated[int | None, typer.Option("--port", help="SSH port [default: 22]")] = None,
     pre_hook: Annotated[
-        str | None, typer.Option("--pre-hook", help="Command run on the host before the read, e.g. 'fsfreeze -f /'")
+        str | None,
+        typer.Option(
+            "--pre-hook", help="Command run on the host just before its file systems are frozen (or the read)"
+        ),
     ] = None,
     post_hook: Annotated[
-        str | None, typer.Option("--post-hook", help="Command run on the host after the read, even if it failed")
+        str | None, typer.Option("--post-hook", help="Command run on the host after the thaw (or the read), always")
     ] = None,
     fingerprint: Annotated[
         str | None, typer.Option("--host-key-fingerprint", help="Pin this host key (SHA256:...)")
@@ -99,6 +109,16 @@ def add(
     typer.echo(f"added {host.name}: {host.target}, python {hello.python} on the host")
     for d in hello.disks:
         typer.echo(f"  {d.path}: " + (d.error if d.error else f"{size(d.size)} ({d.kind})"))
+    if hello.consistency is not None:
+        method, why = hello.consistency
+        typer.echo(f"points: {_METHODS.get(method, method)} ({why})")
+
+
+_METHODS = {
+    "frozen": "one moment, file systems frozen for the last copy",
+    "moment": "one moment, crash-consistent",
+    "live": "live reads, NOT consistent",
+}
 
 
 @app.command("set")
@@ -122,6 +142,13 @@ def set_(
     min_rate: Annotated[
         str | None,
         typer.Option("--min-rate", help="Bytes a second a backup keeps up overall, e.g. 1M; slower ends [default: 1M]"),
+    ] = None,
+    consistency: Annotated[
+        str | None,
+        typer.Option("--consistency", help="auto: one moment where the host allows it [default]; live: plain reads"),
+    ] = None,
+    freeze_limit: Annotated[
+        float | None, typer.Option("--freeze-limit", help="Seconds a freeze may last at most [default: 10]")
     ] = None,
     boot_check: Annotated[str | None, typer.Option("--boot-check", help="console:REGEX, screen or tcp:PORT")] = None,
     verify_boot: Annotated[
@@ -181,6 +208,10 @@ def set_(
         changes["max_disk_size"] = parse_size(max_disk_size)
     if min_rate is not None:
         changes["min_rate"] = _rate(min_rate)
+    if consistency is not None:
+        changes["consistency"] = validate_consistency(consistency)
+    if freeze_limit is not None:
+        changes["freeze_limit"] = validate_freeze_limit(freeze_limit)
     if fingerprint:
         changes["fingerprint"] = fingerprint
     if trust_first_use:
@@ -244,6 +275,7 @@ def show(ctx: typer.Context, name: str) -> None:
         ("timeout", f"{h.timeout:.0f} s"),
         ("max disk", f"{size(h.max_disk_size)} (a larger disk is refused)"),
         ("min rate", f"{size(h.min_rate)}/s (a slower backup ends at its deadline)"),
+        ("consistency", f"{h.consistency}, freezes end after {h.freeze_limit:g} s at most"),
         ("recovery VM", f"{h.vm_memory_mib} MiB, {h.vm_cpus} CPU, network {h.vm_network}, disks on {h.vm_disk_bus}"),
         ("VM restart", "yes, by the daemon after a reboot" if h.vm_restart else "no"),
         ("boot check", h.boot_check + (", after every backup" if h.verify_boot else "")),

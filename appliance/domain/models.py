@@ -59,6 +59,10 @@ class Host:
     # Limits on what the host may claim: a larger disk is refused; a job slower than min_rate overall ends.
     max_disk_size: int = 64 << 40
     min_rate: int = 1 << 20  # bytes per second, averaged over the whole job
+    # A point is one moment of the disks where the host allows it (auto), or a plain live read (live);
+    # a freeze of the host's file systems never lasts longer than freeze_limit seconds.
+    consistency: str = "auto"
+    freeze_limit: float = 10.0
     # Schedule and retention (see domain.retention): 0 means "not set".
     interval: float = 0.0  # seconds between scheduled backups
     keep_last: int = 0
@@ -70,6 +74,21 @@ class Host:
     @property
     def target(self) -> str:
         return f"{self.user}@{self.address}" + ("" if self.port == 22 else f":{self.port}")
+
+
+CONSISTENCY_MODES = ("auto", "live")
+
+
+def validate_consistency(mode: str) -> str:
+    if mode not in CONSISTENCY_MODES:
+        raise ConfigError(f"invalid consistency {mode!r}: use auto (one moment where the host allows it) or live")
+    return mode
+
+
+def validate_freeze_limit(seconds: float) -> float:
+    if not 0.5 <= seconds <= 600:
+        raise ConfigError(f"invalid freeze limit {seconds:g}: use 0.5 to 600 seconds")
+    return seconds
 
 
 def validate_host_name(name: str) -> str:
@@ -157,6 +176,36 @@ class Verification:
 
 
 @dataclass(frozen=True, slots=True)
+class Consistency:
+    """What a point is: one moment of its disks, and how the host proved it, or a live read.
+
+    `frozen`: every file system on the disks was frozen (FIFREEZE) at that moment, so each is clean, as
+    after a shutdown. `moment`: one moment of the disks, proven by tracing their writes, with nothing
+    (or not everything) to freeze: as after a power cut, the journals replay. `lvm-snapshot`: read from
+    an LVM snapshot. `live`: the disks were read while they were written; what was missing is `detail`.
+    """
+
+    kind: str
+    seconds: float = 0.0  # how long the file systems stayed frozen
+    detail: str = ""
+    passes: int = 0  # passes over written blocks after the first, full one
+
+    @property
+    def consistent(self) -> bool:
+        return self.kind != "live"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "frozen":
+            return f"frozen {self.seconds:.2f} s"
+        if self.kind == "moment":
+            return "one moment (crash-consistent)"
+        if self.kind == "live":
+            return "live (not consistent)"
+        return self.kind
+
+
+@dataclass(frozen=True, slots=True)
 class DiskPoint:
     """One disk of one recovery point: a qcow2 file whose backing file is the previous point's."""
 
@@ -182,6 +231,7 @@ class Point:
     wire_bytes: int = 0  # everything that crossed the connection, both ways, framing and hashes included
     verification: Verification | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    consistency: Consistency | None = None  # None: a point from before the appliance recorded it, or imported
     dropping: bool = False  # consolidation is merging it away: it no longer reads as itself
 
     @property

@@ -13,13 +13,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from appliance.domain.blocks import HASH_LEN, Carry, block_hashes, block_length, carry_over, zero_hash
-from appliance.domain.models import DiskPoint, Host, Point, format_size, point_id_for, slot_name
+from appliance.domain.models import Consistency, DiskPoint, Host, Point, format_size, point_id_for, slot_name
 from appliance.errors import (
     ApplianceError,
     ChainCorruptError,
@@ -29,7 +30,7 @@ from appliance.errors import (
     ProtocolViolationError,
     RemoteCommandError,
 )
-from appliance.faults import checkpoint
+from appliance.faults import checkpoint, pause
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.image_reader import read_chunks
@@ -40,7 +41,17 @@ from appliance.store.files import full_disk_as_store_full
 from appliance.store.hashes import HashListWriter, iter_chunks
 from appliance.store.layout import Home
 from appliance.transfer import protocol
-from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, Progress, RemoteFailure, ZeroRun
+from appliance.transfer.protocol import (
+    DataRun,
+    DiskEnd,
+    Finished,
+    Hello,
+    Moment,
+    Progress,
+    RemoteFailure,
+    Repass,
+    ZeroRun,
+)
 
 log = get_logger(__name__)
 
@@ -169,6 +180,7 @@ class _Capture:
         self.started = time.monotonic()
         self.deadline = float("inf")
         self._sender_error: BaseException | None = None
+        self.moment: Moment | None = None
 
     # -- the run --------------------------------------------------------------------------------------
 
@@ -186,14 +198,33 @@ class _Capture:
             seconds=time.monotonic() - started,
             disks=tuple(disks),
             wire_bytes=stream.bytes_sent + stream.bytes_received,
+            consistency=self._consistency(),
         )
+
+    def _consistency(self) -> Consistency:
+        """What the reader made of the point; a live read says so in the log, naming what was missing."""
+        moment = self.moment
+        if moment is None:
+            raise violation(self.host, "no moment record")
+        if moment.kind == "live":
+            log.warning("backup.live_read", host=self.host.name, missing=moment.detail)
+        elif moment.detail:
+            log.warning("backup.not_all_frozen", host=self.host.name, detail=moment.detail)
+        log.info("backup.moment", host=self.host.name, kind=moment.kind, frozen_seconds=moment.seconds,
+                 passes=moment.passes, reread=sum(moment.reread))  # fmt: skip
+        return Consistency(kind=moment.kind, seconds=moment.seconds, detail=moment.detail, passes=moment.passes)
 
     def _exchange(self, stream: RemoteStream, started: float) -> list[DiskPoint]:
         self.started = started
         block_sizes = [self._block_size(slot_name(i)) for i in range(len(self.host.disks))]
         disk_args = list(zip(self.host.disks, block_sizes, strict=True))
         self._set_deadline(stream, job_deadline(self.host, started, 0))  # until the hello says how much to read
-        stream.write(protocol.encode_request(disk_args, self.host.pre_hook, self.host.post_hook))
+        stream.write(
+            protocol.encode_request(
+                disk_args, self.host.pre_hook, self.host.post_hook,
+                consistency=self.host.consistency, freeze_limit=self.host.freeze_limit, pause_frozen=pause("frozen"),
+            )
+        )  # fmt: skip
         records = protocol.RecordReader(stream.recv_some)
         hello = self._expect_hello(records, stream)
         self.progress.total = sum(d.size for d in hello.disks)
@@ -202,13 +233,21 @@ class _Capture:
         plans = [self._plan_disk(i, remote.size, block_sizes[i], previous) for i, remote in enumerate(hello.disks)]
         sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
         sender.start()
-        results = []
-        for plan, remote in zip(plans, hello.disks, strict=True):
-            records.start_disk(plan.size, plan.block_size)
-            results.append(self._receive_disk(records, stream, plan, remote.path))
-        finished = self._next(records, stream)
-        if not isinstance(finished, Finished):
-            raise violation(self.host, f"a {_kind(finished)} record after the last disk")
+        with ExitStack() as stack:
+            receivers = [
+                stack.enter_context(_DiskReceiver(self, plan, remote.path))
+                for plan, remote in zip(plans, hello.disks, strict=True)
+            ]
+            for rx in receivers:
+                records.start_disk(rx.plan.size, rx.plan.block_size)
+                self._first_pass(records, stream, rx)
+            self.moment = self._later_passes(records, stream, receivers)
+            finished = self._next(records, stream)
+            if not isinstance(finished, Finished):
+                raise violation(self.host, f"a {_kind(finished)} record after the moment record")
+            for rx in receivers:
+                rx.flush()
+        checkpoint("capture.export_closed")
         hook = finished.post_hook
         if hook and hook.get("rc") != 0:
             log.warning("backup.post_hook_failed", host=self.host.name, rc=hook.get("rc"), output=hook.get("output"))
@@ -219,7 +258,7 @@ class _Capture:
         if sender.is_alive():  # the reader reads every hash before it ends its last disk
             raise violation(self.host, "the end of the run before it read the hashes the appliance sent")
         stream.wait(timeout=self._time_left(30))
-        return results
+        return [rx.finish(self.moment.reread[i]) for i, rx in enumerate(receivers)]
 
     def _set_deadline(self, stream: RemoteStream, deadline: float) -> None:
         self.deadline = deadline
@@ -344,64 +383,47 @@ class _Capture:
             self._sender_error = exc
             stream.abort()
 
-    def _receive_disk(
-        self, records: protocol.RecordReader, stream: RemoteStream, plan: _DiskPlan, source: str
-    ) -> DiskPoint:
-        hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
-        check = _HashCheck(self.host)
-        changed = sent = 0
+    def _first_pass(self, records: protocol.RecordReader, stream: RemoteStream, rx: _DiskReceiver) -> None:
+        """The disk read in full, compared with the previous point: up to its E record, proven by its digest."""
         done_before = self.progress.read
-        try:
-            with self.tools.images.export(plan.image, self.tx.run_dir, writable=True) as exported:
-                while True:
-                    record = self._next(records, stream)
-                    if isinstance(record, DataRun):
-                        checkpoint("capture.data")
-                        check.submit(record, plan.block_size)
-                        exported.write(record.first * plan.block_size, record.data)
-                        hashes.set(record.first, record.hashes)
-                        changed += len(record.data)
-                        sent += len(record.data)
-                    elif isinstance(record, ZeroRun):
-                        offset = record.first * plan.block_size
-                        length = min(record.count * plan.block_size, plan.size - offset)
-                        exported.zero(offset, length)
-                        hashes.set_zero(record.first, record.count)
-                        changed += length
-                    elif isinstance(record, Progress):
-                        self._report(done_before + record.read, stream)
-                    elif isinstance(record, DiskEnd):
-                        end = record
-                        break
-                    else:
-                        raise violation(self.host, f"a {_kind(record)} record in the middle of {plan.slot}")
-                check.drain()
-                exported.flush()
-                checkpoint("capture.written")
-            checkpoint("capture.export_closed")
-            digest = hashes.finish()
-        except BaseException:
-            hashes.discard()
-            raise
-        finally:
-            check.close()
-        if digest != end.digest:
+        while True:
+            record = self._next(records, stream)
+            if isinstance(record, DataRun | ZeroRun):
+                rx.write(record)
+            elif isinstance(record, Progress):
+                self._report(done_before + record.read, stream)
+            elif isinstance(record, DiskEnd):
+                break
+            else:
+                raise violation(self.host, f"a {_kind(record)} record in the middle of {rx.plan.slot}")
+        rx.check.drain()  # data that is not what its hash says is the host's lie, not a digest mismatch
+        digest = rx.hashes.digest()
+        if digest != record.digest:
             raise ChainCorruptError(
-                f"{self.host.name} {plan.slot}: the received blocks do not add up to the digest the host computed "
-                f"({digest[:12]} != {end.digest[:12]}); the point was not recorded"
+                f"{self.host.name} {rx.plan.slot}: the received blocks do not add up to the digest the host computed "
+                f"({digest[:12]} != {record.digest[:12]}); the point was not recorded"
             )
-        self._report(done_before + end.read, stream)
-        return DiskPoint(
-            slot=plan.slot,
-            source=source,
-            file=plan.relative,
-            size=plan.size,
-            block_size=plan.block_size,
-            digest=end.digest,
-            read_bytes=end.read,
-            changed_bytes=changed,
-            sent_bytes=sent,
-        )
+        rx.first_read = record.read
+        self._report(done_before + record.read, stream)
+
+    def _later_passes(
+        self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[_DiskReceiver]
+    ) -> Moment:
+        """Blocks written on the host while it read them, read again, up to the moment record."""
+        rx: _DiskReceiver | None = None
+        while True:
+            record = self._next(records, stream)
+            if isinstance(record, Repass):
+                if rx is None:  # the freeze and the passes before it get their own budget of time
+                    self._set_deadline(stream, job_deadline(self.host, time.monotonic(), 2 * self.progress.total)
+                                       + self.host.freeze_limit * 3)  # fmt: skip
+                rx = receivers[record.disk]
+            elif isinstance(record, DataRun | ZeroRun) and rx is not None:
+                rx.write(record)
+            elif isinstance(record, Moment):
+                return record
+            else:
+                raise violation(self.host, f"a {_kind(record)} record before the moment record")
 
     def _report(self, read: int, stream: RemoteStream) -> None:
         self.progress.read = read
@@ -422,11 +444,81 @@ class _DiskPlan:
     prev_hashes: Path | None
 
 
+class _DiskReceiver:
+    """One disk of the point being received: its new overlay (exported for writing), its hash list and the
+    check of every block against its hash, open from its first pass to the last."""
+
+    def __init__(self, capture: _Capture, plan: _DiskPlan, source: str) -> None:
+        self.capture = capture
+        self.plan = plan
+        self.source = source
+        self.first_read = 0
+        self.changed = self.sent = 0
+        self._stack = ExitStack()
+
+    def __enter__(self) -> _DiskReceiver:
+        plan = self.plan
+        self.hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
+        self.check = _HashCheck(self.capture.host)
+        try:
+            self.exported = self._stack.enter_context(
+                self.capture.tools.images.export(plan.image, self.capture.tx.run_dir, writable=True)
+            )
+        except BaseException:
+            self.__exit__(True)
+            raise
+        return self
+
+    def __exit__(self, failed: object, *rest: object) -> None:
+        """The export closes either way; the hash list stays only for `finish`, after a run that went well."""
+        try:
+            self._stack.close()
+        finally:
+            self.check.close()
+            if failed:
+                self.hashes.discard()
+
+    def write(self, record: DataRun | ZeroRun) -> None:
+        plan = self.plan
+        if isinstance(record, DataRun):
+            checkpoint("capture.data")
+            self.check.submit(record, plan.block_size)
+            self.exported.write(record.first * plan.block_size, record.data)
+            self.hashes.set(record.first, record.hashes)
+            self.changed += len(record.data)
+            self.sent += len(record.data)
+        else:
+            offset = record.first * plan.block_size
+            length = min(record.count * plan.block_size, plan.size - offset)
+            self.exported.zero(offset, length)
+            self.hashes.set_zero(record.first, record.count)
+            self.changed += length
+
+    def flush(self) -> None:
+        """Every block checked and on the appliance's disk."""
+        self.check.drain()
+        self.exported.flush()
+        checkpoint("capture.written")
+
+    def finish(self, reread: int) -> DiskPoint:
+        """The disk as recorded, its hash list complete (called once its export is closed)."""
+        plan = self.plan
+        digest = self.hashes.finish()
+        return DiskPoint(
+            slot=plan.slot, source=self.source, file=plan.relative, size=plan.size, block_size=plan.block_size,
+            digest=digest, read_bytes=self.first_read + reread, changed_bytes=self.changed, sent_bytes=self.sent,
+        )  # fmt: skip
+
+
 def _kind(record: protocol.Record) -> str:
     """A record's name as the wire format's doc calls it."""
-    return {"DataRun": "data", "ZeroRun": "zero", "DiskEnd": "end-of-disk", "RemoteFailure": "failure"}.get(
-        type(record).__name__, type(record).__name__.lower()
-    )
+    return {
+        "DataRun": "data",
+        "ZeroRun": "zero",
+        "DiskEnd": "end-of-disk",
+        "RemoteFailure": "failure",
+        "Repass": "later-pass",
+    }.get(type(record).__name__, type(record).__name__.lower())
 
 
 def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:

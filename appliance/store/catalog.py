@@ -89,5 +89,13 @@ def point_doc(p: Point) -> dict[str, Any]:
             "detail": p.verification.detail,
         },
         "extra": p.extra,
+        "consistency": None
+        if p.consistency is None
+        else {
+            "kind": p.consistency.kind,
+            "seconds": p.consistency.seconds,
+            "detail": p.consistency.detail,
+            "passes": p.consistency.passes,
+        },
         "dropping": p.dropping,
     }

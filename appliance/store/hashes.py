@@ -69,6 +69,16 @@ class HashListWriter:
     def set_zero(self, first: int, count: int) -> None:
         self._fill_zero(first, first + count)
 
+    def digest(self) -> str:
+        """The digest of the list as it is now, without closing it: a disk's first pass is proven by it
+        before later passes change the list again."""
+        d = DiskDigest()
+        offset = 0
+        while chunk := os.pread(self._fd, _CHUNK_BLOCKS * HASH_LEN, offset):
+            d.add(chunk)
+            offset += len(chunk)
+        return d.hexdigest()
+
     def finish(self) -> str:
         """fsync and return the digest of the list, to compare with the one the host computed."""
         os.fsync(self._fd)

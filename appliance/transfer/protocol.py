@@ -41,6 +41,7 @@ class RemoteDisk:
 class Hello:
     python: str
     disks: tuple[RemoteDisk, ...]
+    consistency: tuple[str, str] | None = None  # a probe's answer: (method, why) points will get
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,24 @@ class DiskEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class Repass:
+    """The D and Z records that follow are blocks of disk `disk` read again (written since they were read)."""
+
+    disk: int
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """What the reader made of the point: `kind` is frozen, moment or live (see domain.models.Consistency)."""
+
+    kind: str
+    seconds: float
+    passes: int
+    reread: tuple[int, ...]  # bytes read again on the host after the first pass, per disk
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     post_hook: dict[str, Any] | None
 
@@ -79,7 +98,9 @@ class RemoteFailure:
     detail: dict[str, Any]
 
 
-Record = Hello | DataRun | ZeroRun | Progress | DiskEnd | Finished | RemoteFailure
+Record = Hello | DataRun | ZeroRun | Progress | DiskEnd | Repass | Moment | Finished | RemoteFailure
+
+MOMENT_KINDS = ("frozen", "moment", "live")
 
 
 def encode_request(
@@ -88,6 +109,9 @@ def encode_request(
     post_hook: Sequence[str] = (),
     *,
     probe: bool = False,
+    consistency: str = "auto",
+    freeze_limit: float = 10.0,
+    pause_frozen: float = 0.0,
 ) -> bytes:
     body = json.dumps(
         {
@@ -95,6 +119,9 @@ def encode_request(
             "pre_hook": list(pre_hook),
             "post_hook": list(post_hook),
             "probe": probe,
+            "consistency": consistency,
+            "freeze_limit": freeze_limit,
+            **({"pause_frozen": pause_frozen} if pause_frozen else {}),
         }
     ).encode()
     return wire.U32.pack(len(body)) + body
@@ -161,10 +188,24 @@ class RecordReader:
         self._chunk = b""
         self._pos = 0
         self._disk: _DiskCursor | None = None
+        self._disks: list[tuple[int, int]] = []
+        self._repassing = False
+        self._moment_seen = False
+        self._current = -1
 
     def start_disk(self, size: int, block_size: int) -> None:
-        """The records that follow, up to its E record, are of a disk of `size` bytes in blocks of `block_size`."""
+        """The records that follow, up to its E record, are the first pass over the next disk, of `size` bytes
+        in blocks of `block_size`. Later passes (R records) may name any disk started so far."""
+        if self._repassing:
+            raise ProtocolError("a disk's first pass after a later pass")
         self._disk = _DiskCursor(size, block_size)
+        self._disks.append((size, block_size))
+        self._current = len(self._disks) - 1
+
+    @property
+    def current_disk(self) -> int:
+        """The index of the disk that the D and Z records are of."""
+        return self._current
 
     def read_exact(self, n: int) -> memoryview:
         """The next `n` bytes, gathered in memory: the caller bounds `n` by what the peer may send first."""
@@ -202,6 +243,10 @@ class RecordReader:
             self._cursor("end-of-disk").end(read)
             self._disk = None
             return DiskEnd(read, bytes(self.read_exact(HASH_LEN)).hex())
+        if tag == b"R":
+            return self._repass()
+        if tag == b"M":
+            return self._moment()
         if tag == b"H":
             return _hello(self._json("hello"))
         if tag == b"F":
@@ -211,6 +256,27 @@ class RecordReader:
             code, message = obj.pop("code", "error"), obj.pop("message", "")
             return RemoteFailure(printable(str(code), 40), printable(str(message), MAX_MESSAGE), obj)
         raise ProtocolError(f"a record of unknown type {printable(tag.decode('latin-1'), 4)!r}")
+
+    def _repass(self) -> Repass:
+        (disk,) = wire.U32.unpack(self.read_exact(wire.U32.size))
+        if self._disk is not None and not self._repassing:
+            raise ProtocolError("a later pass in the middle of a disk's first pass")
+        if self._moment_seen:
+            raise ProtocolError("a later pass after the moment record")
+        if disk >= len(self._disks):
+            raise ProtocolError(f"a later pass over disk {disk} (there are {len(self._disks)})")
+        size, block_size = self._disks[disk]
+        self._disk = _DiskCursor(size, block_size, first_pass=False)
+        self._repassing = True
+        self._current = disk
+        return Repass(disk)
+
+    def _moment(self) -> Moment:
+        if self._disk is not None and not self._repassing:
+            raise ProtocolError("a moment record in the middle of a disk's first pass")
+        self._disk = None
+        self._moment_seen = True
+        return _moment(self._json("moment"), len(self._disks))
 
     def _data(self) -> DataRun:
         first, length = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
@@ -246,9 +312,10 @@ class _DiskCursor:
     D or Z record per block, and a hostile host can make the appliance write nothing outside the disk.
     """
 
-    def __init__(self, size: int, block_size: int) -> None:
+    def __init__(self, size: int, block_size: int, first_pass: bool = True) -> None:
         if size < 0 or block_size <= 0:
             raise ValueError(f"disk of {size} bytes in blocks of {block_size}")
+        self.first_pass = first_pass
         self.size = size
         self.block_size = block_size
         self.blocks = block_count(size, block_size)
@@ -284,11 +351,15 @@ class _DiskCursor:
         self.next_block = first + count
 
     def progress(self, read: int) -> None:
+        if not self.first_pass:
+            raise ProtocolError("a progress record in a later pass")
         if not self.read < read <= self.size:
             raise ProtocolError(f"progress of {read} bytes after {self.read}, on a disk of {self.size} bytes")
         self.read = read
 
     def end(self, read: int) -> None:
+        if not self.first_pass:
+            raise ProtocolError("an end-of-disk record in a later pass")
         if read != self.size:
             raise ProtocolError(f"the end of a disk of {self.size} bytes after {read} bytes")
 
@@ -299,7 +370,11 @@ def _hello(obj: dict[str, Any]) -> Hello:
     disks = obj.get("disks")
     if not isinstance(disks, list):
         raise ProtocolError("a hello without a list of disks")
-    return Hello(printable(str(obj.get("python", "?")), 40), tuple(_remote_disk(d) for d in disks))
+    plan = obj.get("consistency")
+    consistency = None
+    if isinstance(plan, dict):
+        consistency = (printable(str(plan.get("method", "?")), 20), printable(str(plan.get("why", "")), MAX_MESSAGE))
+    return Hello(printable(str(obj.get("python", "?")), 40), tuple(_remote_disk(d) for d in disks), consistency)
 
 
 def _remote_disk(d: object) -> RemoteDisk:
@@ -311,6 +386,30 @@ def _remote_disk(d: object) -> RemoteDisk:
     if type(size) is not int or size < -1:  # -1: a probe's disk that cannot be read
         raise ProtocolError(f"a hello with a disk size of {printable(str(size), 40)}")
     return RemoteDisk(path, size, printable(kind, 20), printable(error, MAX_MESSAGE))
+
+
+def _moment(obj: dict[str, Any], disks: int) -> Moment:
+    kind, passes, reread, seconds = obj.get("kind"), obj.get("passes", 0), obj.get("reread", []), obj.get("seconds", 0)
+    if kind not in MOMENT_KINDS:
+        raise ProtocolError(f"a moment record of kind {printable(str(kind), 20)!r}")
+    if type(passes) is not int or passes < 0:
+        raise ProtocolError("a moment record whose number of passes is not a count")
+    if not isinstance(reread, list) or len(reread) != disks or any(type(n) is not int or n < 0 for n in reread):
+        raise ProtocolError("a moment record without a byte count of each disk read again")
+    if type(seconds) not in (int, float) or not 0 <= seconds < 86400:
+        raise ProtocolError("a moment record whose freeze time is not a number of seconds")
+    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj))
+
+
+def _moment_detail(obj: dict[str, Any]) -> str:
+    """The moment's own words for what was missing or not frozen, as one line."""
+    parts = []
+    if obj.get("missing"):
+        parts.append(str(obj["missing"]))
+    not_frozen = obj.get("not_frozen")
+    if isinstance(not_frozen, dict) and not_frozen:
+        parts.append("not frozen: " + ", ".join(f"{k} ({v})" for k, v in list(not_frozen.items())[:8]))
+    return printable("; ".join(parts), MAX_MESSAGE)
 
 
 def _finished(obj: dict[str, Any]) -> Finished:

@@ -36,7 +36,7 @@ def _json(tag, obj):
 
 def _hello(request, size=None):
     disks = [{"path": d["path"], "size": size or os.path.getsize(d["path"]), "kind": "file"} for d in request["disks"]]
-    return _json(b"H", {"protocol": 1, "python": "hostile", "disks": disks})
+    return _json(b"H", {"protocol": 2, "python": "hostile", "disks": disks})
 
 
 def _block(first, block_size):

@@ -181,7 +181,8 @@ def test_hooks_run_around_the_read_and_after_a_failure(make_host, home: Path) ->
         assert run_cli(home, "backup", host.name).rc == DiskAccessError.exit_code
     finally:
         os.rename(host.disk + ".away", host.disk)
-    assert marks.read_text().split() == ["pre", "post", "pre", "post"]
+    # A disk that cannot be opened ends the run before the hooks: nothing was quiesced, nothing to undo.
+    assert marks.read_text().split() == ["pre", "post"]
     # A pre hook that failed froze nothing: the post hook must not thaw what another job may have frozen.
     failing = f"sh -c 'echo pre-failed >> {marks}; exit 1'"
     assert run_cli(home, "host", "set", host.name, "--pre-hook", failing).rc == 0
@@ -189,7 +190,7 @@ def test_hooks_run_around_the_read_and_after_a_failure(make_host, home: Path) ->
     _one_clear_line(r, RemoteCommandError.exit_code, "pre hook exited 1")
     assert run_cli(home, "host", "set", host.name, "--pre-hook", pre).rc == 0
     assert run_cli(home, "backup", host.name).rc == 0
-    assert marks.read_text().split() == ["pre", "post", "pre", "post", "pre-failed", "pre", "post"]
+    assert marks.read_text().split() == ["pre", "post", "pre-failed", "pre", "post"]
 
 
 def test_a_failing_hash_sender_is_named_not_the_silence_it_causes(make_host, home: Path) -> None:

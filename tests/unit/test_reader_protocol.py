@@ -154,7 +154,7 @@ def _json_record(tag: bytes, obj: object) -> bytes:
         (b"Welcome to web1!\n", "unknown type 'W'"),
         (_json_record(b"H", [1, 2]), "not a JSON object"),
         (b"H" + wire.U32.pack(20000) + b"[" * 20000, "not JSON"),
-        (_json_record(b"H", {"protocol": 1, "disks": [{"path": "/d", "size": "big", "kind": "file"}]}), "size"),
+        (_json_record(b"H", {"protocol": 2, "disks": [{"path": "/d", "size": "big", "kind": "file"}]}), "size"),
         (_json_record(b"H", {"protocol": 7, "disks": []}), "protocol 7"),
         (_json_record(b"F", {"post_hook": {"rc": "0"}}), "exit status"),
     ],
