@@ -346,6 +346,9 @@ class RemoteProcess:
     def abort(self) -> None:
         self._channel.close()
 
+    def ended(self) -> bool:
+        return self._channel.closed or self._channel.exit_status_ready()
+
 
 class ParamikoShell:
     """The RemoteShell port: connections to protected hosts with their pinned keys."""

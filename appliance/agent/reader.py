@@ -200,6 +200,7 @@ class Disk(object):
         self.direct_fd = _open_direct(path) if self.kind == "block" else None
         self.buffer = None  # a page-aligned buffer for direct reads, made on first use
         self.rdev = os.fstat(self.fd).st_rdev if self.kind == "block" else None
+        self.blocks = -(-self.size // block_size)
 
     def read(self, offset, length):
         """`length` bytes at `offset` as they are on the disk: direct I/O for a block device, so neither a
@@ -472,38 +473,31 @@ def _flush_data(out, view, first, start, end, block_size, n, hashes):  # view: t
 # -- later passes: blocks read again ---------------------------------------------------------------------
 
 
-def read_runs(disk, blocks):
-    """Read the given blocks of `disk` (any order, duplicates allowed): [(first block, bytes)], in runs of
-    consecutive blocks of at most MAX_RUN bytes, in block order."""
+def dirty_runs(disk, bitmap):
+    """(first block, last block + 1) of each run of set blocks of `bitmap` (a byte per block), cut at MAX_RUN."""
+    step = max(MAX_RUN // disk.block_size, 1)
+    for m in DIRTY_RUN.finditer(bitmap):
+        for first in range(m.start(), m.end(), step):
+            yield first, min(first + step, m.end())
+
+
+def read_runs(disk, bitmap):
+    """Yield (first block, bytes) of the blocks set in `bitmap`, read from the disk run by run."""
     bs = disk.block_size
-    last = -(-disk.size // bs) - 1
-    runs = []
-    start = prev = None
-    for b in sorted(set(blocks)):
-        if b < 0 or b > last:
-            continue
-        if start is not None and b == prev + 1 and (b - start + 1) * bs <= max(MAX_RUN, bs):
-            prev = b
-            continue
-        if start is not None:
-            runs.append((start, prev))
-        start = prev = b
-    if start is not None:
-        runs.append((start, prev))
-    out = []
-    for first, end in runs:
+    for first, end in dirty_runs(disk, bitmap):
         offset = first * bs
-        out.append((first, disk.read(offset, min((end + 1) * bs, disk.size) - offset)))
-    return out
+        yield first, disk.read(offset, min(end * bs, disk.size) - offset)
 
 
 def send_runs(disk, runs, out):
-    """Send blocks read again as one later pass over `disk`: an R record, then D and Z records. Nothing
-    is compared with what the appliance holds: a block written since it was read has almost always
-    changed, and the appliance checks each block against its hash anyway."""
+    """Send blocks read again as one later pass over `disk`: an R record, then D and Z records; return the
+    bytes read. Nothing is compared with what the appliance holds: a block written since it was read has
+    almost always changed, and the appliance checks each block against its hash anyway."""
     out.send(REPASS.pack(b"R", disk.index))
     bs = disk.block_size
+    total = 0
     for first, data in runs:
+        total += len(data)
         view = memoryview(data)
         j = 0
         count = -(-len(data) // bs)
@@ -522,6 +516,7 @@ def send_runs(disk, runs, out):
                     bytes(view[j * bs : k * bs]),
                 )
             j = k
+    return total
 
 
 def _is_zero(view, j, bs):
@@ -536,6 +531,8 @@ TRACE_BUFFER_KB = 4096  # per CPU; a busy disk's completions are ~50 bytes each,
 EVENT_LINE = re.compile(rb": (block_\w+|tracing_mark_write): (.*)$")
 BLOCK_EVENT = re.compile(rb"^(\d+),(\d+) (\S+) (?:\(.*?\) )?(\d+) \+ (\d+)")
 MARK = b"appliance-mark-"
+DIRTY_RUN = re.compile(b"\x01+")
+ONES = b"\x01" * 4096
 
 
 class Unavailable(Exception):
@@ -622,7 +619,6 @@ class Tracer(object):
         self.marks = 0
         self.error = None
         self.stop = False
-        self.lost_at_start = self.lost()
         self.thread = threading.Thread(target=self._drain, daemon=True)
         self.thread.start()
 
@@ -692,7 +688,7 @@ class Tracer(object):
                     self.window = {}
                     self.lock.notify_all()
             return
-        e = BLOCK_EVENT.match(m.group(2))
+        e = BLOCK_EVENT.match(m.group(2))  # the kernel's own text: `MAJ,MIN RWBS [(CMD)] SECTOR + COUNT`
         if e is None or e.group(3).startswith(b"R"):
             return
         sectors = int(e.group(5))
@@ -703,12 +699,17 @@ class Tracer(object):
         for index, offset, size in self.ranges.get(dev, ()):
             lo, hi = max(start - offset, 0), min(start + sectors * 512 - offset, size)
             if lo < hi:
-                bs = self.disks[index].block_size
+                disk = self.disks[index]
+                first, end = lo // disk.block_size, -(-hi // disk.block_size)
                 with self.lock:
-                    self.window.setdefault(index, set()).update(range(lo // bs, -(-hi // bs)))
+                    bitmap = self.window.get(index)
+                    if bitmap is None:
+                        bitmap = self.window[index] = bytearray(disk.blocks)
+                    bitmap[first:end] = ONES[: end - first] if end - first <= len(ONES) else b"\x01" * (end - first)
 
     def mark(self, timeout=10.0):
-        """Close the current window: {disk index: set of blocks written in it}, every write completed before
+        """Close the current window: {disk index: bitmap of the blocks written in it, a byte per block}, every
+        write completed before
         this call included (the mark goes through the same buffers, after them)."""
         self.marks += 1
         n = self.marks
@@ -734,9 +735,6 @@ class Tracer(object):
                 if key.strip() in ("overrun", "commit overrun", "dropped events"):
                     total += int(value.split()[0])
         return total
-
-    def lost_any(self):
-        return self.lost() != self.lost_at_start
 
     def close(self):
         self.stop = True
@@ -1067,9 +1065,63 @@ class Hooks(object):
 
 
 def _merge(into, more):
-    for index, blocks in more.items():
-        into.setdefault(index, set()).update(blocks)
+    """Both windows' written blocks, in `into` ({disk index: bitmap})."""
+    for index, bitmap in more.items():
+        mine = into.get(index)
+        if mine is None:
+            into[index] = bitmap
+        else:
+            both = int.from_bytes(mine, "little") | int.from_bytes(bitmap, "little")
+            into[index] = bytearray(both.to_bytes(len(mine), "little"))
     return into
+
+
+class Tracking(object):
+    """What a reader that stays on the host between points keeps: its tracer, left running, and the token of
+    the last point it took as one moment, from which the tracer has every block written since. The next
+    point reads only those blocks, if the appliance names that token (it published that very point) and
+    nothing is in doubt: the same disks of the same sizes, and no trace event lost since."""
+
+    def __init__(self):
+        self.tracer = None
+        self.geometry = None
+        self.token = None
+        self.lost = 0
+
+    def tracer_for(self, disks):
+        geometry = [(d.path, d.size, d.block_size) for d in disks]
+        if self.tracer is not None and geometry != self.geometry:
+            self.close()
+        if self.tracer is None:
+            self.tracer = Tracer(disks)
+            self.geometry = geometry
+        return self.tracer
+
+    def tracks(self, token):
+        """Whether this point can read only the blocks written since the point `token` names; if not, why."""
+        if token is None:
+            return False, ""
+        if self.token is None:
+            return False, "the reader has no point to start from (its disks changed, or its last point was live)"
+        if token != self.token:
+            return False, "the appliance's newest point is not the reader's last one"
+        if self.tracer.lost() != self.lost:
+            return False, "trace events were lost since the last point"
+        return True, ""
+
+    def forget(self):
+        self.token = None
+
+    def remember(self, lost):
+        """This point is the base of the next one: its token, for the appliance to name next time."""
+        self.token = "%d-%s" % (os.getpid(), os.urandom(8).hex())
+        self.lost = lost
+        return self.token
+
+    def close(self):
+        if self.tracer is not None:
+            self.tracer.close()
+        self.tracer = self.geometry = self.token = None
 
 
 class Capture(object):
@@ -1085,17 +1137,43 @@ class Capture(object):
         self.reread = [0] * len(disks)
         self.passes = 0
 
-    def run(self):
+    def prepare(self, tracking):
+        """Start tracing (or take the tracer a resident reader kept running) before the hello, which says
+        whether this point reads only the blocks written since the last one (`tracked`)."""
+        self.tracking = tracking
+        self.tracer = None
+        self.tracked = False
+        self.missing = None
         if self.request.get("consistency") == "live":
-            return self._live("live reads were asked for")
+            self.missing = "live reads were asked for"
+        else:
+            try:
+                self.tracer = tracking.tracer_for(self.disks) if tracking else Tracer(self.disks)
+            except Unavailable as exc:
+                self.missing = str(exc)
+        self.untracked = ""
+        if tracking is not None and self.tracer is not None:
+            self.tracked, self.untracked = tracking.tracks(self.request.get("track_from"))
+        if tracking is not None:
+            tracking.forget()  # from here on, only this point can become the base of the next one
+        if self.tracer is not None:
+            self.lost_base = tracking.lost if self.tracked else self.tracer.lost()
+        return self.tracked
+
+    def run(self):
+        if self.tracer is None:
+            return self._live(self.missing)
         try:
-            tracer = Tracer(self.disks)
-        except Unavailable as exc:
-            return self._live(str(exc))
-        try:
-            return self._moment(tracer)
+            moment = self._moment(self.tracer)
         finally:
-            tracer.close()
+            if self.tracking is None:
+                self.tracer.close()
+        if self.tracking is not None and moment["kind"] != "live":
+            moment["token"] = self.tracking.remember(self.lost_base)
+        return moment
+
+    def _lost(self, tracer):
+        return tracer.lost() != self.lost_base
 
     def _first_pass(self):
         for disk in self.disks:
@@ -1118,17 +1196,15 @@ class Capture(object):
         return record
 
     def _pass(self, dirty):
-        """Read again and send the blocks in `dirty` ({disk index: blocks})."""
+        """Read again and send the blocks set in `dirty` ({disk index: bitmap}), run by run."""
         for index in sorted(dirty):
-            if dirty[index]:
+            if dirty[index].count(1):
                 disk = self.disks[index]
-                runs = read_runs(disk, dirty[index])
-                self.reread[index] += sum(len(data) for _, data in runs)
-                send_runs(disk, runs, self.out)
+                self.reread[index] += send_runs(disk, read_runs(disk, dirty[index]), self.out)
         self.passes += 1
 
     def _bytes(self, dirty):
-        return sum(len(blocks) * self.disks[i].block_size for i, blocks in dirty.items())
+        return sum(bitmap.count(1) * self.disks[i].block_size for i, bitmap in dirty.items())
 
     def _moment(self, tracer):
         mounts = [m for m in filesystems_on(self.disks) if not m[3]]
@@ -1141,12 +1217,16 @@ class Capture(object):
                 not_frozen[mountpoint] = "hidden under another mount"
             else:
                 freezable.append(mountpoint)
-        self._first_pass()
+        if self.tracked:  # everything written since the last point: no full read
+            self._pass(tracer.mark())
+        else:
+            tracer.mark()  # what was written before this point began is read by the first pass anyway
+            self._first_pass()
         dirty = tracer.mark()
         converged = self._converge(tracer, dirty)
         if converged is None:
             return self._record("live", missing="the disks were written faster than they could be read again")
-        if tracer.lost_any():
+        if self._lost(tracer):
             return self._record("live", missing="trace events were lost (the kernel's trace buffer overflowed)")
         self.hooks.pre()  # the application's own quiescing, just before the freeze
         limit = float(self.request.get("freeze_limit") or FREEZE_LIMIT)
@@ -1177,9 +1257,9 @@ class Capture(object):
         problems = []
         for attempt in range(1, FREEZE_TRIES + 1):
             states, held, expired, runs, during = self._frozen_read(tracer, freezer, pending)
-            for index in sorted(runs):
-                self.reread[index] += sum(len(data) for _, data in runs[index])
-                send_runs(self.disks[index], runs[index], self.out)
+            for index in sorted(runs or {}):
+                if runs[index]:
+                    self.reread[index] += send_runs(self.disks[index], runs[index], self.out)
             if runs:
                 self.passes += 1
             why = self._unproven(tracer, expired, runs is None, during)
@@ -1193,7 +1273,7 @@ class Capture(object):
                 "%s: %s" % (mp, state) for mp, state in states.items() if state not in ("frozen", "already frozen")
             ]
             problems.append(why + (" (not frozen: %s)" % ", ".join(failed) if failed else ""))
-            if tracer.lost_any():
+            if self._lost(tracer):
                 break
             pending = during if runs is not None else _merge(pending, during)
         return self._record("live", missing="the moment could not be proven: %s" % "; ".join(problems))
@@ -1210,8 +1290,8 @@ class Capture(object):
             time.sleep(float(self.request.get("pause_frozen") or 0))  # tests: a freeze held on purpose
             pending = _merge(pending, tracer.mark())
             runs = None
-            if self._bytes(pending) <= FREEZE_MAX:
-                runs = dict((i, read_runs(self.disks[i], blocks)) for i, blocks in pending.items() if blocks)
+            if self._bytes(pending) <= FREEZE_MAX:  # read into memory now, sent after the thaw
+                runs = dict((i, list(read_runs(self.disks[i], bitmap))) for i, bitmap in pending.items())
             during = tracer.mark()
         finally:
             if freezer is not None:
@@ -1225,13 +1305,14 @@ class Capture(object):
             return "the freeze reached its limit of %g s" % float(self.request.get("freeze_limit") or FREEZE_LIMIT)
         if too_much:
             return "more than %d MiB was written up to the freeze" % (FREEZE_MAX >> 20)
-        if tracer.lost_any():
+        if self._lost(tracer):
             return "trace events were lost (the kernel's trace buffer overflowed)"
         swaps = swap_ranges(self.disks)
         written = 0
-        for index, blocks in during.items():
-            ranges = swaps.get(index, ())
-            written += sum(1 for b in blocks if not any(lo <= b <= hi for lo, hi in ranges))
+        for index, bitmap in during.items():
+            for lo, hi in swaps.get(index, ()):
+                bitmap[lo : hi + 1] = bytes(len(bitmap[lo : hi + 1]))
+            written += bitmap.count(1)
         if written:
             return "%d blocks were written while the file systems were frozen" % written
         return None
@@ -1291,32 +1372,59 @@ def probe(request, out):
     out.close()
 
 
-def main():
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, _on_signal)
-    stdin = sys.stdin.buffer
-    out = Output(sys.stdout.fileno())
-    hooks = None
-    code = 0
+def read_request(stdin):
+    """The next request, or None when the appliance closed the session."""
+    raw = stdin.read(U32.size)
+    if len(raw) != U32.size:
+        return None
+    return json.loads(stdin.read(U32.unpack(raw)[0]).decode())
+
+
+def take_point(request, out, stdin, tracking):
+    """One point, from the hello to the finished record. Its hooks' post hook runs whatever happens."""
+    hooks = Hooks(request)
     try:
-        raw = stdin.read(U32.size)
-        if len(raw) != U32.size:
-            raise Hangup("no request")
-        request = json.loads(stdin.read(U32.unpack(raw)[0]).decode())
-        if request.get("probe"):
-            probe(request, out)
-            os._exit(0)
-        hooks = Hooks(request)
         disks = [Disk(i, d["path"], int(d["block_size"])) for i, d in enumerate(request["disks"])]
+        capture = Capture(request, disks, out, OldHashes(stdin), _hash_pool(), hooks)
         hello = {
             "protocol": PROTOCOL,
             "python": "%d.%d.%d" % sys.version_info[:3],
             "disks": [{"path": d.path, "size": d.size, "kind": d.kind} for d in disks],
+            "tracked": capture.prepare(tracking),
+            "untracked": capture.untracked,
         }
         out.send(_json_record(b"H", hello))
-        moment = Capture(request, disks, out, OldHashes(stdin), _hash_pool(), hooks).run()
+        moment = capture.run()
         out.send(_json_record(b"M", moment))
         out.send(_json_record(b"F", {"post_hook": hooks.post()}))
+        for d in disks:
+            d.close()
+    finally:
+        result = hooks.post()
+        if result and result["rc"] != 0:
+            sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
+
+
+def main():
+    """One point, or, asked to stay ("resident"), one point after another on the same session, tracing
+    writes in between, until the appliance closes it."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, _on_signal)
+    stdin = sys.stdin.buffer
+    out = Output(sys.stdout.fileno())
+    tracking = None
+    code = 0
+    try:
+        request = read_request(stdin)
+        if request is None:
+            raise Hangup("no request")
+        if request.get("probe"):
+            probe(request, out)
+            os._exit(0)
+        tracking = Tracking() if request.get("resident") else None
+        while request is not None:
+            take_point(request, out, stdin, tracking)
+            request = read_request(stdin) if tracking is not None else None
         out.close()
     except Fatal as exc:
         code = 3
@@ -1330,9 +1438,8 @@ def main():
     except (Hangup, BrokenPipeError):
         code = 4
     finally:
-        result = hooks.post() if hooks is not None else None
-        if result and result["rc"] != 0:
-            sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
+        if tracking is not None:
+            tracking.close()
     sys.stderr.flush()
     os._exit(code)
 

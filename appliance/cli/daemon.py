@@ -20,6 +20,7 @@ from appliance.domain.schedule import parse_time_of_day, ran_in_the_future
 from appliance.errors import DamagedFileError
 from appliance.services.daemon import DEFAULT_JOBS, Scheduler, SystemClock, run_job, upcoming
 from appliance.services.failover import restart_interrupted
+from appliance.services.reader_pool import ReaderPool
 from appliance.store import schedule as schedule_store
 
 _AT = typer.Option("--consolidate-at", help="Local time of the nightly consolidation, HH:MM")
@@ -44,7 +45,8 @@ def daemon(
     st = state(ctx)
     tools = st.tools
     at = parse_time_of_day(consolidate_at)
-    sched = Scheduler(st.home, lambda job: run_job(st.home, tools, job), SystemClock(), at, jobs=jobs)
+    readers = ReaderPool()  # each host's reader stays between its points: incrementals read only what was written
+    sched = Scheduler(st.home, lambda job: run_job(st.home, tools, job, readers), SystemClock(), at, jobs=jobs)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         sched.request_stop()  # the running jobs finish; none is started after this
@@ -58,7 +60,10 @@ def daemon(
     # would deadlock).
     runner = threading.Thread(target=sched.run, name="scheduler")
     runner.start()
-    runner.join()
+    try:
+        runner.join()
+    finally:
+        readers.close()
 
 
 def schedule(ctx: typer.Context, consolidate_at: Annotated[str, _AT] = "02:00") -> None:

@@ -33,8 +33,10 @@ from appliance.errors import (
 from appliance.faults import checkpoint, pause
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
+from appliance.services import reader_pool
 from appliance.services.image_reader import read_chunks
-from appliance.services.reader_session import ended_early, start_reader, violation
+from appliance.services.reader_pool import KeptReader, ReaderPool
+from appliance.services.reader_session import ended_early, violation
 from appliance.store import chains, hosts
 from appliance.store.chains import ChainTx, NewPoint
 from appliance.store.files import full_disk_as_store_full
@@ -126,15 +128,18 @@ class BackupProgress:
 ProgressFn = Callable[[BackupProgress], None]
 
 
-def back_up(home: Home, tools: Tools, name: str, *, progress: ProgressFn | None = None) -> Point:
-    """Take one recovery point of host `name` now and append it to its chain.
+def back_up(
+    home: Home, tools: Tools, name: str, *, progress: ProgressFn | None = None, pool: ReaderPool | None = None
+) -> Point:
+    """Take one recovery point of host `name` now and append it to its chain. With a `pool` (the daemon's),
+    the host's reader stays running afterwards and the next point reads only the blocks written meanwhile.
 
     :raises ChainLockedError: another job works on this host.
     :raises RemoteError, StoreFullError, ImageToolError: the point was not taken; the chain is unchanged.
     """
     host = hosts.load(home, name)
     with chains.open(home, tools.images, name, "backup") as tx:
-        return _record(tx, _Capture(tx, tools, host, progress), "backup")
+        return _record(tx, _Capture(tx, tools, host, progress, pool), "backup")
 
 
 def import_point(tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str, Path, int]], origin: str) -> Point:
@@ -168,7 +173,9 @@ def _record(tx: ChainTx, writer: _PointWriter, purpose: str) -> Point:
 class _Capture:
     """One run of the reader on the host and the writes it causes on the appliance."""
 
-    def __init__(self, tx: ChainTx, tools: Tools, host: Host, progress: ProgressFn | None = None) -> None:
+    def __init__(
+        self, tx: ChainTx, tools: Tools, host: Host, progress: ProgressFn | None = None, pool: ReaderPool | None = None
+    ) -> None:
         self.tx = tx
         self.tools = tools
         self.host = host
@@ -181,23 +188,43 @@ class _Capture:
         self.deadline = float("inf")
         self._sender_error: BaseException | None = None
         self.moment: Moment | None = None
+        self.pool = pool
+        self.hello_seen = False
 
     # -- the run --------------------------------------------------------------------------------------
 
     def run(self, started: float) -> Point:
-        with self.tools.remote.connect(self.host) as session:
-            stream = start_reader(session, self.host)
+        kept = self.pool.take(self.host) if self.pool is not None else None
+        if kept is not None:
             try:
-                disks = self._exchange(stream, started)
-            except BaseException:
-                stream.abort()
-                raise
+                return self._run_on(kept, started)
+            except ConnectionLostError:
+                if self.hello_seen:
+                    raise
+                log.info("backup.kept_reader_gone", host=self.host.name)  # it died while idle: start a new one
+        return self._run_on(reader_pool.start(self.tools, self.host), started)
+
+    def _run_on(self, kept: KeptReader, started: float) -> Point:
+        stream = kept.stream
+        sent, received = stream.bytes_sent, stream.bytes_received
+        newest = self.chain.newest
+        try:
+            disks = self._exchange(stream, started, kept.tracks_from(newest.id if newest else None))
+        except BaseException:
+            kept.close()
+            raise
+        wire = stream.bytes_sent - sent + stream.bytes_received - received
+        if self.pool is not None and self.moment is not None:
+            kept.token, kept.point_id = self.moment.token, self.draft.id
+            self.pool.keep(kept)
+        else:
+            kept.close()
         return Point(
             id=self.draft.id,
             created=self.created,
             seconds=time.monotonic() - started,
             disks=tuple(disks),
-            wire_bytes=stream.bytes_sent + stream.bytes_received,
+            wire_bytes=wire,
             consistency=self._consistency(),
         )
 
@@ -214,7 +241,7 @@ class _Capture:
                  passes=moment.passes, reread=sum(moment.reread))  # fmt: skip
         return Consistency(kind=moment.kind, seconds=moment.seconds, detail=moment.detail, passes=moment.passes)
 
-    def _exchange(self, stream: RemoteStream, started: float) -> list[DiskPoint]:
+    def _exchange(self, stream: RemoteStream, started: float, track_from: str | None) -> list[DiskPoint]:
         self.started = started
         block_sizes = [self._block_size(slot_name(i)) for i in range(len(self.host.disks))]
         disk_args = list(zip(self.host.disks, block_sizes, strict=True))
@@ -223,24 +250,34 @@ class _Capture:
             protocol.encode_request(
                 disk_args, self.host.pre_hook, self.host.post_hook,
                 consistency=self.host.consistency, freeze_limit=self.host.freeze_limit, pause_frozen=pause("frozen"),
+                resident=self.pool is not None, track_from=track_from,
             )
         )  # fmt: skip
         records = protocol.RecordReader(stream.recv_some)
         hello = self._expect_hello(records, stream)
+        self.hello_seen = True
+        if hello.tracked and track_from is None:
+            raise violation(self.host, "a point of written blocks only, which the appliance did not ask for")
+        self._say_how_it_reads(hello, track_from)
         self.progress.total = sum(d.size for d in hello.disks)
         self._set_deadline(stream, job_deadline(self.host, started, self.progress.total))
         previous = self.chain.newest
         plans = [self._plan_disk(i, remote.size, block_sizes[i], previous) for i, remote in enumerate(hello.disks)]
-        sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
-        sender.start()
+        sender = None
+        if not hello.tracked:
+            sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
+            sender.start()
         with ExitStack() as stack:
             receivers = [
                 stack.enter_context(_DiskReceiver(self, plan, remote.path))
                 for plan, remote in zip(plans, hello.disks, strict=True)
             ]
             for rx in receivers:
-                records.start_disk(rx.plan.size, rx.plan.block_size)
-                self._first_pass(records, stream, rx)
+                if hello.tracked:
+                    records.add_disk(rx.plan.size, rx.plan.block_size)
+                else:
+                    records.start_disk(rx.plan.size, rx.plan.block_size)
+                    self._first_pass(records, stream, rx)
             self.moment = self._later_passes(records, stream, receivers)
             finished = self._next(records, stream)
             if not isinstance(finished, Finished):
@@ -251,14 +288,26 @@ class _Capture:
         hook = finished.post_hook
         if hook and hook.get("rc") != 0:
             log.warning("backup.post_hook_failed", host=self.host.name, rc=hook.get("rc"), output=hook.get("output"))
+        if sender is not None:
+            self._join_sender(sender, stream)
+        if self.pool is None:
+            stream.wait(timeout=self._time_left(30))
+        return [rx.finish(self.moment.reread[i]) for i, rx in enumerate(receivers)]
+
+    def _say_how_it_reads(self, hello: Hello, track_from: str | None) -> None:
+        if hello.tracked:
+            log.info("backup.tracked", host=self.host.name, reads="only the blocks written since the last point")
+        elif self.pool is not None:
+            reason = "the reader found a doubt (see its host's log)" if track_from else "no reader kept for this point"
+            log.info("backup.full_read", host=self.host.name, reason=hello.untracked or reason)
+
+    def _join_sender(self, sender: threading.Thread, stream: RemoteStream) -> None:
         sender.join(timeout=self._time_left(30))
         failure = self._sender_failure(stream)
         if failure is not None:
             raise failure
         if sender.is_alive():  # the reader reads every hash before it ends its last disk
             raise violation(self.host, "the end of the run before it read the hashes the appliance sent")
-        stream.wait(timeout=self._time_left(30))
-        return [rx.finish(self.moment.reread[i]) for i, rx in enumerate(receivers)]
 
     def _set_deadline(self, stream: RemoteStream, deadline: float) -> None:
         self.deadline = deadline

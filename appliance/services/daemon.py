@@ -28,6 +28,7 @@ from appliance.ports import Tools
 from appliance.services.backup import back_up
 from appliance.services.consolidate import consolidate
 from appliance.services.failover import verify_boot
+from appliance.services.reader_pool import ReaderPool
 from appliance.services.verify import verify_chain
 from appliance.store import hosts, schedule
 from appliance.store.layout import Home
@@ -214,10 +215,10 @@ class Scheduler:
             log.error("job.not_recorded", kind=job.kind, host=job.host, error=str(exc))
 
 
-def run_job(home: Home, tools: Tools, job: Job) -> str:
-    """What each kind of job does (the real runner)."""
+def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = None) -> str:
+    """What each kind of job does (the real runner). `readers`: the hosts' readers kept between points."""
     if job.kind == BACKUP:
-        point = back_up(home, tools, job.host)
+        point = back_up(home, tools, job.host, pool=readers)
         checks = verify_chain(home, tools, job.host, point_ref=point.id)
         summary = f"point {point.id}, changed {point.changed_bytes} B, verified {'ok' if checks[0].ok else 'FAILED'}"
         if not checks[0].ok:

@@ -42,6 +42,8 @@ class Hello:
     python: str
     disks: tuple[RemoteDisk, ...]
     consistency: tuple[str, str] | None = None  # a probe's answer: (method, why) points will get
+    tracked: bool = False  # this point reads only the blocks written since the last one: no first pass
+    untracked: str = ""  # why not, when the appliance asked for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class Moment:
     passes: int
     reread: tuple[int, ...]  # bytes read again on the host after the first pass, per disk
     detail: str
+    token: str = ""  # a reader that stays: names this point as the base of the next, tracked one
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,8 @@ def encode_request(
     consistency: str = "auto",
     freeze_limit: float = 10.0,
     pause_frozen: float = 0.0,
+    resident: bool = False,
+    track_from: str | None = None,
 ) -> bytes:
     body = json.dumps(
         {
@@ -121,6 +126,8 @@ def encode_request(
             "probe": probe,
             "consistency": consistency,
             "freeze_limit": freeze_limit,
+            "resident": resident,
+            "track_from": track_from,
             **({"pause_frozen": pause_frozen} if pause_frozen else {}),
         }
     ).encode()
@@ -191,7 +198,6 @@ class RecordReader:
         self._disks: list[tuple[int, int]] = []
         self._repassing = False
         self._moment_seen = False
-        self._current = -1
 
     def start_disk(self, size: int, block_size: int) -> None:
         """The records that follow, up to its E record, are the first pass over the next disk, of `size` bytes
@@ -200,12 +206,10 @@ class RecordReader:
             raise ProtocolError("a disk's first pass after a later pass")
         self._disk = _DiskCursor(size, block_size)
         self._disks.append((size, block_size))
-        self._current = len(self._disks) - 1
 
-    @property
-    def current_disk(self) -> int:
-        """The index of the disk that the D and Z records are of."""
-        return self._current
+    def add_disk(self, size: int, block_size: int) -> None:
+        """A disk with no first pass (a tracked point): only later passes, R records, name it."""
+        self._disks.append((size, block_size))
 
     def read_exact(self, n: int) -> memoryview:
         """The next `n` bytes, gathered in memory: the caller bounds `n` by what the peer may send first."""
@@ -268,7 +272,6 @@ class RecordReader:
         size, block_size = self._disks[disk]
         self._disk = _DiskCursor(size, block_size, first_pass=False)
         self._repassing = True
-        self._current = disk
         return Repass(disk)
 
     def _moment(self) -> Moment:
@@ -374,7 +377,14 @@ def _hello(obj: dict[str, Any]) -> Hello:
     consistency = None
     if isinstance(plan, dict):
         consistency = (printable(str(plan.get("method", "?")), 20), printable(str(plan.get("why", "")), MAX_MESSAGE))
-    return Hello(printable(str(obj.get("python", "?")), 40), tuple(_remote_disk(d) for d in disks), consistency)
+    tracked = obj.get("tracked", False)
+    if not isinstance(tracked, bool):
+        raise ProtocolError("a hello whose tracked flag is not true or false")
+    untracked = printable(str(obj.get("untracked") or ""), MAX_MESSAGE)
+    return Hello(
+        printable(str(obj.get("python", "?")), 40), tuple(_remote_disk(d) for d in disks), consistency, tracked,
+        untracked,
+    )  # fmt: skip
 
 
 def _remote_disk(d: object) -> RemoteDisk:
@@ -398,7 +408,10 @@ def _moment(obj: dict[str, Any], disks: int) -> Moment:
         raise ProtocolError("a moment record without a byte count of each disk read again")
     if type(seconds) not in (int, float) or not 0 <= seconds < 86400:
         raise ProtocolError("a moment record whose freeze time is not a number of seconds")
-    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj))
+    token = obj.get("token", "")
+    if not isinstance(token, str) or len(token) > 100:
+        raise ProtocolError("a moment record whose token is not a short text")
+    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj), token)
 
 
 def _moment_detail(obj: dict[str, Any]) -> str:

@@ -112,6 +112,9 @@ class LocalStream:
         self._stderr_reader.join(timeout)
         return status
 
+    def ended(self) -> bool:
+        return self._proc.poll() is not None
+
     def abort(self) -> None:
         self.hang_up()
 

@@ -24,7 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance import bootstrap
 from appliance.lab import Lab, workload
+from appliance.services.backup import back_up
+from appliance.services.reader_pool import ReaderPool
+from appliance.store.layout import Home
 from tests.conftest import points_json, run_cli, start_cli
 
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
@@ -212,3 +216,29 @@ def test_the_read_leaves_the_host_page_cache_alone(busy: BusyDisk, home: Path) -
 def _cached_bytes(path: str) -> int:
     out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", path], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
+
+
+def test_a_kept_reader_reads_only_what_was_written_since_its_last_point(
+    busy: BusyDisk, home: Path, tmp_path: Path
+) -> None:
+    """The daemon's way: the reader stays on the host between points, tracing writes; the next point reads
+    those blocks only, and is still one frozen moment that restores clean. A point it did not take itself
+    in between (here a plain `appliance backup`) is a doubt: the next point reads everything again."""
+    name = busy.host.name  # type: ignore[attr-defined]
+    store, tools = Home(home), bootstrap.tools(Home(home))
+    size = 256 << 20
+    readers = ReaderPool()
+    try:
+        points = [back_up(store, tools, name, pool=readers) for _ in range(3)]
+        assert run_cli(home, "backup", name).rc == 0
+        points.append(back_up(store, tools, name, pool=readers))
+    finally:
+        readers.close()
+    read = [sum(d.read_bytes for d in p.disks) for p in points]
+    assert read[0] >= size and read[3] >= size, read  # a first point, and one after a point of another reader
+    assert read[1] < size // 4 and read[2] < size // 4, read  # only the blocks written meanwhile
+    for p in points:
+        assert p.consistency is not None and p.consistency.kind == "frozen", p.consistency
+    for p in points_json(home, name)[1:3]:
+        assert restore_problems(_point_image(home, name, p), tmp_path) == [], p["id"]
+    print(f"bytes read on the host per point: {read}")

@@ -185,3 +185,39 @@ def test_text_from_the_host_is_shown_on_one_line() -> None:
     record = _decoding(failure).next()
     assert isinstance(record, protocol.RemoteFailure)
     assert record.message.startswith("line one line two [2J") and len(record.message) == protocol.MAX_MESSAGE
+
+
+# -- later passes: blocks written while they were read, read again ---------------------------------------
+
+_END = wire.END.pack(b"E", SIZE) + bytes(32)
+_MOMENT = _json_record(b"M", {"kind": "frozen", "seconds": 0.2, "passes": 2, "reread": [BS]})
+
+
+def _repass(disk: int) -> bytes:
+    return wire.REPASS.pack(b"R", disk)
+
+
+def test_later_passes_may_send_a_block_again_each_in_order() -> None:
+    stream = _data(5, BS) + _END + _repass(0) + _data(5, BS) + _data(7, BS) + _repass(0) + _data(5, BS) + _MOMENT
+    records = _decoding(stream)
+    kinds = [type(records.next()).__name__ for _ in range(8)]
+    assert kinds == ["DataRun", "DiskEnd", "Repass", "DataRun", "DataRun", "Repass", "DataRun", "Moment"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "needle"),
+    [
+        (_data(5, BS) + _repass(0), "in the middle of a disk's first pass"),
+        (_END + _repass(1), "later pass over disk 1 \\(there are 1\\)"),
+        (_END + _repass(0) + _data(5, BS) + _data(5, BS), "at block 5, after block 5"),
+        (_END + _repass(0) + wire.PROGRESS.pack(b"P", BS), "progress record in a later pass"),
+        (_END + _repass(0) + _END, "end-of-disk record in a later pass"),
+        (_END + _MOMENT + _repass(0), "after the moment record"),
+        (_END + _json_record(b"M", {"kind": "perfect", "reread": [0]}), "kind 'perfect'"),
+        (_END + _json_record(b"M", {"kind": "frozen", "reread": []}), "each disk read again"),
+        (_END + _json_record(b"M", {"kind": "frozen", "reread": [0], "seconds": -1}), "freeze time"),
+        (_data(5, BS) + _MOMENT, "moment record in the middle of a disk's first pass"),
+    ],
+)
+def test_later_passes_out_of_their_order_are_refused(stream: bytes, needle: str) -> None:
+    _refused(stream, needle)
