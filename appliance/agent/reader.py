@@ -1136,6 +1136,7 @@ class Capture(object):
         self.hooks = hooks
         self.reread = [0] * len(disks)
         self.passes = 0
+        self.timings = {}  # seconds per phase, for the appliance's log
 
     def prepare(self, tracking):
         """Start tracing (or take the tracer a resident reader kept running) before the hello, which says
@@ -1191,9 +1192,13 @@ class Capture(object):
             "passes": self.passes,
             "reread": self.reread,
             "direct": all(d.direct_fd is not None for d in self.disks if d.kind == "block"),
+            "timings": dict((k, round(v, 3)) for k, v in self.timings.items()),
         }
         record.update(extra)
         return record
+
+    def _timed(self, phase, started):
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - started
 
     def _pass(self, dirty):
         """Read again and send the blocks set in `dirty` ({disk index: bitmap}), run by run."""
@@ -1217,13 +1222,17 @@ class Capture(object):
                 not_frozen[mountpoint] = "hidden under another mount"
             else:
                 freezable.append(mountpoint)
+        started = time.monotonic()
         if self.tracked:  # everything written since the last point: no full read
             self._pass(tracer.mark())
         else:
             tracer.mark()  # what was written before this point began is read by the first pass anyway
             self._first_pass()
+        self._timed("first_pass", started)
+        started = time.monotonic()
         dirty = tracer.mark()
         converged = self._converge(tracer, dirty)
+        self._timed("passes", started)
         if converged is None:
             return self._record("live", missing="the disks were written faster than they could be read again")
         if self._lost(tracer):
@@ -1232,9 +1241,17 @@ class Capture(object):
         limit = float(self.request.get("freeze_limit") or FREEZE_LIMIT)
         freezer = Freezer(freezable, limit, self.out.fd) if freezable else None
         try:
+            started = time.monotonic()
             os.sync()  # what the file systems hold in memory goes to disk now, not during the freeze
+            self._timed("sync", started)
+            started = time.monotonic()
             self._pass(_merge(converged, tracer.mark()))
-            return self._freeze(tracer, freezer, tracer.mark(), not_frozen)
+            self._timed("passes", started)
+            started = time.monotonic()
+            try:
+                return self._freeze(tracer, freezer, tracer.mark(), not_frozen)
+            finally:
+                self._timed("freeze", started)
         finally:
             if freezer is not None:
                 freezer.close()
@@ -1381,11 +1398,15 @@ def read_request(stdin):
 
 
 def take_point(request, out, stdin, tracking):
-    """One point, from the hello to the finished record. Its hooks' post hook runs whatever happens."""
+    """One point, from the hello to the finished record. Its hooks' post hook runs whatever happens, and
+    what it opened is closed (a reader that stays takes many)."""
     hooks = Hooks(request)
+    disks = []
+    pool = _hash_pool()
     try:
-        disks = [Disk(i, d["path"], int(d["block_size"])) for i, d in enumerate(request["disks"])]
-        capture = Capture(request, disks, out, OldHashes(stdin), _hash_pool(), hooks)
+        for i, d in enumerate(request["disks"]):
+            disks.append(Disk(i, d["path"], int(d["block_size"])))
+        capture = Capture(request, disks, out, OldHashes(stdin), pool, hooks)
         hello = {
             "protocol": PROTOCOL,
             "python": "%d.%d.%d" % sys.version_info[:3],
@@ -1397,12 +1418,13 @@ def take_point(request, out, stdin, tracking):
         moment = capture.run()
         out.send(_json_record(b"M", moment))
         out.send(_json_record(b"F", {"post_hook": hooks.post()}))
-        for d in disks:
-            d.close()
     finally:
         result = hooks.post()
         if result and result["rc"] != 0:
             sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
+        pool.shutdown(wait=False)
+        for d in disks:
+            d.close()
 
 
 def main():

@@ -62,3 +62,16 @@ def failback_bench() -> None:
     from appliance.bench.failback import run_failback_bench
 
     run_failback_bench()
+
+
+@app.command("consistency")
+def consistency_bench(
+    big: Annotated[str, typer.Option("--big", help="Size of the change-tracking disk")] = "64G",
+    data: Annotated[str, typer.Option("--data", help="Data on that disk")] = "4G",
+    change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before each run")] = 1.0,
+) -> None:
+    """Points of a busy server per method (live, fsfreeze hooks, frozen, change-tracked), and a change-tracked
+    point of a large disk against the full hash pass and rsync."""
+    from appliance.bench.consistency import run_consistency_bench
+
+    run_consistency_bench(parse_size(big), parse_size(data), change / 100.0)

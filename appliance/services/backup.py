@@ -238,7 +238,7 @@ class _Capture:
         elif moment.detail:
             log.warning("backup.not_all_frozen", host=self.host.name, detail=moment.detail)
         log.info("backup.moment", host=self.host.name, kind=moment.kind, frozen_seconds=moment.seconds,
-                 passes=moment.passes, reread=sum(moment.reread))  # fmt: skip
+                 passes=moment.passes, reread=sum(moment.reread), timings=moment.timings)  # fmt: skip
         return Consistency(kind=moment.kind, seconds=moment.seconds, detail=moment.detail, passes=moment.passes)
 
     def _exchange(self, stream: RemoteStream, started: float, track_from: str | None) -> list[DiskPoint]:

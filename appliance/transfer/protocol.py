@@ -87,6 +87,7 @@ class Moment:
     reread: tuple[int, ...]  # bytes read again on the host after the first pass, per disk
     detail: str
     token: str = ""  # a reader that stays: names this point as the base of the next, tracked one
+    timings: dict[str, float] | None = None  # seconds per phase on the host (first pass, passes, sync, freeze)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +412,11 @@ def _moment(obj: dict[str, Any], disks: int) -> Moment:
     token = obj.get("token", "")
     if not isinstance(token, str) or len(token) > 100:
         raise ProtocolError("a moment record whose token is not a short text")
-    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj), token)
+    timings = obj.get("timings")
+    if not isinstance(timings, dict):
+        timings = {}
+    phases = {printable(str(k), 20): float(v) for k, v in list(timings.items())[:8] if type(v) in (int, float)}
+    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj), token, phases)
 
 
 def _moment_detail(obj: dict[str, Any]) -> str:

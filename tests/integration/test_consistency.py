@@ -30,6 +30,7 @@ from appliance.services.backup import back_up
 from appliance.services.reader_pool import ReaderPool
 from appliance.store.layout import Home
 from tests.conftest import points_json, run_cli, start_cli
+from tests.integration.helpers import host_add
 
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 
@@ -242,3 +243,15 @@ def test_a_kept_reader_reads_only_what_was_written_since_its_last_point(
     for p in points_json(home, name)[1:3]:
         assert restore_problems(_point_image(home, name, p), tmp_path) == [], p["id"]
     print(f"bytes read on the host per point: {read}")
+
+
+def test_host_add_says_how_points_will_be_taken(busy: BusyDisk, lab: Lab, home: Path, make_host) -> None:  # type: ignore[no-untyped-def]
+    host = busy.host
+    args = host_add(host, lab.key_file, "--trust-first-use", name="again")
+    r = run_cli(home, *args)
+    assert r.rc == 0, r.err
+    assert f"points: one moment, file systems frozen for the last copy (frozen: {busy.mount})" in r.out, r.out
+    image_host = make_host(add=False)  # an image file, not a block device: nothing to trace
+    r = run_cli(home, *host_add(image_host, lab.key_file, "--trust-first-use"))
+    assert r.rc == 0, r.err
+    assert "points: live reads, NOT consistent" in r.out and "not a block device" in r.out, r.out

@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Recovery points of a server that writes while it is backed up: do they restore clean?
+
+Boots the busy server (images/server: a real Debian 12 whose workload commits to sqlite and rewrites
+files all the time, each row and file with its own sha256) under TCG, backs it up POINTS times with the
+appliance CLI by each method below, and checks every point as a restore would (`check_point`). A method
+whose points may be damaged is still checked and reported point by point, never skipped: the report is
+what this test is for. Minutes per method; run it alone:
+
+    .venv/bin/pytest -n 0 -m heavy tests/heavy -x -s
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.lab.server import BusyServer, PointCheck, WorkloadStats, build_server_image, check_point
+from tests.conftest import points_json, run_cli
+
+HOST = "busy"
+POINTS = 3
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the appliance is told to take a point of the busy server, and what its points must show."""
+
+    add_options: tuple[str, ...]  # added to `appliance host add`
+    set_options: tuple[str, ...]  # then `appliance host set busy ...`, if any
+    must_be_clean: bool  # False: damage is possible; it is reported, not failed
+
+
+_HOOKS = ("--pre-hook", "fsfreeze -f /", "--post-hook", "fsfreeze -u /")
+# A new way to take points is one more entry here.
+METHODS = {
+    # Plain reads of a disk that changes meanwhile: the old default, no moment at all.
+    "live": Method((), ("--consistency", "live"), must_be_clean=False),
+    # Plain reads between the user's hooks: the root file system frozen for the whole read.
+    "fsfreeze-hooks": Method(_HOOKS, ("--consistency", "live"), must_be_clean=True),
+    # The default: one frozen moment, the file systems frozen only for the last copy.
+    "auto": Method((), (), must_be_clean=True),
+}
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One `appliance backup` of the busy server, with what the workload went through meanwhile."""
+
+    seconds: float
+    stats: WorkloadStats  # read right after the backup; its longest stall covers exactly this backup
+    ops_during: int
+    output: str
+
+
+@pytest.fixture(scope="module")
+def server_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.fail("the busy server test runs as root (debootstrap, loop devices, mounts)")
+    for binary in ("debootstrap", "qemu-system-x86_64", "qemu-img", "e2fsck", "ssh"):
+        if shutil.which(binary) is None:
+            pytest.fail(f"{binary} is required: run ./install --dev")
+    started = time.monotonic()
+    image = build_server_image(tmp_path_factory.mktemp("server") / "server.img")
+    print(f"\nbusy server image: {time.monotonic() - started:.1f} s (build.sh, cached or not)")
+    return image
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("method_name", list(METHODS))
+def test_points_of_a_busy_server_restore_clean(method_name: str, server_image: Path, tmp_path: Path) -> None:
+    method = METHODS[method_name]
+    home = tmp_path / "home"
+    home.mkdir()
+    with BusyServer(tmp_path / "vm", server_image) as server:
+        boot, ready = server.boot_seconds, server.ready_seconds
+        print(f"\n[{method_name}] boot: sshd after {boot:.1f} s, workload writing after {ready:.1f} s")
+        r = run_cli(home, *_host_add(server, method))
+        assert r.rc == 0, r.err
+        if method.set_options:
+            r = run_cli(home, "host", "set", HOST, *method.set_options)
+            assert r.rc == 0, r.err
+        backups = [_back_up(home, server) for _ in range(POINTS)]
+        assert server.stats().running, "the workload must still be writing after the backups"
+    checks = [check_point(image, tmp_path / "scratch") for image in _point_files(home)]
+    assert len(checks) == POINTS
+    _report(method_name, backups, checks)
+    for check in checks:  # "clean" means every file and row was there to check
+        assert check.files > 0 or not check.clean, f"{check.image.name}: clean, but no workload file was checked"
+    if method.must_be_clean:
+        damaged = [f"{c.image.name}: {'; '.join(c.problems)}" for c in checks if not c.clean]
+        assert not damaged, f"{method_name}: every point must restore clean:\n" + "\n".join(damaged)
+
+
+def _host_add(server: BusyServer, method: Method) -> list[str]:
+    """`host add` as a user types it, pinning the host key the image was built with."""
+    return [
+        "host", "add", HOST, "--address", server.address, "--port", str(server.ssh_port), "--disk", server.disk,
+        "--key", str(server.key_file), "--host-key-fingerprint", server.host_key_fingerprint, *method.add_options,
+    ]  # fmt: skip
+
+
+def _back_up(home: Path, server: BusyServer) -> Backup:
+    before = server.reset_stats()
+    started = time.monotonic()
+    r = run_cli(home, "backup", HOST, timeout=3600)
+    seconds = time.monotonic() - started
+    assert r.rc == 0, r.err
+    after = server.stats()
+    assert after.ops > before.ops, "the workload wrote nothing during or after the backup"
+    # Its result lines (the point, its consistency), not its log.
+    lines = r.out.splitlines() + [line for line in r.err.splitlines() if line.startswith(f"{HOST}: ")]
+    output = " | ".join(line.strip() for line in lines if line.strip())
+    return Backup(seconds, after, after.ops - before.ops, output)
+
+
+def _point_files(home: Path) -> list[Path]:
+    return [home / "store" / HOST / str(p["disks"][0]["file"]) for p in points_json(home, HOST)]  # type: ignore[index]
+
+
+def _report(method_name: str, backups: list[Backup], checks: list[PointCheck]) -> None:
+    """Per point: backup time, the workload's longest stall, clean or damaged with every problem."""
+    for i, (b, c) in enumerate(zip(backups, checks, strict=True), start=1):
+        verdict = "clean" if c.clean else f"DAMAGED ({len(c.problems)} problem lines)"
+        errors = sum(w.errors for w in b.stats.writers.values())
+        print(
+            f"[{method_name}] point {i} {c.image.name}: backup {b.seconds:.1f} s, longest stall "
+            f"{b.stats.longest_stall:.2f} s ({b.stats.longest_stall_writer}), {b.ops_during} writes meanwhile"
+            f"{f' ({errors} failed)' if errors else ''}, checked {c.rows} rows + {c.files} files in "
+            f"{c.seconds:.1f} s: {verdict}"
+        )
+        print(f"[{method_name}]     appliance: {b.output}")
+        for problem in c.problems:
+            print(f"[{method_name}]     {problem}")
+    damaged = sum(not c.clean for c in checks)
+    print(
+        f"[{method_name}] {damaged}/{len(checks)} points damaged; longest stall "
+        f"{max(b.stats.longest_stall for b in backups):.2f} s; {sum(b.seconds for b in backups) / len(backups):.1f} s "
+        "per point"
+    )
