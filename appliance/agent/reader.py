@@ -45,6 +45,7 @@ else as a protocol violation (appliance.transfer.protocol): keep them in step.
 """
 
 import collections
+import concurrent.futures
 import errno
 import hashlib
 import json
@@ -198,7 +199,8 @@ class Disk(object):
         self.block_size = block_size
         self.fd, self.size, self.kind = open_disk(path)
         self.direct_fd = _open_direct(path) if self.kind == "block" else None
-        self.buffer = None  # a page-aligned buffer for direct reads, made on first use
+        self.local = threading.local()  # each thread's page-aligned buffer for direct reads, made on first use
+        self.seek_lock = threading.Lock()
         self.rdev = os.fstat(self.fd).st_rdev if self.kind == "block" else None
         self.blocks = -(-self.size // block_size)
 
@@ -217,20 +219,28 @@ class Disk(object):
         return _read_full(self.fd, offset, length, self.size)
 
     def _read_direct(self, offset, length):
+        """Into a page-aligned buffer of the calling thread's own: later passes read several runs at once."""
         span = -(-length // ALIGN) * ALIGN
-        if self.buffer is None or len(self.buffer) < span:
-            self.buffer = mmap.mmap(-1, max(span, CHUNK))
-        view = memoryview(self.buffer)
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None or len(buffer) < span:
+            buffer = self.local.buffer = mmap.mmap(-1, max(span, CHUNK))
+        view = memoryview(buffer)
         got = 0
-        os.lseek(self.direct_fd, offset, os.SEEK_SET)  # lseek + readv: os.preadv is Python 3.7+
         while got < length:
-            n = os.readv(self.direct_fd, [view[got:span]])
+            n = self._preadv(view[got:span], offset + got)
             if n <= 0:
                 raise Fatal("disk-changed", "disk ended at %d bytes, expected %d" % (offset + got, self.size))
             got += n
         data = bytes(view[:length])  # a copy: the buffer is reused by the next read
         view.release()
         return data
+
+    def _preadv(self, view, offset):
+        if hasattr(os, "preadv"):
+            return os.preadv(self.direct_fd, [view], offset)
+        with self.seek_lock:  # Python 3.6: lseek + readv share the descriptor's offset
+            os.lseek(self.direct_fd, offset, os.SEEK_SET)
+            return os.readv(self.direct_fd, [view])
 
     def close(self):
         for fd in (self.fd, self.direct_fd):
@@ -382,8 +392,6 @@ def _hash_pool():
     workers = min(4, os.cpu_count() or 1)
     if workers < 2:
         return _Inline()
-    import concurrent.futures
-
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers)
 
 
@@ -481,12 +489,30 @@ def dirty_runs(disk, bitmap):
             yield first, min(first + step, m.end())
 
 
+READ_AHEAD = 4  # runs of a later pass read at once: a disk answers several small reads faster side by side
+
+
 def read_runs(disk, bitmap):
-    """Yield (first block, bytes) of the blocks set in `bitmap`, read from the disk run by run."""
+    """Yield (first block, bytes) of the blocks set in `bitmap`, in block order, READ_AHEAD runs read at a time
+    (a later pass is many small reads: one after another, each waits for the disk's latency)."""
     bs = disk.block_size
-    for first, end in dirty_runs(disk, bitmap):
-        offset = first * bs
-        yield first, disk.read(offset, min(end * bs, disk.size) - offset)
+
+    def read(run):
+        offset = run[0] * bs
+        return run[0], disk.read(offset, min(run[1] * bs, disk.size) - offset)
+
+    runs = dirty_runs(disk, bitmap)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=READ_AHEAD)
+    try:
+        pending = collections.deque()
+        for run in runs:
+            pending.append(pool.submit(read, run))
+            if len(pending) >= 2 * READ_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True)
 
 
 def send_runs(disk, runs, out):
@@ -1247,11 +1273,7 @@ class Capture(object):
             started = time.monotonic()
             self._pass(_merge(converged, tracer.mark()))
             self._timed("passes", started)
-            started = time.monotonic()
-            try:
-                return self._freeze(tracer, freezer, tracer.mark(), not_frozen)
-            finally:
-                self._timed("freeze", started)
+            return self._freeze(tracer, freezer, tracer.mark(), not_frozen)
         finally:
             if freezer is not None:
                 freezer.close()
@@ -1264,7 +1286,7 @@ class Capture(object):
             size = self._bytes(dirty)
             if size <= FREEZE_AT:
                 return dirty
-            if self.passes >= MAX_PASSES or (previous is not None and size > previous * 0.9):
+            if self.passes >= MAX_PASSES or (previous is not None and size > previous * 0.5):
                 return dirty if size <= FREEZE_MAX else None
             self._pass(dirty)
             previous = size

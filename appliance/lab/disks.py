@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.adapters.process import CommandFailed, run
+from appliance.errors import LabError
 
 ALIGN = 4096
 _PATTERN_BYTES = 8 << 20
@@ -93,6 +95,24 @@ def copy_sparse(source: Path, dest: Path) -> None:
 
 def attach_loop(image: Path) -> str:
     return run(["losetup", "--find", "--show", image]).strip()
+
+
+@contextlib.contextmanager
+def partition_loop(image: Path | str, offset: int, size: int) -> Iterator[str]:
+    """A loop device of `size` bytes of `image` from `offset` (one partition), detached afterwards.
+
+    A loop device rather than e2fsprogs' `?offset=`: e2fsck loses the offset when it reopens after a replay.
+    """
+    argv = ["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), str(image)]
+    try:
+        device = run(argv, timeout=60).strip()
+    except CommandFailed as exc:
+        raise LabError(f"cannot attach {image} to a loop device: {exc.last_line}") from exc
+    try:
+        yield device
+    finally:
+        with contextlib.suppress(CommandFailed):
+            run(["losetup", "--detach", device], timeout=60)
 
 
 def detach_loop(device: str) -> None:

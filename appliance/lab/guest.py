@@ -14,19 +14,19 @@ The disk must not be in use meanwhile: that is checked for QEMU (its image locks
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.adapters.process import CommandFailed, run
 from appliance.errors import LabError
+from appliance.lab import disks
 
 RECIPE = Path(__file__).resolve().parents[2] / "images" / "guest" / "build.sh"
 LABEL = "approot"
@@ -194,26 +194,12 @@ def _replay_journal(part: _Partition) -> None:
     On a loop device, since e2fsck and debugfs lose the `?offset=` option when they reopen the file
     system after a replay.
     """
-    with _loop_device(part) as device:
+    with disks.partition_loop(part.disk, part.offset, part.size) as device:
         try:
             run(["e2fsck", "-p", "-E", "journal_only", device], timeout=300)
         except CommandFailed as exc:
             if exc.returncode != 1:  # 1: "errors corrected", here the replay itself
                 raise LabError(f"cannot replay the journal of {part.disk}: {exc.last_line}") from exc
-
-
-@contextlib.contextmanager
-def _loop_device(part: _Partition) -> Iterator[str]:
-    argv = ["losetup", "--find", "--show", "--offset", str(part.offset), "--sizelimit", str(part.size), part.disk]
-    try:
-        device = run(argv, timeout=60).strip()
-    except CommandFailed as exc:
-        raise LabError(f"cannot attach {part.disk} to a loop device: {exc.last_line}") from exc
-    try:
-        yield device
-    finally:
-        with contextlib.suppress(CommandFailed):
-            run(["losetup", "--detach", device], timeout=60)
 
 
 def _debugfs(part: _Partition, commands: Sequence[str], *, write: bool) -> None:

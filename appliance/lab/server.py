@@ -30,6 +30,7 @@ from types import TracebackType
 
 from appliance.adapters.process import CommandFailed, die_with_parent, run
 from appliance.errors import LabError
+from appliance.lab import disks
 from appliance.log import get_logger
 
 log = get_logger(__name__)
@@ -339,7 +340,7 @@ def _convert(image: Path, raw: Path) -> None:
 
 def _check_raw(raw: Path, scratch: Path) -> tuple[list[str], int, int]:
     offset, size = _first_partition(raw)
-    with _loop_device(raw, offset, size) as device:
+    with disks.partition_loop(raw, offset, size) as device:
         problems = _replay_journal(device) + _fsck(device)
         mountpoint = scratch / "mnt"
         try:
@@ -360,21 +361,6 @@ def _first_partition(raw: Path) -> tuple[int, int]:
     if not sectors:
         raise LabError(f"{raw} has no first partition: not the busy server's disk")
     return start * _SECTOR, sectors * _SECTOR
-
-
-@contextlib.contextmanager
-def _loop_device(raw: Path, offset: int, size: int) -> Iterator[str]:
-    # A loop device, not e2fsprogs' ?offset=: e2fsck loses the offset when it reopens after a replay.
-    argv = ["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), str(raw)]
-    try:
-        device = run(argv, timeout=60).strip()
-    except CommandFailed as exc:
-        raise LabError(f"cannot attach {raw} to a loop device: {exc.last_line}") from exc
-    try:
-        yield device
-    finally:
-        with contextlib.suppress(CommandFailed):
-            run(["losetup", "--detach", device], timeout=60)
 
 
 def _replay_journal(device: str) -> list[str]:

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance import bootstrap
 from appliance.lab.server import BusyServer, PointCheck, WorkloadStats, build_server_image, check_point
+from appliance.services.backup import back_up
+from appliance.services.reader_pool import ReaderPool
+from appliance.store.layout import Home
 from tests.conftest import points_json, run_cli
 
 HOST = "busy"
@@ -143,3 +147,29 @@ def _report(method_name: str, backups: list[Backup], checks: list[PointCheck]) -
         f"{max(b.stats.longest_stall for b in backups):.2f} s; {sum(b.seconds for b in backups) / len(backups):.1f} s "
         "per point"
     )
+
+
+@pytest.mark.heavy
+def test_change_tracked_points_of_a_busy_server_restore_clean(server_image: Path, tmp_path: Path) -> None:
+    """The daemon's way: the reader stays on the server between points and each point after the first reads
+    only the blocks written since; every one is still a frozen moment that restores clean."""
+    home = tmp_path / "home"
+    home.mkdir()
+    store = Home(home)
+    readers = ReaderPool()
+    with BusyServer(tmp_path / "vm", server_image) as server:
+        r = run_cli(home, *_host_add(server, METHODS["auto"]))
+        assert r.rc == 0, r.err
+        tools = bootstrap.tools(store)
+        try:
+            points = [back_up(store, tools, HOST, pool=readers) for _ in range(POINTS + 1)]
+        finally:
+            readers.close()
+    size = points[0].disks[0].size
+    read = [sum(d.read_bytes for d in p.disks) for p in points]
+    print(f"\n[tracked] bytes read on the server per point: {read}; consistency {[str(p.consistency) for p in points]}")
+    assert read[0] >= size and all(n < size // 4 for n in read[1:]), read
+    assert all(p.consistency is not None and p.consistency.kind == "frozen" for p in points)
+    checks = [check_point(image, tmp_path / "scratch") for image in _point_files(home)]
+    damaged = [f"{c.image.name}: {'; '.join(c.problems)}" for c in checks if not c.clean]
+    assert not damaged, "every change-tracked point must restore clean:\n" + "\n".join(damaged)

@@ -10,13 +10,13 @@ matching its checksum.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,17 +81,17 @@ def _wait_for(condition, timeout: float) -> None:  # type: ignore[no-untyped-def
 
 
 def _frozen(mount: Path) -> bool:
-    """Whether the file system is frozen now: a second FIFREEZE says EBUSY (and one that succeeds is undone)."""
-    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.ioctl(fd, FIFREEZE, 0)
-        except OSError as exc:
-            return exc.errno == errno.EBUSY
-        fcntl.ioctl(fd, FITHAW, 0)
-        return False
-    finally:
-        os.close(fd)
+    """Whether the file system is frozen now: a write to it does not finish within a second. (Not a second
+    FIFREEZE: freezing to find out would race the watchdog's own freeze.) A write that waits finishes, in
+    its thread, at the thaw."""
+    done = threading.Event()
+
+    def write() -> None:
+        (mount / "probe").write_text("written")
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return not done.wait(1.0)
 
 
 def _thaw(mount: Path) -> None:
@@ -171,7 +171,13 @@ def _frozen_by_a_held_backup(busy: BusyDisk, home: Path, seconds: float) -> subp
         proc = start_cli(home, "backup", name)
     finally:
         del os.environ["APPLIANCE_PAUSE"]
-    _wait_for(lambda: _frozen(busy.mount), 60)
+    deadline = time.monotonic() + 60
+    while not _frozen(busy.mount):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"the backup did not freeze the file system (exit {proc.returncode}): {out}{err}")
+        time.sleep(0.1)
     return proc
 
 
