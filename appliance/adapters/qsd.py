@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -53,6 +54,18 @@ def _zero_range(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_SOCKET_DIR_PREFIX = "appliance-qmp-"
+
+
+def _remove_stale_socket_dirs() -> None:
+    """The short socket folders of appliance processes that were killed (SIGKILL skips their cleanup)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_SOCKET_DIR_PREFIX}*-*"):
+        pid = folder.name[len(_SOCKET_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class ImageExport:
     """Context manager: `image` open in qemu-storage-daemon and exported over FUSE as the plain file
     `self.path`, read and written through the ExportedImage methods while the block is open."""
@@ -70,7 +83,8 @@ class ImageExport:
         self._socket = run_dir / f"qmp-{token}.sock"
         self._socket_dir: Path | None = None
         if len(os.fsencode(self._socket)) > _SUN_PATH_MAX:  # a deep APPLIANCE_HOME: AF_UNIX takes 107 bytes
-            self._socket_dir = Path(tempfile.mkdtemp(prefix="appliance-qmp-"))  # 0700, removed at the end
+            _remove_stale_socket_dirs()
+            self._socket_dir = Path(tempfile.mkdtemp(prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-"))  # 0700
             self._socket = self._socket_dir / "qmp.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
