@@ -16,7 +16,7 @@ import libvirt
 import libvirt_qemu
 
 from appliance.adapters import libvirt_xml
-from appliance.domain.accel import Machine
+from appliance.domain.accel import Machine, known_failure
 from appliance.domain.recovery import DomainSpec, DomainState
 from appliance.errors import HypervisorError
 from appliance.log import get_logger
@@ -185,7 +185,7 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             if existing is None:
                 dom.undefine()
-            raise HypervisorError(f"the recovery VM did not start: {exc.get_error_message()}") from exc
+            raise HypervisorError(f"the recovery VM did not start: {self._start_error(spec.name, exc)}") from exc
 
     def state(self, name: str) -> DomainState:
         dom = self._domain(name)
@@ -303,6 +303,15 @@ class LibvirtHypervisor:
     def screenshot_png(self, name: str, path: Path) -> None:
         """Save the guest's screen as PNG, encoded by QEMU itself (QMP screendump)."""
         self.monitor(name, {"execute": "screendump", "arguments": {"filename": str(path), "format": "png"}})
+
+    def _start_error(self, name: str, exc: libvirt.libvirtError) -> str:
+        """libvirt's reason, with QEMU's own last words from the domain's log when libvirt's do not hold them:
+        QEMU that dies at once leaves libvirt saying only "failed to connect to monitor socket" when the
+        machine is busy, and the user needs QEMU's line ("failed to set MSR 0x10a")."""
+        message = exc.get_error_message() or str(exc)
+        tail = self.qemu_log_tail(name, 5)
+        said = known_failure(tail) or next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        return message if not said or said.strip() in message else f"{message}; QEMU: {said.strip()[-200:]}"
 
     def qemu_log_tail(self, name: str, lines: int = 5) -> str:
         """The last lines QEMU (and libvirt) wrote to the domain's log since its latest start."""
