@@ -224,6 +224,8 @@ class LibvirtHypervisor:
             try:
                 dom.destroy()
             except libvirt.libvirtError as exc:
+                if not dom.isActive():  # it stopped by itself in between (a guest that finished shutting down)
+                    return
                 raise HypervisorError(f"cannot stop {name}: {exc.get_error_message()}") from exc
 
     def drop_checkpoints(self, name: str, only: list[str] | None = None) -> None:
