@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from appliance.agent import reader as wire
 from appliance.domain.blocks import HASH_LEN, Carry, block_hashes, block_length, carry_over, zero_hash
 from appliance.domain.models import Consistency, DiskPoint, Host, Point, format_size, point_id_for, slot_name
 from appliance.errors import (
@@ -465,7 +466,7 @@ class _Capture:
             if isinstance(record, Repass):
                 if rx is None:  # the freeze and the passes before it get their own budget of time
                     self._set_deadline(stream, job_deadline(self.host, time.monotonic(), 2 * self.progress.total)
-                                       + self.host.freeze_limit * 3)  # fmt: skip
+                                       + self.host.freeze_limit * wire.FREEZE_TRIES)  # fmt: skip
                 rx = receivers[record.disk]
             elif isinstance(record, DataRun | ZeroRun) and rx is not None:
                 rx.write(record)
