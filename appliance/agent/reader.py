@@ -15,14 +15,16 @@ Every point is one moment of the disks, where the kernel lets the reader prove i
 block layer's trace events (tracefs) report every write while the disks are read; the blocks written
 meanwhile are read again, pass after pass while that set shrinks; then every file system on the disks
 is frozen (FIFREEZE, by a watchdog process that thaws them whatever happens to the reader), the last
-written blocks are read, and the file systems are thawed. Where that cannot be done (no tracefs, a
-file instead of a block device, writes that outpace the copy), the point is a live read and says so.
+written blocks are read, and the file systems are thawed. Where the kernel cannot trace (no tracefs, a
+locked-down kernel), disks that are LVM volumes are read from LVM snapshots the reader makes and removes
+(`Snapshots`). Where neither can be done (a file instead of a block device, writes that outpace the
+copy), the point is a live read and says so.
 Disks are read with O_DIRECT: what is on the disk, never a stale page of the host's cache, and without
 evicting the server's own cache.
 
 Wire format (all integers little-endian). Appliance -> host, after the code itself:
   request     u32 length + JSON  {"disks": [{"path", "block_size"}], "pre_hook": [argv], "post_hook": [argv],
-              "consistency": "auto" | "live", "freeze_limit": seconds}
+              "consistency": "auto" | "lvm-snapshot" | "live", "freeze_limit": seconds}
   old hashes  per disk, after the host's hello, runs covering every block of the disk as it is now:
               u8 kind + u32 count; kind 1 (HASH) is followed by count x 16-byte hash prefixes;
               kind 0 (ZERO) and 2 (UNKNOWN) carry nothing
@@ -34,7 +36,8 @@ Host -> appliance, one record after another, each starting with a one-byte type:
   E u64 bytes read, 32-byte digest: end of the current disk's first (full) pass
   R u32 disk  a later pass over disk number `disk` (0-based, in the request's order): the D and Z
               records that follow, up to the next R, M or X record, are blocks of that disk read again
-  M u32+JSON  the moment: what the point is (frozen, one moment, or a live read) and how it was taken
+  M u32+JSON  the moment: what the point is (frozen, one moment, lvm-snapshot or a live read) and how it
+              was taken
   F u32+JSON  finished: what the post hook did
   X u32+JSON  fatal error: {"code", "message", ...}; nothing after it
 Each disk's first pass comes first, disks in order, each ended by its E record; then R passes, then M,
@@ -241,10 +244,32 @@ class Disk(object):
             os.lseek(self.direct_fd, offset, os.SEEK_SET)
             return os.readv(self.direct_fd, [view])
 
+    def read_from(self, path):
+        """Read `path` (a snapshot of this disk, of the same size) instead of the disk, until read_origin()."""
+        fd, size, kind = open_disk(path)
+        if size != self.size or kind != "block":
+            os.close(fd)
+            raise Fatal("disk-changed", "%s is %d bytes, its origin %s %d" % (path, size, self.path, self.size))
+        self.origin_fds = (self.fd, self.direct_fd)
+        self.fd, self.direct_fd = fd, _open_direct(path)
+        self.local = threading.local()
+
+    def read_origin(self):
+        origin = getattr(self, "origin_fds", None)
+        if origin is not None:
+            self._close_fds()
+            self.fd, self.direct_fd = origin
+            self.origin_fds = None
+
     def close(self):
+        self.read_origin()
+        self._close_fds()
+
+    def _close_fds(self):
         for fd in (self.fd, self.direct_fd):
             if fd is not None:
                 os.close(fd)
+        self.fd = self.direct_fd = None
 
 
 def _open_direct(path):
@@ -883,18 +908,22 @@ def swap_ranges(disks):
 
 
 # The watchdog: a process of its own (new session: an SSH hangup does not reach it) that freezes and thaws
-# the file systems for the reader. It thaws them when the reader asks, when the reader goes away (its
-# stdin ends: the reader exited or was killed with SIGKILL), when the SSH session goes away (the reader's
-# output, which it watches, is closed by sshd) and when the hard limit passes, whichever comes first: a
-# freeze never outlives its run. It imports everything before it is
-# asked to freeze, and touches no file system while one is frozen.
+# the file systems for the reader, and removes the LVM snapshots the reader made. It thaws them when the
+# reader asks, when the reader goes away (its stdin ends: the reader exited or was killed with SIGKILL),
+# when the SSH session goes away (the reader's output, which it watches, is closed by sshd) and when the
+# hard limit passes, whichever comes first: a freeze never outlives its run. When the reader goes away,
+# it also removes every snapshot the reader left (one left behind would fill up, or fill its thin pool,
+# and slow the server's writes). It imports everything before it is asked to freeze, and touches no file
+# system while one is frozen.
 WATCHDOG = r"""
-import errno, fcntl, json, os, select, signal, sys, time
+import errno, fcntl, json, os, select, signal, subprocess, sys, time
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 limit = float(sys.argv[1])
 paths = json.loads(sys.argv[2])
+lvm = sys.argv[4]
 fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in paths]
 frozen = []
+snapshots = []
 since = None
 expired = False
 def thaw():
@@ -903,9 +932,19 @@ def thaw():
             fcntl.ioctl(fds[frozen.pop()], FITHAW, 0)
         except OSError:
             pass
-def on_term(signum, frame):
+def drop_snapshots():
+    while snapshots:
+        try:
+            subprocess.run([lvm, "lvremove", "--force", "--yes", snapshots.pop()], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        except Exception:
+            pass
+def leave(code):
     thaw()
-    os._exit(1)
+    drop_snapshots()
+    os._exit(code)
+def on_term(signum, frame):
+    leave(1)
 signal.signal(signal.SIGTERM, on_term)
 signal.signal(signal.SIGINT, on_term)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -913,8 +952,7 @@ def say(obj):
     try:
         os.write(1, (json.dumps(obj) + "\n").encode())
     except OSError:
-        thaw()
-        os._exit(1)
+        leave(1)
 say({"ready": True})
 pending = b""
 watch = select.poll()
@@ -930,12 +968,10 @@ while True:
         since, expired = None, True
         continue
     if session in events:
-        thaw()
-        os._exit(0)
-    data = os.read(0, 64)
+        leave(0)
+    data = os.read(0, 4096)
     if not data:
-        thaw()
-        os._exit(0)
+        leave(0)
     pending += data
     while b"\n" in pending:
         line, pending = pending.split(b"\n", 1)
@@ -955,18 +991,26 @@ while True:
             thaw()
             since = None
             say({"held": held, "expired": expired})
+        elif line[:2] == b"S ":  # a snapshot the reader made: removed if the reader goes away
+            snapshots.append(line[2:].decode())
+            say({"kept": True})
+        elif line[:2] == b"U ":  # ... which the reader removed itself
+            name = line[2:].decode()
+            snapshots[:] = [s for s in snapshots if s != name]
+            say({"kept": False})
 """
 
 
-class Freezer(object):
-    """The reader's side of the watchdog: freeze() and thaw() through it, and nothing held if the reader dies."""
+class Watchdog(object):
+    """The reader's side of the watchdog: freeze() and thaw() through it, snapshots made known to it, and
+    nothing held or left behind if the reader dies."""
 
-    def __init__(self, mountpoints, limit, session_fd):
+    def __init__(self, mountpoints, limit, session_fd, lvm=""):
         self.limit = limit
         argv = [sys.executable or "python3", "-I", "-S", "-c", WATCHDOG, repr(float(limit)), json.dumps(mountpoints)]
         session = os.dup(session_fd)  # a number of its own: the watchdog's 0 and 1 are its pipes to the reader
         try:
-            self.proc = self._start(argv + [str(session)], session)
+            self.proc = self._start(argv + [str(session), lvm], session)
         finally:
             os.close(session)
         self.pending = b""
@@ -1017,6 +1061,14 @@ class Freezer(object):
         answer = self._ask(b"T\n", 30)
         return answer.get("held") or 0.0, bool(answer.get("expired"))
 
+    def keep(self, snapshot):
+        """The watchdog removes `snapshot` (vg/lv) if the reader goes away before it does."""
+        self._ask(b"S " + snapshot.encode() + b"\n", 30)
+
+    def forget(self, snapshot):
+        """The reader removed `snapshot` itself."""
+        self._ask(b"U " + snapshot.encode() + b"\n", 30)
+
     def close(self):
         """Thaw whatever is frozen and end the watchdog (its stdin closes)."""
         try:
@@ -1028,6 +1080,214 @@ class Freezer(object):
         except subprocess.TimeoutExpired:
             self.proc.terminate()  # SIGTERM: it thaws, then exits
             self.proc.wait()
+
+
+# -- LVM snapshots: the moment where the kernel cannot trace writes ----------------------------------------
+
+LVM = ("/usr/sbin/lvm", "/sbin/lvm", "/usr/bin/lvm")
+LVS_FIELDS = (
+    "vg_name,lv_name,lv_path,lv_attr,segtype,pool_lv,lv_kernel_major,lv_kernel_minor,lv_size,"
+    "lv_tags,vg_free_count,vg_extent_size,snap_percent,data_percent"
+)
+SNAPSHOT_TAG = "appliance-snapshot"
+SNAPSHOT_MARK = "-appliance-"  # a snapshot's name: <volume>-appliance-<pid of the reader that made it>
+SNAPSHOT_WATCH = 1.0  # seconds between two looks at a thick snapshot's fill level during the read
+LVM_TIMEOUT = 120
+
+
+def lvm_binary():
+    for path in LVM:
+        if os.access(path, os.X_OK):
+            return path
+    raise Unavailable("LVM is not installed (no lvm command)")
+
+
+def _lvm(lvm, args):
+    """lvm's stdout; :raises Unavailable: it failed (its last line of stderr says why)."""
+    env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1", LC_ALL="C")
+    try:
+        done = subprocess.run([lvm] + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, timeout=LVM_TIMEOUT)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise Unavailable("lvm %s did not finish in %d s" % (args[0], LVM_TIMEOUT))
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise Unavailable("lvm %s: %s" % (args[0], lines[-1].strip() if lines else "exit %d" % done.returncode))
+    return done.stdout.decode(errors="replace")
+
+
+def logical_volumes(lvm, names=()):
+    """[{field: value}] of every LVM volume on the host (or of `names`, vg/lv), sizes in bytes."""
+    out = _lvm(lvm, ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LVS_FIELDS] + list(names))
+    try:
+        return [lv for report in json.loads(out)["report"] for lv in report["lv"]]
+    except (ValueError, KeyError, TypeError):
+        raise Unavailable("lvm lvs answered something else than its JSON report")
+
+
+def _percent(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class Snapshot(object):
+    """One disk that is an LVM volume, and the snapshot of it the reader reads instead."""
+
+    def __init__(self, disk, lv):
+        self.disk = disk
+        self.origin = "%s/%s" % (lv["vg_name"], lv["lv_name"])
+        self.vg = lv["vg_name"]
+        self.thin = lv["segtype"] == "thin"
+        self.pool = "%s/%s" % (lv["vg_name"], lv["pool_lv"]) if self.thin else None
+        self.size = int(lv["lv_size"])
+        self.extent = int(lv["vg_extent_size"])
+        self.name = "%s%s%d" % (lv["lv_name"][:100], SNAPSHOT_MARK, os.getpid())
+        self.full_name = "%s/%s" % (self.vg, self.name)
+        self.made = False
+        self.fill = 0.0  # percent of a thick snapshot's space used, or of a thin snapshot's pool
+        self.overflowed = False
+
+    def describe(self):
+        if self.thin:
+            return "%s: thin snapshot, pool %s %.0f%% full" % (self.origin, self.pool, self.fill)
+        return "%s: thick snapshot, %.1f%% of its space used" % (self.origin, self.fill)
+
+
+class Snapshots(object):
+    """The reader's LVM snapshots of its disks: made in a moment, read instead of the disks, watched while
+    read (a thick one that fills up is invalid: the point is then discarded), and removed afterwards.
+
+    A thin volume's snapshot shares its pool: nothing to size. A thick one gets the volume group's free
+    extents, up to the volume's own size (then it can never fill up)."""
+
+    def __init__(self, disks):
+        self.lvm = lvm_binary()
+        volumes = dict(((int(lv["lv_kernel_major"] or -1), int(lv["lv_kernel_minor"] or -1)), lv)
+                       for lv in logical_volumes(self.lvm))  # fmt: skip
+        self.snapshots = []
+        for disk in disks:
+            if disk.kind != "block":
+                raise Unavailable("%s is an image file, not an LVM volume" % disk.path)
+            lv = volumes.get((os.major(disk.rdev), os.minor(disk.rdev)))
+            if lv is None:
+                raise Unavailable("%s is not an LVM volume" % disk.path)
+            if lv["lv_attr"][:1] in ("s", "S"):
+                raise Unavailable("%s is itself a thick LVM snapshot" % disk.path)
+            self.snapshots.append(Snapshot(disk, lv))
+        self.stop = threading.Event()
+        self.watcher = None
+
+    def take(self, watchdog):
+        """Make every snapshot (known to the watchdog first, so that none outlives the reader) and read the
+        disks from them. :raises Unavailable: one could not be made; none is left."""
+        _remove_stale_snapshots(self.lvm)
+        try:
+            for snap in self.snapshots:
+                self._make(snap, watchdog)
+            for snap in self.snapshots:
+                snap.disk.read_from(self._device(snap))
+        except (Unavailable, Fatal):
+            self.remove(watchdog)
+            raise
+
+    def _make(self, snap, watchdog):
+        args = ["lvcreate", "--snapshot", "--yes", "--name", snap.name, "--addtag", SNAPSHOT_TAG]
+        if snap.thin:
+            args += ["--setactivationskip", "n", "--activate", "y"]
+        else:
+            (lv,) = logical_volumes(self.lvm, [snap.origin])
+            free, wanted = int(lv["vg_free_count"]), snap.size // snap.extent + 2 + snap.size // snap.extent // 64
+            if free < 1:
+                raise Unavailable("volume group %s has no free extents for a snapshot of %s" % (snap.vg, snap.origin))
+            args += ["--extents", str(min(free, wanted))]
+        watchdog.keep(snap.full_name)
+        snap.made = True
+        _lvm(self.lvm, args + [snap.origin])
+
+    def _device(self, snap):
+        (lv,) = logical_volumes(self.lvm, [snap.full_name])
+        path = lv["lv_path"] or "/dev/%s" % snap.full_name
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):  # udev makes the node; without udev, lvm itself
+            if time.monotonic() > deadline:
+                raise Unavailable("the snapshot %s has no device node %s" % (snap.full_name, path))
+            time.sleep(0.1)
+        return path
+
+    def watch(self):
+        """Look at the fill levels while the disks are read, in a thread of its own."""
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _watch(self):
+        while not self.stop.wait(SNAPSHOT_WATCH):
+            try:
+                self.look()
+            except Unavailable:
+                pass
+
+    def look(self):
+        """Each snapshot's fill level now; a thick one that filled up is overflowed (and invalid)."""
+        names = [s.pool if s.thin else s.full_name for s in self.snapshots if s.made]
+        found = dict(("%s/%s" % (lv["vg_name"], lv["lv_name"]), lv) for lv in logical_volumes(self.lvm, names))
+        for snap in self.snapshots:
+            lv = found.get(snap.pool if snap.thin else snap.full_name)
+            if lv is None:
+                continue
+            if snap.thin:
+                snap.fill = max(snap.fill, _percent(lv["data_percent"]))
+            else:
+                snap.fill = max(snap.fill, _percent(lv["snap_percent"]))
+                snap.overflowed = snap.overflowed or lv["lv_attr"][4:5] == "I" or snap.fill >= 100.0
+
+    def overflowed(self):
+        """The snapshots that filled up during the read (their content is gone), after a last look."""
+        self.stop.set()
+        if self.watcher is not None:
+            self.watcher.join()
+        self.look()
+        return [s for s in self.snapshots if s.overflowed]
+
+    def remove(self, watchdog):
+        """Read the disks themselves again and remove every snapshot made (the watchdog forgets them)."""
+        self.stop.set()
+        for snap in self.snapshots:
+            snap.disk.read_origin()
+            if not snap.made:
+                continue
+            if _remove_snapshot(self.lvm, snap.full_name):
+                snap.made = False
+                watchdog.forget(snap.full_name)  # otherwise the watchdog tries again when the reader ends
+
+
+def _remove_snapshot(lvm, name, tries=5):
+    for attempt in range(tries):  # udev may still hold the new node for a moment
+        try:
+            _lvm(lvm, ["lvremove", "--force", "--yes", name])
+            return True
+        except Unavailable as exc:
+            if attempt == tries - 1:
+                sys.stderr.write("the snapshot %s was not removed: %s\n" % (name, exc))
+                return False
+            time.sleep(1)
+
+
+def _remove_stale_snapshots(lvm):
+    """Snapshots an earlier reader made and could not remove (its host crashed with it, say)."""
+    for lv in logical_volumes(lvm):
+        name = lv["lv_name"]
+        if SNAPSHOT_TAG not in lv["lv_tags"].split(",") or SNAPSHOT_MARK not in name:
+            continue
+        try:
+            os.kill(int(name.rsplit(SNAPSHOT_MARK, 1)[1]), 0)
+            continue  # its reader is alive: another run's
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue
+        _remove_snapshot(lvm, "%s/%s" % (lv["vg_name"], name), tries=1)
 
 
 def run_hook(argv, name):
@@ -1062,18 +1322,25 @@ class Hooks(object):
         self.pre_argv = request.get("pre_hook") or None
         self.post_argv = request.get("post_hook") or None
         self.armed = False
+        self.ran = False
+        self.result = None
 
     def pre(self):
+        """Once per point: a live read after a snapshot that could not be made does not quiesce twice."""
+        if self.ran:
+            return
+        self.ran = True
         result = run_hook(self.pre_argv, "pre")
         if result is not None and result["rc"] != 0:
             raise Fatal("pre-hook-failed", "pre hook exited %d: %s" % (result["rc"], result["output"].strip()[-300:]))
         self.armed = True
 
     def post(self):
-        if not self.armed:
-            return None
-        self.armed = False
-        return run_hook(self.post_argv, "post")
+        """Once, right after the moment where that is known (a snapshot made), else at the end; what it did."""
+        if self.armed:
+            self.armed = False
+            self.result = run_hook(self.post_argv, "post")
+        return self.result
 
 
 def _merge(into, more):
@@ -1157,13 +1424,20 @@ class Capture(object):
         self.tracer = None
         self.tracked = False
         self.missing = None
-        if self.request.get("consistency") == "live":
+        self.snapshots = None
+        mode = self.request.get("consistency")
+        if mode == "live":
             self.missing = "live reads were asked for"
-        else:
+        elif mode != "lvm-snapshot":
             try:
                 self.tracer = tracking.tracer_for(self.disks) if tracking else Tracer(self.disks)
             except Unavailable as exc:
                 self.missing = str(exc)
+        if self.tracer is None and mode != "live":  # the fallback, or what the host asked for
+            try:
+                self.snapshots = Snapshots(self.disks)
+            except Unavailable as exc:
+                self.missing = "; ".join(filter(None, [self.missing, "no LVM snapshot: %s" % exc]))
         self.untracked = ""
         if tracking is not None and self.tracer is not None:
             self.tracked, self.untracked = tracking.tracks(self.request.get("track_from"))
@@ -1174,6 +1448,8 @@ class Capture(object):
         return self.tracked
 
     def run(self):
+        if self.snapshots is not None:
+            return self._from_snapshots(self.snapshots)
         if self.tracer is None:
             return self._live(self.missing)
         try:
@@ -1181,7 +1457,7 @@ class Capture(object):
         finally:
             if self.tracking is None:
                 self.tracer.close()
-        if self.tracking is not None and moment["kind"] != "live":
+        if self.tracking is not None and moment["kind"] in ("frozen", "moment"):
             moment["token"] = self.tracking.remember(self.lost_base)
         return moment
 
@@ -1197,6 +1473,48 @@ class Capture(object):
         self.hooks.pre()  # around the whole read: the user's only way to make a live read consistent
         self._first_pass()
         return self._record("live", missing=missing)
+
+    def _from_snapshots(self, snapshots):
+        """The pre hook, a snapshot of every disk (LVM suspends each volume for it: its file system is
+        flushed and frozen that long), the post hook, then the first pass from the snapshots. A thick
+        snapshot that filled up during the read lost its content: the point is discarded, never sent as
+        a moment. A snapshot that cannot be made makes the point a live read."""
+        self.hooks.pre()
+        watchdog = Watchdog([], float(self.request.get("freeze_limit") or FREEZE_LIMIT), self.out.fd, snapshots.lvm)
+        try:
+            started = time.monotonic()
+            try:
+                snapshots.take(watchdog)
+            except Unavailable as exc:
+                return self._live("no LVM snapshot: %s" % exc)
+            made = time.monotonic() - started
+            self._timed("snapshot", started)
+            self.hooks.post()
+            snapshots.watch()
+            started = time.monotonic()
+            try:
+                self._first_pass()
+            except Fatal:
+                self._refuse_overflowed(snapshots)
+                raise
+            self._timed("first_pass", started)
+            self._refuse_overflowed(snapshots)
+            return self._record("lvm-snapshot", seconds=round(made, 3),
+                                snapshots=[s.describe() for s in snapshots.snapshots])  # fmt: skip
+        finally:
+            snapshots.remove(watchdog)
+            watchdog.close()
+
+    @staticmethod
+    def _refuse_overflowed(snapshots):
+        full = snapshots.overflowed()
+        if full:
+            raise Fatal(
+                "snapshot-overflow",
+                "the LVM snapshot of %s filled up during the read (writes outgrew the volume group's free space);"
+                " the point was discarded" % ", ".join(s.origin for s in full),
+                volumes=[s.origin for s in full],
+            )
 
     def _record(self, kind, **extra):
         record = {
@@ -1251,7 +1569,7 @@ class Capture(object):
             return self._record("live", missing="trace events were lost (the kernel's trace buffer overflowed)")
         self.hooks.pre()  # the application's own quiescing, just before the freeze
         limit = float(self.request.get("freeze_limit") or FREEZE_LIMIT)
-        freezer = Freezer(freezable, limit, self.out.fd) if freezable else None
+        freezer = Watchdog(freezable, limit, self.out.fd) if freezable else None
         try:
             started = time.monotonic()
             os.sync()  # what the file systems hold in memory goes to disk now, not during the freeze
@@ -1358,21 +1676,40 @@ def consistency_plan(request):
         disks = [Disk(i, d["path"], int(d["block_size"])) for i, d in enumerate(request["disks"])]
     except Fatal as exc:
         return "live", str(exc)
+    mode = request.get("consistency")
     try:
-        try:
-            Tracer(disks).close()
-        except Unavailable as exc:
-            return "live", str(exc)
-        mounts = [m for m in filesystems_on(disks) if not m[3]]
-        stuck = ["%s (%s)" % (m[0], m[1]) for m in mounts if m[1] in NOT_FREEZABLE]
-        if not mounts:
-            return "moment", "no file system on the disks is mounted read-write here"
-        if stuck:
-            return "moment", "cannot be frozen: %s" % ", ".join(stuck)
-        return "frozen", "frozen: %s" % ", ".join(m[0] for m in mounts)
+        if mode == "live":
+            return "live", "live reads were asked for"
+        untraced = ""
+        if mode != "lvm-snapshot":
+            try:
+                Tracer(disks).close()
+                return _traced_plan(disks)
+            except Unavailable as exc:
+                untraced = str(exc)
+        return _snapshot_plan(disks, untraced)
     finally:
         for d in disks:
             d.close()
+
+
+def _traced_plan(disks):
+    mounts = [m for m in filesystems_on(disks) if not m[3]]
+    stuck = ["%s (%s)" % (m[0], m[1]) for m in mounts if m[1] in NOT_FREEZABLE]
+    if not mounts:
+        return "moment", "no file system on the disks is mounted read-write here"
+    if stuck:
+        return "moment", "cannot be frozen: %s" % ", ".join(stuck)
+    return "frozen", "frozen: %s" % ", ".join(m[0] for m in mounts)
+
+
+def _snapshot_plan(disks, untraced):
+    try:
+        snapshots = Snapshots(disks).snapshots
+    except Unavailable as exc:
+        return "live", "; ".join(filter(None, [untraced, "no LVM snapshot: %s" % exc]))
+    kinds = ["%s (%s)" % (s.origin, "thin" if s.thin else "thick") for s in snapshots]
+    return "lvm-snapshot", "LVM snapshots of %s" % ", ".join(kinds) + (" (%s)" % untraced if untraced else "")
 
 
 def probe(request, out):
@@ -1427,9 +1764,10 @@ def take_point(request, out, stdin, tracking):
         out.send(_json_record(b"M", moment))
         out.send(_json_record(b"F", {"post_hook": hooks.post()}))
     finally:
-        result = hooks.post()
-        if result and result["rc"] != 0:
-            sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
+        if hooks.armed:  # the point ended early: undo the pre hook all the same
+            result = hooks.post()
+            if result and result["rc"] != 0:
+                sys.stderr.write("post hook exited %d: %s\n" % (result["rc"], result["output"]))
         pool.shutdown(wait=False)
         for d in disks:
             d.close()

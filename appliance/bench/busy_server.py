@@ -5,7 +5,8 @@ One boot of the server (appliance.lab.server, under TCG here), one chain; after 
 method takes its points in turn: a live read (the old default), a live read between `fsfreeze -f /` and
 `fsfreeze -u /` hooks (what users did to get a consistent point), the frozen moment (the default now),
 and the change-tracked incremental of a kept reader (the daemon's way; its first point, a full read by a
-new reader, is not counted). Every point is then checked as a restore would check it.
+new reader, is not counted). A second boot puts the workload on an LVM thin volume and measures the LVM
+snapshot method there next to the frozen moment. Every point is then checked as a restore would check it.
 """
 
 from __future__ import annotations
@@ -35,14 +36,36 @@ class Method:
     tracked: bool = False
 
 
+_LIVE = Method("live read (old default)", ("--consistency", "live", "--pre-hook", "", "--post-hook", ""))
+_FROZEN = Method("frozen moment (default)", ("--consistency", "auto", "--pre-hook", "", "--post-hook", ""))
 METHODS = (
-    Method("live read (old default)", ("--consistency", "live", "--pre-hook", "", "--post-hook", "")),
+    _LIVE,
     Method(
         "fsfreeze for the whole read",
         ("--consistency", "live", "--pre-hook", "fsfreeze -f /", "--post-hook", "fsfreeze -u /"),
     ),  # fmt: skip
-    Method("frozen moment (default)", ("--consistency", "auto", "--pre-hook", "", "--post-hook", "")),
+    _FROZEN,
     Method("change-tracked incremental", ("--consistency", "auto", "--pre-hook", "", "--post-hook", ""), True),
+)
+LVM_METHODS = (
+    _LIVE,
+    _FROZEN,
+    Method("LVM snapshot (thin)", ("--consistency", "lvm-snapshot", "--pre-hook", "", "--post-hook", "")),
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One boot of the server: where its workload writes, and the methods measured on that disk."""
+
+    title: str
+    data_volume: str | None  # None: the root disk; thin or thick: an LVM volume of a second disk
+    methods: tuple[Method, ...]
+
+
+SECTIONS = (
+    Section("the server's whole disk (/dev/vda, 2 GiB, the workload on its root file system)", None, METHODS),
+    Section("an LVM thin volume (busyvg/thin, 256 MiB, the workload's file system)", "thin", LVM_METHODS),
 )
 
 
@@ -55,10 +78,16 @@ class Taken:
 
 def run(work: Path) -> None:
     image = build_server_image(work / "server.img")
-    home = Home(work / "busy-home")
+    for number, section in enumerate(SECTIONS):
+        home = Home(work / f"busy-home-{number}")
+        taken = _section(image, work, home, section)
+        _report(home, work, section, taken)
+
+
+def _section(image: Path, work: Path, home: Home, section: Section) -> list[Taken]:
     cli = [sys.executable, "-m", "appliance", "--home", str(home.root)]
     taken: list[Taken] = []
-    with BusyServer(work / "vm", image) as server:
+    with BusyServer(work / "vm", image, data_volume=section.data_volume) as server:
         print(f"\nbusy server: Debian 12 under TCG, sshd up in {server.boot_seconds:.0f} s; disk {server.disk}")
         subprocess.run(
             [*cli, "host", "add", HOST, "--address", server.address, "--port", str(server.ssh_port),
@@ -68,10 +97,10 @@ def run(work: Path) -> None:
         )  # fmt: skip
         tools = bootstrap.tools(home)
         back_up(home, tools, HOST)  # the first point: every method below is an incremental
-        for method in METHODS:
+        for method in section.methods:
             subprocess.run([*cli, "host", "set", HOST, *method.settings], check=True, capture_output=True)
             taken += _points(home, tools, server, method)
-    _report(home, work, taken)
+    return taken
 
 
 def _points(home: Home, tools: Tools, server: BusyServer, method: Method) -> list[Taken]:
@@ -91,9 +120,10 @@ def _points(home: Home, tools: Tools, server: BusyServer, method: Method) -> lis
             readers.close()
 
 
-def _report(home: Home, work: Path, taken: list[Taken]) -> None:
-    print(f"\n    {'method':30} {'s/point':>8} {'read on host':>13} {'wire':>10} {'longest stall':>14}  restored clean")
-    for method in METHODS:
+def _report(home: Home, work: Path, section: Section, taken: list[Taken]) -> None:
+    print(f"\n    {section.title}")
+    print(f"    {'method':30} {'s/point':>8} {'read on host':>13} {'wire':>10} {'longest stall':>14}  restored clean")
+    for method in section.methods:
         mine = [t for t in taken if t.method == method.name]
         checks = [check_point(home.chain_dir(HOST) / t.point.disks[0].file, work / "scratch") for t in mine]
         seconds = sum(t.point.seconds for t in mine) / len(mine)

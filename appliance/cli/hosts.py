@@ -117,6 +117,7 @@ def add(
 _METHODS = {
     "frozen": "one moment, file systems frozen for the last copy",
     "moment": "one moment, crash-consistent",
+    "lvm-snapshot": "one moment, read from LVM snapshots",
     "live": "live reads, NOT consistent",
 }
 
@@ -145,7 +146,11 @@ def set_(
     ] = None,
     consistency: Annotated[
         str | None,
-        typer.Option("--consistency", help="auto: one moment where the host allows it [default]; live: plain reads"),
+        typer.Option(
+            "--consistency",
+            help="auto: one moment where the host allows it (traced freeze, else LVM snapshots) [default];"
+            " lvm-snapshot: read LVM snapshots of disks that are LVM volumes; live: plain reads",
+        ),
     ] = None,
     freeze_limit: Annotated[
         float | None, typer.Option("--freeze-limit", help="Seconds a freeze may last at most [default: 10]")

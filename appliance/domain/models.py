@@ -76,12 +76,14 @@ class Host:
         return f"{self.user}@{self.address}" + ("" if self.port == 22 else f":{self.port}")
 
 
-CONSISTENCY_MODES = ("auto", "live")
+CONSISTENCY_MODES = ("auto", "lvm-snapshot", "live")
 
 
 def validate_consistency(mode: str) -> str:
     if mode not in CONSISTENCY_MODES:
-        raise ConfigError(f"invalid consistency {mode!r}: use auto (one moment where the host allows it) or live")
+        raise ConfigError(
+            f"invalid consistency {mode!r}: use auto (one moment where the host allows it), lvm-snapshot or live"
+        )
     return mode
 
 

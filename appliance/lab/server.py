@@ -37,6 +37,8 @@ log = get_logger(__name__)
 
 RECIPE = Path(__file__).resolve().parents[2] / "images" / "server" / "build.sh"
 DISK = "/dev/vda"  # the server's disk as it sees it (virtio), what `host add --disk` names
+DATA_VOLUMES = ("thin", "thick")  # LVM volumes busy-lvm can put the workload's data on (busyvg/<name>)
+DATA_DISK_SIZE = 1 << 30  # the blank second disk that holds busyvg
 USER = "root"
 # The workload's data set and its formats, as images/server/busy writes them.
 DATA = Path("var/lib/busy")
@@ -127,14 +129,27 @@ class BusyServer:
     """
 
     def __init__(
-        self, workdir: Path, image: Path, *, memory_mib: int = 1024, cpus: int = 2, boot_timeout: float = _BOOT_TIMEOUT
+        self,
+        workdir: Path,
+        image: Path,
+        *,
+        memory_mib: int = 1024,
+        cpus: int = 2,
+        boot_timeout: float = _BOOT_TIMEOUT,
+        data_volume: str | None = None,
     ) -> None:
+        """`data_volume` (thin or thick): the workload writes to that LVM volume of a second disk, which is
+        then the server's `disk`, instead of to its root file system."""
+        if data_volume is not None and data_volume not in DATA_VOLUMES:
+            raise LabError(f"no data volume {data_volume!r}: use one of {', '.join(DATA_VOLUMES)}")
+        self.data_volume = data_volume
         self.workdir = workdir
         self.image = image.resolve()
         self.memory_mib = memory_mib
         self.cpus = cpus
         self.boot_timeout = boot_timeout
         self.disk_image = workdir / "disk.qcow2"
+        self.data_image = workdir / "data.qcow2"
         self.console_log = workdir / "console.log"
         self.qemu_log = workdir / "qemu.log"
         self.key_file = workdir / "id_ed25519"
@@ -152,7 +167,8 @@ class BusyServer:
 
     @property
     def disk(self) -> str:
-        return DISK
+        """The disk that holds the workload's data, as the server names it."""
+        return f"/dev/busyvg/{self.data_volume}" if self.data_volume else DISK
 
     @property
     def host_key_fingerprint(self) -> str:
@@ -191,6 +207,9 @@ class BusyServer:
         self.disk_image.unlink(missing_ok=True)
         # An overlay: the built image stays as built, and a boot costs no copy of its 2 GiB.
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.image, self.disk_image])
+        self.data_image.unlink(missing_ok=True)
+        if self.data_volume:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", self.data_image, str(DATA_DISK_SIZE)])
 
     def _boot(self) -> None:
         """Start QEMU on a free port; a port taken between choosing and binding it costs one more try."""
@@ -214,6 +233,9 @@ class BusyServer:
             "-fw_cfg", f"name=opt/busy/authorized_keys,file={self.key_file.with_suffix('.pub')}",
             "-display", "none", "-monitor", "none", "-serial", f"file:{self.console_log}",
         ]  # fmt: skip
+        if self.data_volume:  # busy-lvm makes busyvg on it and mounts this volume for the workload
+            argv += ["-drive", f"file={self.data_image},format=qcow2,if=virtio",
+                     "-fw_cfg", f"name=opt/busy/data,string={self.data_volume}"]  # fmt: skip
         with open(self.qemu_log, "wb") as qemu_log:
             self._qemu = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
@@ -245,16 +267,24 @@ class BusyServer:
 
         :raises LabError: ssh failed or the command exited non-zero.
         """
-        command = [
+        try:
+            return run(self._ssh_argv(argv), timeout=timeout)
+        except CommandFailed as exc:
+            raise LabError(f"on the busy server, {shlex.join(argv)}: {exc.last_line}") from exc
+
+    def ssh_popen(self, *argv: str) -> subprocess.Popen[bytes]:
+        """Start argv on the server as root and return at once (its output discarded)."""
+        return subprocess.Popen(
+            self._ssh_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def _ssh_argv(self, argv: tuple[str, ...]) -> list[str]:
+        return [
             "ssh", "-i", str(self.key_file), "-p", str(self.ssh_port),
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
             self.address, shlex.join(argv),
         ]  # fmt: skip
-        try:
-            return run(command, timeout=timeout)
-        except CommandFailed as exc:
-            raise LabError(f"on the busy server, {shlex.join(argv)}: {exc.last_line}") from exc
 
     def stats(self, timeout: float = 60.0) -> WorkloadStats:
         """The workload's counters now. :raises LabError: the server does not answer."""
@@ -339,17 +369,29 @@ def _convert(image: Path, raw: Path) -> None:
 
 
 def _check_raw(raw: Path, scratch: Path) -> tuple[list[str], int, int]:
-    offset, size = _first_partition(raw)
+    """The server's whole disk (its first partition, the workload under /var/lib/busy), or one of its data
+    volumes (a file system of its own, mounted on /var/lib/busy)."""
+    if _is_ext4(raw):
+        offset, size, data = 0, raw.stat().st_size, Path()
+    else:
+        (offset, size), data = _first_partition(raw), DATA
     with disks.partition_loop(raw, offset, size) as device:
         problems = _replay_journal(device) + _fsck(device)
         mountpoint = scratch / "mnt"
         try:
             with _mounted(device, mountpoint):
-                db_problems, rows = _check_database(mountpoint / DATA / "db", scratch / "db")
-                file_problems, files = _check_files(mountpoint / DATA / "files")
+                db_problems, rows = _check_database(mountpoint / data / "db", scratch / "db")
+                file_problems, files = _check_files(mountpoint / data / "files")
         except _MountFailed as exc:
             return [*problems, f"mount -o ro: {exc}"], 0, 0
     return problems + db_problems + file_problems, rows, files
+
+
+def _is_ext4(raw: Path) -> bool:
+    """Whether the image starts with an ext2/3/4 superblock (magic 0xEF53 at byte 1080)."""
+    with open(raw, "rb") as f:
+        f.seek(1080)
+        return f.read(2) == b"\x53\xef"
 
 
 def _first_partition(raw: Path) -> tuple[int, int]:

@@ -239,7 +239,8 @@ class _Capture:
         elif moment.detail:
             log.warning("backup.not_all_frozen", host=self.host.name, detail=moment.detail)
         log.info("backup.moment", host=self.host.name, kind=moment.kind, frozen_seconds=moment.seconds,
-                 passes=moment.passes, reread=sum(moment.reread), timings=moment.timings)  # fmt: skip
+                 passes=moment.passes, reread=sum(moment.reread), timings=moment.timings,
+                 snapshots=list(moment.snapshots) or None)  # fmt: skip
         return Consistency(kind=moment.kind, seconds=moment.seconds, detail=moment.detail, passes=moment.passes)
 
     def _exchange(self, stream: RemoteStream, started: float, track_from: str | None) -> list[DiskPoint]:
@@ -575,6 +576,9 @@ def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:
     if failure.code.startswith("disk-") or failure.code == "read-error":
         hint = f"check the disk paths with `appliance host show {host}` and on the host itself"
         return DiskAccessError(f"{host}: {failure.message}", hint=hint)
+    if failure.code == "snapshot-overflow":
+        hint = "give the volume group more free extents (vgextend), or move the volume to a thin pool"
+        return RemoteCommandError(f"{host}: {failure.message}; nothing was recorded", hint=hint)
     return RemoteCommandError(f"{host}: {failure.message}")
 
 

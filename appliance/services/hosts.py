@@ -160,7 +160,8 @@ def probe(tools: Tools, host: Host) -> protocol.Hello:
     """
     with tools.remote.connect(host) as session:
         stream = start_reader(session, host)
-        stream.write(protocol.encode_request([(d, host.block_size) for d in host.disks], probe=True))
+        disks = [(d, host.block_size) for d in host.disks]
+        stream.write(protocol.encode_request(disks, probe=True, consistency=host.consistency))
         records = protocol.RecordReader(stream.recv_some)
         try:
             hello = records.next()

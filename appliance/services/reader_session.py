@@ -42,6 +42,8 @@ def ended_early(host: Host, stream: RemoteStream, starting: bool) -> ApplianceEr
         )
     if starting and status > 0:
         return RemoteCommandError(f"the reader failed to start on {host.name} (exit {status}): {last}")
+    if status > 0 and last:  # it ended on its own, and said why (a crash's last line, say)
+        return ConnectionLostError(f"the reader on {host.name} stopped during the transfer (exit {status}): {last}")
     return ConnectionLostError(f"the connection to {host.name} broke during the transfer")
 
 

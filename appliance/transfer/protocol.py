@@ -79,7 +79,8 @@ class Repass:
 
 @dataclass(frozen=True, slots=True)
 class Moment:
-    """What the reader made of the point: `kind` is frozen, moment or live (see domain.models.Consistency)."""
+    """What the reader made of the point: `kind` is frozen, moment, lvm-snapshot or live (see
+    domain.models.Consistency)."""
 
     kind: str
     seconds: float
@@ -88,6 +89,7 @@ class Moment:
     detail: str
     token: str = ""  # a reader that stays: names this point as the base of the next, tracked one
     timings: dict[str, float] | None = None  # seconds per phase on the host (first pass, passes, sync, freeze)
+    snapshots: tuple[str, ...] = ()  # lvm-snapshot: each snapshot's kind and how full it got during the read
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,7 @@ class RemoteFailure:
 
 Record = Hello | DataRun | ZeroRun | Progress | DiskEnd | Repass | Moment | Finished | RemoteFailure
 
-MOMENT_KINDS = ("frozen", "moment", "live")
+MOMENT_KINDS = ("frozen", "moment", "lvm-snapshot", "live")
 
 
 def encode_request(
@@ -416,7 +418,9 @@ def _moment(obj: dict[str, Any], disks: int) -> Moment:
     if not isinstance(timings, dict):
         timings = {}
     phases = {printable(str(k), 20): float(v) for k, v in list(timings.items())[:8] if type(v) in (int, float)}
-    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj), token, phases)
+    snapshots = obj.get("snapshots")
+    said = tuple(printable(str(s), 200) for s in snapshots[:16]) if isinstance(snapshots, list) else ()
+    return Moment(kind, float(seconds), passes, tuple(reread), _moment_detail(obj), token, phases, said)
 
 
 def _moment_detail(obj: dict[str, Any]) -> str:

@@ -27,8 +27,10 @@ label=busyroot
 mbr_bin=/usr/lib/syslinux/mbr/mbr.bin
 part_start=$((1 << 20))
 # minbase brings dpkg, apt, coreutils, util-linux (fsfreeze) and dash; the rest is what a server needs to
-# boot (kernel, initramfs, systemd, udev for module loading and LABEL=) and to be backed up (sshd, python3).
-packages=(systemd systemd-sysv udev kmod openssh-server python3 e2fsprogs initramfs-tools linux-image-amd64)
+# boot (kernel, initramfs, systemd, udev for module loading and LABEL=) and to be backed up (sshd, python3),
+# and LVM with thin pools for the data volumes of busy-lvm.
+packages=(systemd systemd-sysv udev kmod openssh-server python3 e2fsprogs initramfs-tools linux-image-amd64
+	lvm2 thin-provisioning-tools)
 # The initramfs holds only the root disk's drivers (virtio, SATA, IDE) and ext4: a third of the default
 # `MODULES=most`, built and unpacked faster under TCG.
 initramfs_modules=(virtio_pci virtio_blk ahci ata_piix sd_mod ext4 crc32c_generic)
@@ -148,9 +150,11 @@ ssh-keygen -q -t ed25519 -N "" -C "root@busy" -f "$root/etc/ssh/ssh_host_ed25519
 install -m 755 "$here/busy" "$root/usr/local/bin/busy"
 ln -s busy "$root/usr/local/bin/busy-writer"
 ln -s busy "$root/usr/local/bin/busy-stats"
-install -m 755 "$here/busy-keys" "$root/usr/local/sbin/busy-keys"
-install -m 644 "$here/busy-writer.service" "$here/busy-keys.service" "$root/etc/systemd/system/"
-chroot "$root" systemctl enable -q systemd-networkd.service ssh.service busy-keys.service busy-writer.service
+install -m 755 "$here/busy-keys" "$here/busy-lvm" "$root/usr/local/sbin/"
+install -m 644 "$here/busy-writer.service" "$here/busy-keys.service" "$here/busy-lvm.service" \
+	"$root/etc/systemd/system/"
+chroot "$root" systemctl enable -q systemd-networkd.service ssh.service busy-keys.service busy-lvm.service \
+	busy-writer.service
 chroot "$root" systemctl mask -q "${masked[@]}"
 chroot "$root" /usr/local/bin/busy-writer init
 

@@ -25,7 +25,7 @@ from appliance.lab.server import BusyServer, PointCheck, WorkloadStats, build_se
 from appliance.services.backup import back_up
 from appliance.services.reader_pool import ReaderPool
 from appliance.store.layout import Home
-from tests.conftest import points_json, run_cli
+from tests.conftest import points_json, run_cli, start_cli
 
 HOST = "busy"
 POINTS = 3
@@ -38,6 +38,8 @@ class Method:
     add_options: tuple[str, ...]  # added to `appliance host add`
     set_options: tuple[str, ...]  # then `appliance host set busy ...`, if any
     must_be_clean: bool  # False: damage is possible; it is reported, not failed
+    data_volume: str | None = None  # the workload on that LVM volume (BusyServer), which is then the disk
+    kind: str | None = None  # what every point must say it is (its consistency kind), if anything
 
 
 _HOOKS = ("--pre-hook", "fsfreeze -f /", "--post-hook", "fsfreeze -u /")
@@ -48,7 +50,10 @@ METHODS = {
     # Plain reads between the user's hooks: the root file system frozen for the whole read.
     "fsfreeze-hooks": Method(_HOOKS, ("--consistency", "live"), must_be_clean=True),
     # The default: one frozen moment, the file systems frozen only for the last copy.
-    "auto": Method((), (), must_be_clean=True),
+    "auto": Method((), (), must_be_clean=True, kind="frozen"),
+    # Where the kernel cannot trace writes: LVM snapshots of the volume the workload writes to.
+    "lvm-thin": Method((), ("--consistency", "lvm-snapshot"), True, data_volume="thin", kind="lvm-snapshot"),
+    "lvm-thick": Method((), ("--consistency", "lvm-snapshot"), True, data_volume="thick", kind="lvm-snapshot"),
 }
 
 
@@ -81,24 +86,39 @@ def test_points_of_a_busy_server_restore_clean(method_name: str, server_image: P
     method = METHODS[method_name]
     home = tmp_path / "home"
     home.mkdir()
-    with BusyServer(tmp_path / "vm", server_image) as server:
+    with BusyServer(tmp_path / "vm", server_image, data_volume=method.data_volume) as server:
         boot, ready = server.boot_seconds, server.ready_seconds
         print(f"\n[{method_name}] boot: sshd after {boot:.1f} s, workload writing after {ready:.1f} s")
-        r = run_cli(home, *_host_add(server, method))
-        assert r.rc == 0, r.err
-        if method.set_options:
-            r = run_cli(home, "host", "set", HOST, *method.set_options)
-            assert r.rc == 0, r.err
+        _added(home, server, method)
         backups = [_back_up(home, server) for _ in range(POINTS)]
         assert server.stats().running, "the workload must still be writing after the backups"
+        if method.data_volume:
+            assert _snapshots_left(server) == [], "every snapshot the reader made must be gone"
     checks = [check_point(image, tmp_path / "scratch") for image in _point_files(home)]
     assert len(checks) == POINTS
     _report(method_name, backups, checks)
+    kinds = [p["consistency"]["kind"] for p in points_json(home, HOST)]  # type: ignore[index]
+    assert method.kind is None or kinds == [method.kind] * POINTS, kinds
     for check in checks:  # "clean" means every file and row was there to check
         assert check.files > 0 or not check.clean, f"{check.image.name}: clean, but no workload file was checked"
     if method.must_be_clean:
         damaged = [f"{c.image.name}: {'; '.join(c.problems)}" for c in checks if not c.clean]
         assert not damaged, f"{method_name}: every point must restore clean:\n" + "\n".join(damaged)
+
+
+def _added(home: Path, server: BusyServer, method: Method) -> None:
+    if method.data_volume:  # busy-lvm mounted the volume for the workload: not the root file system
+        assert server.ssh("findmnt", "-n", "-o", "SOURCE", "/var/lib/busy").strip().endswith(method.data_volume)
+    r = run_cli(home, *_host_add(server, method))
+    assert r.rc == 0, r.err
+    if method.set_options:
+        r = run_cli(home, "host", "set", HOST, *method.set_options)
+        assert r.rc == 0, r.err
+
+
+def _snapshots_left(server: BusyServer) -> list[str]:
+    names = server.ssh("lvs", "--noheadings", "-o", "lv_name", "busyvg").split()
+    return [n for n in names if "appliance" in n]
 
 
 def _host_add(server: BusyServer, method: Method) -> list[str]:
@@ -173,3 +193,58 @@ def test_change_tracked_points_of_a_busy_server_restore_clean(server_image: Path
     checks = [check_point(image, tmp_path / "scratch") for image in _point_files(home)]
     damaged = [f"{c.image.name}: {'; '.join(c.problems)}" for c in checks if not c.clean]
     assert not damaged, "every change-tracked point must restore clean:\n" + "\n".join(damaged)
+
+
+_MORE_WRITES = (
+    "for i in $(seq 0 59); do dd if=/dev/urandom of=/var/lib/busy/filler bs=1M count=2 seek=$((i % 40 * 2))"
+    " conv=notrunc oflag=direct status=none; sleep 0.5; done; rm -f /var/lib/busy/filler"
+)
+
+
+@pytest.mark.heavy
+def test_a_thick_snapshot_that_fills_up_discards_the_point(server_image: Path, tmp_path: Path) -> None:
+    """A thick snapshot gets the volume group's free extents; when the writes during the read outgrow them,
+    the snapshot is invalid and so would the point be: the backup fails, records nothing, leaves no
+    snapshot, and the next one (with room again) is a clean lvm-snapshot point. A reader killed with
+    SIGKILL while it reads its snapshot leaves none either: its watchdog removes it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    method = METHODS["lvm-thick"]
+    with BusyServer(tmp_path / "vm", server_image, data_volume="thick") as server:
+        _added(home, server, method)
+        _back_up(home, server)
+        free = int(server.ssh("vgs", "--noheadings", "-o", "vg_free_count", "busyvg"))
+        server.ssh("lvcreate", "-q", "-y", "-n", "filler", "-l", str(free - 1), "busyvg")  # one 4 MiB extent left
+        # The workload writes ~3 MiB/s; 4 MiB a second more, to new blocks, for a minute: the snapshot's
+        # room is gone long before its read ends.
+        writer = server.ssh_popen("sh", "-c", _MORE_WRITES)
+        r = run_cli(home, "backup", HOST, timeout=3600)
+        writer.wait(timeout=600)
+        assert r.rc != 0 and "filled up during the read" in r.err and "nothing was recorded" in r.err, r.err
+        assert len(points_json(home, HOST)) == 1
+        assert _snapshots_left(server) == []
+        server.ssh("lvremove", "-q", "-y", "busyvg/filler")
+        _back_up(home, server)
+        assert _snapshots_left(server) == []
+        _a_killed_reader_leaves_no_snapshot(home, server)
+    points = points_json(home, HOST)
+    assert [p["consistency"]["kind"] for p in points] == ["lvm-snapshot"] * 2  # type: ignore[index]
+    check = check_point(_point_files(home)[-1], tmp_path / "scratch")
+    assert check.clean, check.problems
+
+
+def _a_killed_reader_leaves_no_snapshot(home: Path, server: BusyServer) -> None:
+    backup = start_cli(home, "backup", HOST)
+    try:
+        deadline = time.monotonic() + 120
+        while not _snapshots_left(server):
+            assert backup.poll() is None and time.monotonic() < deadline, "the backup made no snapshot"
+            time.sleep(0.2)
+        server.ssh("pkill", "-KILL", "-f", "appliance-reade[r]")  # the pattern does not match itself
+        deadline = time.monotonic() + 60
+        while _snapshots_left(server):
+            assert time.monotonic() < deadline, "the snapshot outlived its reader by a minute"
+            time.sleep(0.5)
+    finally:
+        backup.kill()
+        backup.communicate()

@@ -12,6 +12,9 @@ from appliance.errors import HypervisorError
 
 class _VanishingDomain:
     def isActive(self) -> bool:  # noqa: N802 - libvirt's name
+        # libvirtError takes its message from the thread's last libvirt error, if any: start from none, as
+        # an earlier test's failed connection would otherwise speak instead.
+        libvirt.virResetLastError()
         raise libvirt.libvirtError("End of file while reading data: Input/output error")
 
 

@@ -204,6 +204,16 @@ def test_later_passes_may_send_a_block_again_each_in_order() -> None:
     assert kinds == ["DataRun", "DiskEnd", "Repass", "DataRun", "DataRun", "Repass", "DataRun", "Moment"]
 
 
+def test_a_point_read_from_lvm_snapshots_says_how_full_they_got() -> None:
+    said = ["vg0/data: thick snapshot, 12.5% of its space used", "x\n" * 300]
+    moment = _json_record(b"M", {"kind": "lvm-snapshot", "seconds": 1.9, "reread": [0], "snapshots": said})
+    records = _decoding(_END + moment)
+    records.next()
+    record = records.next()
+    assert isinstance(record, protocol.Moment) and record.kind == "lvm-snapshot"
+    assert record.snapshots[0] == said[0] and len(record.snapshots[1]) == 200 and "\n" not in record.snapshots[1]
+
+
 @pytest.mark.parametrize(
     ("stream", "needle"),
     [

@@ -149,3 +149,13 @@ def test_a_second_job_on_the_host_is_refused_while_a_backup_holds_it(lab: Lab) -
     assert refused and all("backup (pid" in str(exc) for exc in refused)
     assert lab.chain().ids() == {point.id}  # the refused jobs touched nothing of it
     assert lab.content(point) == lab.disk.read_bytes()
+
+
+def test_a_snapshot_that_filled_up_is_named_with_what_to_do() -> None:
+    from appliance.services.backup import _remote_failure
+    from appliance.transfer.protocol import RemoteFailure
+
+    message = "the LVM snapshot of vg0/data filled up during the read (...); the point was discarded"
+    error = _remote_failure("web1", RemoteFailure("snapshot-overflow", message, {}))
+    assert str(error) == f"web1: {message}; nothing was recorded"
+    assert error.hint is not None and "free extents" in error.hint
