@@ -25,6 +25,7 @@ from appliance.cli import failback as failback_cmds
 from appliance.cli import failover as failover_cmds
 from appliance.cli import hosts as host_cmds
 from appliance.cli import lab as lab_cmds
+from appliance.cli import sites as site_cmds
 from appliance.cli.context import State
 from appliance.errors import EXIT_ERROR, EXIT_SIGNAL_BASE, ApplianceError
 
@@ -43,6 +44,7 @@ app.add_typer(bench_cmds.app, name="bench")
 backup_cmds.register(app)
 consolidate_cmds.register(app)
 daemon_cmds.register(app)
+site_cmds.register(app)
 
 
 def _version(value: bool) -> None:

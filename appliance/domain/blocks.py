@@ -100,3 +100,37 @@ def block_hashes(buf: bytes | bytearray | memoryview, block_size: int) -> bytes:
         else:
             out.append(hashlib.sha256(view[start : start + length]).digest())
     return b"".join(out)
+
+
+# -- what a sink lacks: the one comparison every copy makes ------------------------------------------------
+
+PREFIX_LEN = 16  # bytes of a block hash two sides compare: 128 bits, collision-safe, half the exchange
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Consecutive blocks the sink does not hold yet: each reads as zeroes (`zero`), or each has data."""
+
+    first: int  # block index on the disk
+    count: int
+    zero: bool
+
+
+def changed_runs(first: int, hashes: bytes, held: list[bytes | None], size: int, block_size: int) -> list[Change]:
+    """The blocks from `first` whose hash (`hashes`, 32 bytes a block) differs from what the sink holds
+    (`held`: a hash, or its first PREFIX_LEN bytes, per block; None where the sink's block is unknown and
+    must be written whatever it holds), as runs of zero blocks and runs of data blocks, in block order."""
+    runs: list[Change] = []
+    for j in range(len(hashes) // HASH_LEN):
+        mine = hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
+        theirs = held[j]
+        if theirs is not None and mine[: len(theirs)] == theirs:
+            continue
+        index = first + j
+        zero = mine == zero_hash(block_length(index, size, block_size))
+        last = runs[-1] if runs else None
+        if last is not None and last.zero == zero and last.first + last.count == index:
+            runs[-1] = Change(last.first, last.count + 1, zero)
+        else:
+            runs.append(Change(index, 1, zero))
+    return runs

@@ -70,10 +70,36 @@ class Host:
     keep_daily: int = 0
     keep_weekly: int = 0
     keep_monthly: int = 0
+    # A host whose points come from another appliance (`replicate SITE`): the site's name. Such a host is
+    # never backed up here; its points fail over and boot as any other.
+    replica_of: str = ""
 
     @property
     def target(self) -> str:
         return f"{self.user}@{self.address}" + ("" if self.port == 22 else f":{self.port}")
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Another appliance this one pulls points from (the DR site's view of the source site): how to reach
+    its `serve-replica` forced command, with its pinned key."""
+
+    name: str
+    address: str
+    user: str
+    port: int
+    key_file: str  # relative to APPLIANCE_HOME
+    host_key: HostKey
+    timeout: float = 60.0
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.address}" + ("" if self.port == 22 else f":{self.port}")
+
+    def endpoint(self) -> Host:
+        """The site as an SSH endpoint (the connection code takes hosts)."""
+        return Host(name=self.name, address=self.address, user=self.user, port=self.port, key_file=self.key_file,
+                    host_key=self.host_key, disks=(), timeout=self.timeout)  # fmt: skip
 
 
 CONSISTENCY_MODES = ("auto", "lvm-snapshot", "live")

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.agent import reader as wire
-from appliance.domain.blocks import HASH_LEN, Carry, block_hashes, block_length, carry_over, zero_hash
+from appliance.domain.blocks import Carry, block_hashes, carry_over
 from appliance.domain.models import Consistency, DiskPoint, Host, Point, format_size, point_id_for, slot_name
 from appliance.errors import (
     ApplianceError,
     ChainCorruptError,
+    ConfigError,
     ConnectionLostError,
     DiskAccessError,
     JobDeadlineError,
@@ -36,6 +37,7 @@ from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services import reader_pool
 from appliance.services.image_reader import read_chunks
+from appliance.services.pipeline import OverlaySink, PreviousHashes, copy_changes
 from appliance.services.reader_pool import KeptReader, ReaderPool
 from appliance.services.reader_session import ended_early, violation
 from appliance.store import chains, hosts
@@ -139,6 +141,11 @@ def back_up(
     :raises RemoteError, StoreFullError, ImageToolError: the point was not taken; the chain is unchanged.
     """
     host = hosts.load(home, name)
+    if host.replica_of:
+        raise ConfigError(
+            f"{name} is a replica of site {host.replica_of}: its points come from there",
+            hint=f"`appliance replicate {host.replica_of} {name}` pulls its newest points",
+        )
     with chains.open(home, tools.images, name, "backup") as tx:
         return _record(tx, _Capture(tx, tools, host, progress, pool), "backup")
 
@@ -357,8 +364,12 @@ class _Capture:
         except ConnectionLostError as exc:  # the sender's failure, when it caused this, is the one to name
             raise self._sender_failure(stream) or self._named(exc, stream) from exc
         if isinstance(record, RemoteFailure):
-            raise _remote_failure(self.host.name, record)
+            raise self._failure(record)
         return record
+
+    def _failure(self, failure: RemoteFailure) -> Exception:
+        """What the other side's fatal error (its X record) means here."""
+        return _remote_failure(self.host.name, failure)
 
     def _named(self, exc: ConnectionLostError, stream: RemoteStream) -> ConnectionLostError:
         return self._past_deadline(stream) if isinstance(exc, JobDeadlineError) else exc
@@ -515,6 +526,7 @@ class _DiskReceiver:
             self.exported = self._stack.enter_context(
                 self.capture.tools.images.export(plan.image, self.capture.tx.run_dir, writable=True)
             )
+            self.sink = OverlaySink(self.exported, self.hashes)
         except BaseException:
             self.__exit__(True)
             raise
@@ -534,15 +546,13 @@ class _DiskReceiver:
         if isinstance(record, DataRun):
             checkpoint("capture.data")
             self.check.submit(record, plan.block_size)
-            self.exported.write(record.first * plan.block_size, record.data)
-            self.hashes.set(record.first, record.hashes)
+            self.sink.put_data(record.first * plan.block_size, record.data, record.first, record.hashes)
             self.changed += len(record.data)
             self.sent += len(record.data)
         else:
             offset = record.first * plan.block_size
             length = min(record.count * plan.block_size, plan.size - offset)
-            self.exported.zero(offset, length)
-            self.hashes.set_zero(record.first, record.count)
+            self.sink.put_zeroes(offset, length, record.first, record.count)
             self.changed += length
 
     def flush(self) -> None:
@@ -605,53 +615,18 @@ class _Import(_Capture):
 
     def _import_disk(self, plan: _DiskPlan, source: str, image: Path) -> DiskPoint:
         hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
-        old = _OldHashes(plan)
-        changed = 0
-        bs = plan.block_size
+        held = PreviousHashes(plan.prev_hashes, plan.carry, plan.size, plan.block_size)
         run_dir = self.tx.run_dir
         try:
             with self.tools.images.export(plan.image, run_dir, writable=True) as exported:
-                for chunk in read_chunks(self.tools, image, run_dir, plan.size, bs):
-                    first = chunk.offset // bs
-                    for j in range(len(chunk.hashes) // HASH_LEN):
-                        h = chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN]
-                        if old.get(first + j) == h:
-                            continue
-                        start = j * bs
-                        length = min(bs, chunk.length - start)
-                        if chunk.data is None or h == zero_hash(length):
-                            exported.zero(chunk.offset + start, length)
-                        else:
-                            exported.write(chunk.offset + start, chunk.data[start : start + length])
-                        hashes.set(first + j, h)
-                        changed += length
+                chunks = read_chunks(self.tools, image, run_dir, plan.size, plan.block_size)
+                copied = copy_changes(chunks, held, OverlaySink(exported, hashes), plan.size, plan.block_size)
                 exported.flush()
             digest = hashes.finish()
         except BaseException:
             hashes.discard()
             raise
         finally:
-            old.close()
-        return DiskPoint(slot=plan.slot, source=source, file=plan.relative, size=plan.size, block_size=bs,
-                         digest=digest, read_bytes=plan.size, changed_bytes=changed)  # fmt: skip
-
-
-class _OldHashes:
-    """The previous point's hash of each block, as the new overlay reads it before any write."""
-
-    def __init__(self, plan: _DiskPlan) -> None:
-        self.plan = plan
-        self.file = open(plan.prev_hashes, "rb") if plan.prev_hashes else None  # noqa: SIM115 (closed by close())
-
-    def get(self, index: int) -> bytes | None:
-        carry = self.plan.carry
-        if index in carry.unknown:
-            return None
-        if index < carry.known and self.file is not None:
-            self.file.seek(index * HASH_LEN)
-            return self.file.read(HASH_LEN)
-        return zero_hash(block_length(index, self.plan.size, self.plan.block_size))
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+            held.close()
+        return DiskPoint(slot=plan.slot, source=source, file=plan.relative, size=plan.size, block_size=plan.block_size,
+                         digest=digest, read_bytes=plan.size, changed_bytes=copied.changed)  # fmt: skip

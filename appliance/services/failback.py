@@ -35,7 +35,7 @@ from pathlib import Path
 
 from appliance.agent import writer as wire
 from appliance.agent import writer_source
-from appliance.domain.blocks import HASH_LEN, DiskDigest, zero_hash
+from appliance.domain.blocks import HASH_LEN, DiskDigest
 from appliance.domain.models import Host, HostKey, Point, parse_address
 from appliance.domain.recovery import RecoveryVm, target_dev
 from appliance.errors import (
@@ -52,7 +52,8 @@ from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import import_point
 from appliance.services.hosts import ConfirmKey, pin_host_key
-from appliance.services.image_reader import read_chunks
+from appliance.services.image_reader import Chunk, read_chunks
+from appliance.services.pipeline import copy_changes
 from appliance.services.reader_session import how_it_ended, start_agent
 from appliance.store import chains, hosts, recovery
 from appliance.store import failback as records
@@ -410,25 +411,14 @@ class _Copier:
         bs = disk.block_size
         theirs_ledger, mine_ledger = self.target_ledgers[index], self.vm_ledgers[index]
         theirs_ledger.fill(self.writer.hash_prefixes(index))
-        for chunk in read_chunks(self.tools, image, self.run_dir, disk.size, bs):
-            mine = prefixes(chunk.hashes)
-            mine_ledger.set_entries(chunk.offset // bs, mine)
-            held = theirs_ledger.get_entries(chunk.offset // bs, len(mine) // ENTRY)
-            if held == mine:
-                continue
-            for j in range(len(mine) // ENTRY):
-                if mine[j * ENTRY : (j + 1) * ENTRY] == held[j * ENTRY : (j + 1) * ENTRY]:
-                    continue
-                start = j * bs
-                length = min(bs, chunk.length - start)
-                if chunk.data is None or chunk.hashes[j * HASH_LEN : (j + 1) * HASH_LEN] == zero_hash(length):
-                    self.writer.zeroes(index, chunk.offset + start, length)
-                else:
-                    data = chunk.data[start : start + length]
-                    if fault("failback.bad_write"):  # as a failing disk or link on the target's side
-                        data = bytes([data[0] ^ 0xFF]) + data[1:]
-                    self.writer.write(index, chunk.offset + start, data)
-                    self.progress.bytes_sent += length
+        chunks = read_chunks(self.tools, image, self.run_dir, disk.size, bs)
+
+        def seen(chunk: Chunk) -> None:  # every block of the VM's disk, into its ledger, changed or not
+            mine_ledger.set_entries(chunk.offset // bs, prefixes(chunk.hashes))
+
+        sink = _TargetSink(self.writer, index)
+        copied = copy_changes(chunks, _LedgerHeld(theirs_ledger), sink, disk.size, bs, seen=seen)
+        self.progress.bytes_sent += copied.data
         mine_ledger.complete = True
 
     def _send_extents(self, files: list[Path]) -> None:
@@ -525,3 +515,29 @@ class _Copier:
                     f"the VM's final disk {index} differs from what was sent in {count} blocks (first at byte "
                     f"{first[0] * disk.block_size}); the VM is kept: run failback again with --full-proof"
                 )
+
+
+class _LedgerHeld:
+    """What the target holds, as its ledger says (HeldHashes)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def held(self, first: int, count: int) -> list[bytes | None]:
+        raw = self.ledger.get_entries(first, count)
+        return [raw[j * ENTRY : (j + 1) * ENTRY] for j in range(count)]
+
+
+class _TargetSink:
+    """A target disk through the failback writer (BlockSink)."""
+
+    def __init__(self, writer: TargetSession, index: int) -> None:
+        self.writer, self.index = writer, index
+
+    def put_data(self, offset: int, data: bytes | memoryview, first: int, hashes: bytes) -> None:
+        if fault("failback.bad_write"):  # as a failing disk or link on the target's side
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        self.writer.write(self.index, offset, data)
+
+    def put_zeroes(self, offset: int, length: int, first: int, count: int) -> None:
+        self.writer.zeroes(self.index, offset, length)

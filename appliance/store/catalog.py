@@ -42,11 +42,11 @@ def load(chain_dir: Path, host: str) -> Chain:
         raise DamagedFileError(f"{path} has format {doc['format']!r}; this appliance reads format {FORMAT}")
     points = as_type(doc, _Catalog, path).points
     for p in points:
-        _check_names(path, p)
+        check_point_names(path, p)
     return Chain(host=host, points=points)
 
 
-def _check_names(path: Path, point: Point) -> None:
+def check_point_names(path: Path, point: Point) -> None:
     """Point ids and slots become file names: a catalog must not lead a command outside the chain's folder."""
     for name in (point.id, *(d.slot for d in point.disks)):
         if not _PLAIN_NAME.match(name):

@@ -42,7 +42,7 @@ from appliance.errors import ChainCorruptError
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import ImageTool
-from appliance.store import catalog, recovery
+from appliance.store import catalog, recovery, sites
 from appliance.store.files import fsync_dir, fsync_file, full_disk_as_store_full, read_as, write_atomic, write_json
 from appliance.store.layout import Home, hashes_file, partial, point_file
 from appliance.store.lock import HostLock
@@ -117,8 +117,26 @@ class ChainTx:
         return self.dir / hashes_file(slot, point_id)
 
     def pins(self) -> dict[str, str]:
-        """Points that must not be merged away: point id -> what uses it."""
-        return recovery.pinned_points(self.home, self.host)
+        """Points that must not be merged away: point id -> what uses it (a recovery VM, or a DR site that
+        confirmed holding it: the next increment it pulls is cheap only against it)."""
+        holds, _ = sites.replication_holds(self.home, self.host)
+        return {
+            **{k: v for k, v in holds.items() if k in self.chain.ids()},
+            **recovery.pinned_points(self.home, self.host),
+        }
+
+    def needed_hash_lists(self) -> set[str]:
+        """The hash lists to keep: the newest point's (the next backup compares to it), and those of every
+        point a granted DR site may still ask for (from the oldest one a site confirmed, or all of them
+        while a granted site confirmed nothing of this host)."""
+        points = self.chain.points
+        if not points:
+            return set()
+        holds, unconfirmed = sites.replication_holds(self.home, self.host)
+        ids = self.chain.ids()
+        confirmed = [i for i, p in enumerate(points) if p.id in holds and p.id in ids]
+        first = 0 if unconfirmed else min(confirmed, default=len(points) - 1)
+        return {hashes_file(d.slot, p.id) for p in points[first:] for d in p.disks}
 
     @property
     def run_dir(self) -> Path:
@@ -166,10 +184,13 @@ class ChainTx:
         self.chain = chain
 
     def _drop_old_hash_lists(self) -> None:
-        """Only the newest point's hash lists are needed (the next incremental compares to them)."""
+        """Only the newest point's hash lists are needed (the next incremental compares to them), and those
+        a DR site may still ask for (`needed_hash_lists`)."""
+        needed = self.needed_hash_lists()
         for p in self.chain.points[:-1]:
             for d in p.disks:
-                self.hash_list(p.id, d.slot).unlink(missing_ok=True)
+                if hashes_file(d.slot, p.id) not in needed:
+                    self.hash_list(p.id, d.slot).unlink(missing_ok=True)
 
     # -- merging ---------------------------------------------------------------------------------------
 
@@ -223,9 +244,9 @@ class ChainTx:
         """Delete what an interrupted run left behind.
 
         Safe by construction: `.part` files are never listed; hash lists of listed points other than the
-        newest are no longer needed; and an unlisted point file is removed only if the publishing intent
-        of an interrupted run names it. Any other unlisted point file (say, the catalog was lost) is
-        refused: recovery points are never deleted on a guess.
+        newest (and those a DR site may still ask for) are no longer needed; and an unlisted point file is
+        removed only if the publishing intent of an interrupted run names it. Any other unlisted point file
+        (say, the catalog was lost) is refused: recovery points are never deleted on a guess.
         """
         if self.run_dir.exists():
             for entry in self.run_dir.iterdir():
@@ -234,8 +255,7 @@ class ChainTx:
         if not self.dir.exists():
             return
         published = self._unfinished_publication()
-        newest = self.chain.newest
-        needed = {hashes_file(d.slot, newest.id) for d in newest.disks} if newest else set()
+        needed = self.needed_hash_lists()
         listed = self.chain.referenced_files()
         doomed, strangers = [], []
         for folder in (f for f in self.dir.iterdir() if f.is_dir()):

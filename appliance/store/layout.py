@@ -11,6 +11,9 @@ $APPLIANCE_HOME/
   failover/<host>/              a recovery VM's record (vm.json), overlays and console log
   failback/<host>.json          a failback's progress (and its .cutover request, its .target-key.json)
   screenshots/<host>/           boot verification screenshots
+  sites/<site>.json             another appliance this one replicates from (keys/site-<site>: its key)
+  granted/<site>.json           a DR site granted `serve-replica` here, and the newest point of each host
+                                it confirmed holding (kept from merging, with the hash lists after it)
   schedule.json, accel.json     what the scheduler last ran; what failover learnt of KVM here
   run/                          sockets and FUSE export files of running jobs
 
@@ -81,6 +84,20 @@ class Home:
     def failback_file(self, name: str, suffix: str) -> Path:
         """failback/<host><suffix>: `.json` (progress), `.cutover` (request), `.target-key.json` (pinned key)."""
         return self.failback_dir / f"{validate_host_name(name)}{suffix}"
+
+    @property
+    def sites_dir(self) -> Path:
+        return self.root / "sites"
+
+    def site_record(self, name: str) -> Path:
+        return self.sites_dir / f"{validate_host_name(name)}.json"
+
+    def grant_record(self, name: str) -> Path:
+        """granted/<site>.json: a DR site this appliance granted `serve-replica`, and what it confirmed."""
+        return self.root / "granted" / f"{validate_host_name(name)}.json"
+
+    def site_key_file(self, name: str) -> Path:
+        return self.keys_dir / f"site-{validate_host_name(name)}"
 
     @property
     def accel_file(self) -> Path:

@@ -44,6 +44,7 @@ class Hello:
     consistency: tuple[str, str] | None = None  # a probe's answer: (method, why) points will get
     tracked: bool = False  # this point reads only the blocks written since the last one: no first pass
     untracked: str = ""  # why not, when the appliance asked for it
+    base_known: bool = False  # a source appliance holds the DR site's newest point: no hashes to send it
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,9 +385,12 @@ def _hello(obj: dict[str, Any]) -> Hello:
     if not isinstance(tracked, bool):
         raise ProtocolError("a hello whose tracked flag is not true or false")
     untracked = printable(str(obj.get("untracked") or ""), MAX_MESSAGE)
+    base_known = obj.get("base_known", False)
+    if not isinstance(base_known, bool):
+        raise ProtocolError("a hello whose base_known flag is not true or false")
     return Hello(
         printable(str(obj.get("python", "?")), 40), tuple(_remote_disk(d) for d in disks), consistency, tracked,
-        untracked,
+        untracked, base_known,
     )  # fmt: skip
 
 

@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`appliance site add|list|grant|remove`, `appliance replicate`, `appliance serve-replica`: offsite copies.
+
+The DR appliance pulls from the source: `site add` on the DR appliance, `site grant` on the source (its
+key may then run only `serve-replica`), `replicate` on the DR appliance.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.cli._output import table
+from appliance.cli.context import state
+from appliance.cli.hosts import _ask
+from appliance.services import replica_source
+from appliance.services.replicate import add_site, grant, lags, replicate
+from appliance.store import sites
+
+app = typer.Typer(help="Other appliances: the sites this one replicates from, the sites it grants.",
+                  no_args_is_help=True)  # fmt: skip
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="site")
+    root.command("replicate")(replicate_cmd)
+    root.command("replicas")(replicas_cmd)
+    root.command("serve-replica", hidden=True)(serve_replica_cmd)
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A short name for the source site, e.g. hq")],
+    address: Annotated[str, typer.Option("--address", help="user@host or user@host:port of the source appliance")],
+    key: Annotated[Path, typer.Option("--key", help="The private key the source granted (`site grant` there)")],
+    fingerprint: Annotated[
+        str | None, typer.Option("--host-key-fingerprint", help="SHA256:... of the source's SSH host key")
+    ] = None,
+    trust_first_use: Annotated[
+        bool, typer.Option("--trust-first-use", help="Pin whatever key the source presents now")
+    ] = False,
+) -> None:
+    """Add a source site this appliance pulls points from (its host key pinned, as for hosts)."""
+    st = state(ctx)
+    site, listed = add_site(st.home, st.tools, name=name, address=address, port=None, key=key,
+                            fingerprint=fingerprint, trust_first_use=trust_first_use, confirm=_ask)  # fmt: skip
+    typer.echo(f"pinned host key {site.host_key.fingerprint} ({site.host_key.key_type}) for {site.address}:{site.port}")
+    typer.echo(f"added site {name}: {site.target}, {len(listed)} host(s) there: "
+               + (", ".join(h.name for h in listed) or "none yet"))  # fmt: skip
+
+
+@app.command("list")
+def list_sites(ctx: typer.Context) -> None:
+    """The sites this appliance replicates from."""
+    home = state(ctx).home
+    rows = []
+    for name in sites.names(home):
+        site = sites.load(home, name)
+        rows.append([name, site.target, site.host_key.fingerprint])
+    typer.echo(table(["SITE", "ADDRESS", "HOST KEY"], rows))
+
+
+@app.command("remove")
+def remove(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The site")]) -> None:
+    """Forget a site (the replicated chains stay, as hosts of this appliance)."""
+    home = state(ctx).home
+    sites.load(home, name)
+    sites.remove(home, name)
+    typer.echo(f"removed site {name}")
+
+
+@app.command("grant")
+def grant_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The DR site's name, e.g. dr1")],
+    key: Annotated[Path, typer.Option("--key", help="The DR appliance's public key (.pub)")],
+    authorized_keys: Annotated[
+        Path, typer.Option("--authorized-keys", help="The file sshd reads [default: ~/.ssh/authorized_keys]")
+    ] = Path("~/.ssh/authorized_keys"),
+) -> None:
+    """On the source: let a DR site's key run only `serve-replica` (list and read points; nothing else)."""
+    home = state(ctx).home
+    command = [sys.executable, "-m", "appliance", "--home", str(home.root), "serve-replica", "--site", name]
+    line = grant(home, name, key, authorized_keys.expanduser(), command)
+    typer.echo(f"granted site {name} read-only replication in {authorized_keys}:\n  {line}")
+
+
+def replicate_cmd(
+    ctx: typer.Context,
+    site: Annotated[str, typer.Argument(help="The source site")],
+    host: Annotated[str | None, typer.Argument(help="Only this host [default: every host of the site]")] = None,
+) -> None:
+    """Pull every point of the site's hosts that this appliance does not hold yet, oldest first."""
+    st = state(ctx)
+    for report in replicate(st.home, st.tools, site, host, say=lambda t: typer.echo(t, err=True)):
+        pulled = sum(p.wire_bytes for p in report.pulled)
+        typer.echo(f"{report.host}: {len(report.pulled)} point(s) pulled from {site}, {pulled} bytes on the wire; "
+                   f"newest there {report.newest_there or '-'}, here {report.newest_here or '-'}")  # fmt: skip
+
+
+def serve_replica_cmd(
+    ctx: typer.Context,
+    site: Annotated[str, typer.Option("--site", help="The DR site this key was granted to")] = "?",
+) -> None:
+    """The forced command of a granted key: answer a DR site on stdin and stdout."""
+    st = state(ctx)
+    code = replica_source.serve(st.home, st.tools, sys.stdin.buffer, sys.stdout.buffer, site)
+    raise typer.Exit(code)
+
+
+def replicas_cmd(ctx: typer.Context) -> None:
+    """Per host of every site: the newest point there and here, and how far behind this appliance is."""
+    st = state(ctx)
+    rows = []
+    for lag in lags(st.home, st.tools):
+        behind = "-" if lag.seconds == float("inf") else _behind(lag.seconds)
+        rows.append([lag.host, lag.site, lag.newest_there.id if lag.newest_there else "-",
+                     lag.newest_here.id if lag.newest_here else "-", str(lag.missing), behind])  # fmt: skip
+    typer.echo(table(["HOST", "SITE", "NEWEST THERE", "NEWEST HERE", "MISSING", "LAG"], rows))
+
+
+def _behind(seconds: float) -> str:
+    if seconds < 60:
+        return "0" if seconds == 0 else f"{seconds:.0f} s"
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,195 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The source side of replication: what `appliance serve-replica` answers a DR site (transfer/replica.py).
+
+It runs as the forced command of the key `site grant` installed: it reads requests on stdin and writes
+records on stdout, lists the hosts and points, and sends a point as the blocks the DR site lacks. Which
+blocks those are comes from the hash lists both appliances keep: the point's own list against the DR
+site's newest point (the same point here, when this appliance still holds it, or the hashes the DR
+site sends): no disk is read whole, only the blocks that differ, from the point's qcow2 through QEMU.
+It writes nothing to the store but which point each DR site confirmed holding (granted/<site>.json:
+kept from merging), and it names hosts and points only as the catalog lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, BinaryIO
+
+from appliance.agent import reader as wire
+from appliance.domain.blocks import HASH_LEN, PREFIX_LEN, block_length, carry_over, changed_runs, zero_hash
+from appliance.domain.models import HOST_NAME, DiskPoint, Point
+from appliance.errors import ApplianceError
+from appliance.log import get_logger
+from appliance.ports import ExportedImage, Tools
+from appliance.services.pipeline import HeldHashes, PreviousHashes
+from appliance.store import catalog, chains, hosts, sites
+from appliance.store.chains import ChainTx
+from appliance.store.layout import Home
+from appliance.transfer import replica
+from appliance.transfer.protocol import ProtocolError
+
+log = get_logger(__name__)
+
+_BLOCKS_AT_ONCE = 256  # hash-list entries compared at a time
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def serve(home: Home, tools: Tools, stdin: BinaryIO, stdout: BinaryIO, site: str) -> int:
+    """Answer requests until the DR site closes the session. Returns the exit status."""
+    out = _Out(stdout)
+    try:
+        while (request := replica.read_request(stdin.read)) is not None:
+            _answer(home, tools, request, stdin, out, site)
+    except (_Refused, ProtocolError, ApplianceError) as exc:
+        code = exc.code if isinstance(exc, _Refused) else "protocol" if isinstance(exc, ProtocolError) else "error"
+        message = exc.message if isinstance(exc, ApplianceError) else str(exc)
+        log.warning("replica.refused", site=site, code=code, error=message)
+        out.send(replica.record(b"X", {"code": code, "message": message}))
+        return 3
+    except (BrokenPipeError, wire.Hangup):
+        return 4
+    return 0
+
+
+def _answer(home: Home, tools: Tools, request: dict[str, Any], stdin: BinaryIO, out: _Out, site: str) -> None:
+    op = request.get("op")
+    if op == "catalog":
+        out.send(replica.record(b"C", _catalog(home, tools)))
+    elif op == "point":
+        name, point_id, base = request.get("host"), request.get("point"), request.get("base")
+        if not isinstance(name, str) or not HOST_NAME.match(name) or not hosts.exists(home, name):
+            raise _Refused("no-host", f"this appliance has no host {str(name)[:64]!r}")
+        if not isinstance(point_id, str) or (base is not None and not isinstance(base, dict)):
+            raise _Refused("protocol", "a point request without a point id")
+        with chains.open(home, tools.images, name, "replication", wait=600.0) as tx:
+            _send_point(tx, tools, point_id, base, stdin, out, site)
+    else:
+        raise _Refused("protocol", f"no such request {str(op)[:40]!r}")
+
+
+def _catalog(home: Home, tools: Tools) -> dict[str, Any]:
+    listed = []
+    for host in hosts.load_all(home)[0]:
+        if host.replica_of:
+            continue  # a replica here is not this site's to pass on
+        settings = {k: v for k, v in dataclasses.asdict(host).items() if k in replica.SETTINGS}
+        chain = catalog.load(home.chain_dir(host.name), host.name)
+        listed.append((host.name, settings, [p for p in chain.points if not p.dropping]))
+    return replica.catalog_doc(listed)
+
+
+def _send_point(tx: ChainTx, tools: Tools, point_id: str, base: dict[str, Any] | None, stdin: BinaryIO, out: _Out,
+                site: str) -> None:  # fmt: skip
+    point = next((p for p in tx.chain.points if p.id == point_id and not p.dropping), None)
+    if point is None:
+        raise _Refused("no-point", f"{tx.host} has no point {point_id[:40]!r} here (merged away, or never taken)")
+    missing = [d.slot for d in point.disks if not tx.hash_list(point.id, d.slot).exists()]
+    if missing:
+        raise _Refused("no-hashes", f"{tx.host}'s point {point.id} has no block hash lists here any more")
+    held_point = _base_here(tx.chain.points, base)
+    if held_point is not None:
+        sites.confirm(tx.home, site, tx.host, held_point.id)
+        if any(not tx.hash_list(held_point.id, d.slot).exists() for d in held_point.disks):
+            held_point = None  # the DR site sends the hashes of what it holds instead
+    out.send(replica.record(b"H", {
+        "protocol": wire.PROTOCOL, "python": "appliance", "base_known": held_point is not None,
+        "disks": [{"path": d.source, "size": d.size, "kind": "replica"} for d in point.disks],
+    }))  # fmt: skip
+    old = wire.OldHashes(stdin)  # type: ignore[no-untyped-call]
+    sent = 0
+    for disk in point.disks:
+        held = _held_here(tx, held_point, disk) if held_point is not None else _StreamedHeld(old, disk)
+        try:
+            with tools.images.export(tx.file(disk.file), tx.run_dir, writable=False) as exported:
+                sent += _send_disk(tx, point, disk, held, exported, out)
+        finally:
+            if isinstance(held, PreviousHashes):
+                held.close()
+    out.send(replica.record(b"F", {"post_hook": None}))
+    log.info("replica.sent", site=site, host=tx.host, point=point.id, base=held_point.id if held_point else None,
+             bytes=sent)  # fmt: skip
+
+
+def _base_here(points: tuple[Point, ...], base: dict[str, Any] | None) -> Point | None:
+    """The DR site's newest point, if this appliance holds it with the same content (same digests)."""
+    if base is None or not isinstance(base.get("digests"), dict):
+        return None
+    for p in points:
+        if p.id == base.get("id") and not p.dropping and {d.slot: d.digest for d in p.disks} == base["digests"]:
+            return p
+    return None
+
+
+def _held_here(tx: ChainTx, base: Point, disk: DiskPoint) -> HeldHashes:
+    if not any(d.slot == disk.slot for d in base.disks) or base.disk(disk.slot).block_size != disk.block_size:
+        return PreviousHashes(None, carry_over(None, disk.size, disk.block_size), disk.size, disk.block_size)
+    old = base.disk(disk.slot)
+    carry = carry_over(old.size, disk.size, disk.block_size)
+    return PreviousHashes(tx.hash_list(base.id, disk.slot), carry, disk.size, disk.block_size)
+
+
+class _StreamedHeld:
+    """What the DR site holds, as it streams it (the reader's old-hash runs), read in block order."""
+
+    def __init__(self, old: wire.OldHashes, disk: DiskPoint) -> None:
+        self.old, self.disk = old, disk
+
+    def held(self, first: int, count: int) -> list[bytes | None]:
+        _, entries = self.old.take(count)  # type: ignore[no-untyped-call]
+        out: list[bytes | None] = []
+        for j, entry in enumerate(entries):
+            if entry is None:  # reads as zeroes there
+                out.append(zero_hash(block_length(first + j, self.disk.size, self.disk.block_size))[:PREFIX_LEN])
+            else:
+                out.append(entry or None)  # b'': unknown, sent whatever it is
+        return out
+
+
+def _send_disk(tx: ChainTx, point: Point, disk: DiskPoint, held: HeldHashes, exported: ExportedImage,
+               out: _Out) -> int:  # fmt: skip
+    """The disk's blocks the DR site lacks, as D and Z records in block order, then its E record."""
+    bs, size = disk.block_size, disk.size
+    sent = 0
+    with open(tx.hash_list(point.id, disk.slot), "rb") as hash_list:
+        first = 0
+        while chunk := hash_list.read(_BLOCKS_AT_ONCE * HASH_LEN):
+            count = len(chunk) // HASH_LEN
+            for run in changed_runs(first, chunk, held.held(first, count), size, bs):
+                if run.zero:
+                    out.send(wire.ZERO.pack(b"Z", run.first, run.count))
+                    continue
+                hashes = chunk[(run.first - first) * HASH_LEN : (run.first - first + run.count) * HASH_LEN]
+                sent += _send_data(exported, run.first, run.count, hashes, disk, out)
+            first += count
+    out.send(wire.END.pack(b"E", size) + bytes.fromhex(disk.digest))
+    return sent
+
+
+def _send_data(exported: ExportedImage, first: int, count: int, hashes: bytes, disk: DiskPoint, out: _Out) -> int:
+    """D records of at most MAX_RUN bytes each (the reader's own limit, which the DR site enforces)."""
+    bs = disk.block_size
+    per_record = max(wire.MAX_RUN // bs, 1)
+    sent = 0
+    for start in range(first, first + count, per_record):
+        n = min(per_record, first + count - start)
+        length = min(n * bs, disk.size - start * bs)
+        data = exported.read(start * bs, length)
+        piece = hashes[(start - first) * HASH_LEN : (start - first + n) * HASH_LEN]
+        out.send(wire.DATA.pack(b"D", start, length) + piece, data)
+        sent += length
+    return sent
+
+
+class _Out:
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def send(self, *pieces: bytes) -> None:
+        for piece in pieces:
+            self.stream.write(piece)
+        self.stream.flush()

@@ -1,0 +1,308 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Replication: this appliance (the DR site) pulls every point of another (the source site) it lacks.
+
+Each point arrives as the blocks that differ from this appliance's newest point of the host, as the
+source finds them from both sides' hash lists (services/replica_source.py), and is written as a new
+overlay on this appliance's own chain of the host: the same receiver as a backup (every block re-hashed
+against the hash sent with it, the disk's digest checked at its end, and then against the digest the
+source recorded for the point). The point is published only whole, under the same id as at the source;
+a run cut anywhere leaves the chain as it was. The source holds no key to this appliance: the DR site
+pulls, with a key the source granted only `serve-replica`.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from appliance.domain.models import Host, Point, Site, parse_address, slot_name, validate_new_host_name
+from appliance.errors import ChainCorruptError, ConfigError, ConnectionLostError, RemoteCommandError
+from appliance.log import get_logger
+from appliance.ports import RemoteStream, Tools
+from appliance.services.backup import _Capture, _DiskReceiver, _record, job_deadline
+from appliance.services.hosts import ConfirmKey, pin_host_key
+from appliance.services.reader_session import violation
+from appliance.store import catalog, chains, hosts, sites
+from appliance.store.layout import Home
+from appliance.transfer import protocol, replica
+from appliance.transfer.protocol import Finished, Hello
+
+log = get_logger(__name__)
+
+Say = Callable[[str], None]
+
+
+# -- sites ------------------------------------------------------------------------------------------------
+
+
+def add_site(
+    home: Home, tools: Tools, *, name: str, address: str, port: int | None, key: Path, fingerprint: str | None,
+    trust_first_use: bool = False, confirm: ConfirmKey | None = None, timeout: float = 60.0,
+) -> tuple[Site, list[replica.SourceHost]]:  # fmt: skip
+    """Pin the source site's key, keep the key to reach it, and ask its catalog (proof that the grant works).
+
+    :raises ConfigError, HostKeyError, RemoteError:
+    """
+    validate_new_host_name(name)
+    if sites.exists(home, name):
+        raise ConfigError(f"a site named {name!r} already exists")
+    if not key.is_file():
+        raise ConfigError(f"SSH key {key} does not exist")
+    user, address_only, final_port = parse_address(address, port)
+    host_key = pin_host_key(tools, address_only, final_port, fingerprint=fingerprint, trust_first_use=trust_first_use,
+                            confirm=confirm)  # fmt: skip
+    site = Site(name, address_only, user, final_port, sites.install_key(home, name, key), host_key, timeout)
+    try:
+        with tools.remote.connect(site.endpoint()) as session:
+            stream = session.start(["serve-replica"])
+            found = _catalog(site, stream, protocol.RecordReader(stream.recv_some))
+    except BaseException:
+        sites.remove(home, name)
+        raise
+    sites.save(home, site)
+    log.info("site.added", site=name, address=site.address, port=site.port, fingerprint=host_key.fingerprint)
+    return site, found
+
+
+def grant_line(site: str, public_key: str, command: list[str]) -> str:
+    """The authorized_keys line that lets site `site` run only `command` (serve-replica) with that key:
+    no shell, no port, agent or X11 forwarding, no terminal (`restrict`). The key is re-encoded from its
+    type and base64, so a key file that carries options of its own grants nothing more.
+
+    :raises ConfigError: not one OpenSSH public key.
+    """
+    fields = public_key.strip().split()
+    if len(public_key.strip().splitlines()) != 1 or len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-")):
+        raise ConfigError("the site's key must be one OpenSSH public key line (ssh-ed25519 AAAA... comment)")
+    try:
+        base64.b64decode(fields[1], validate=True)
+    except ValueError as exc:
+        raise ConfigError("the site's public key is not valid base64") from exc
+    forced = shlex.join(command).replace('"', '\\"')
+    return f'restrict,command="{forced}" {fields[0]} {fields[1]} {grant_comment(site)}'
+
+
+def grant_comment(site: str) -> str:
+    return f"appliance-site:{site}"
+
+
+def grant(home: Home, site: str, public_key: Path, authorized_keys: Path, command: list[str]) -> str:
+    """Install the grant for `site` in `authorized_keys` (replacing an earlier grant to the same site)."""
+    validate_new_host_name(site)
+    try:
+        text = public_key.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the site's public key {public_key}: {exc.strerror}") from exc
+    line = grant_line(site, text, command)
+    sites.grant_site(home, site)
+    sites.add_authorized_key(authorized_keys, line, grant_comment(site))
+    log.info("site.granted", site=site, authorized_keys=str(authorized_keys))
+    return line
+
+
+# -- replicate ----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HostReport:
+    host: str
+    pulled: list[Point] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    newest_there: str | None = None
+    newest_here: str | None = None
+
+
+def replicate(home: Home, tools: Tools, site_name: str, only: str | None = None, say: Say = lambda _: None
+              ) -> list[HostReport]:  # fmt: skip
+    """Pull every point of the site's hosts (or of `only`) newer than this appliance's newest, oldest first.
+
+    :raises HostNotFoundError: no such site, or the site has no host `only`.
+    :raises RemoteError, ChainError, StoreFullError: that point was not recorded; the next run resumes.
+    """
+    site = sites.load(home, site_name)
+    reports = []
+    with tools.remote.connect(site.endpoint()) as session:
+        stream = session.start(["serve-replica"])
+        records = protocol.RecordReader(stream.recv_some)
+        listed = _catalog(site, stream, records)
+        if only is not None and only not in {h.name for h in listed}:
+            raise ConfigError(f"site {site_name} has no host {only!r}")
+        for source in listed:
+            if only is None or source.name == only:
+                reports.append(_replicate_host(home, tools, site, source, stream, records, say))
+        stream.close_stdin()
+    return reports
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """One host of a site: its newest point there and here, and how far behind this appliance is."""
+
+    site: str
+    host: str
+    newest_there: Point | None
+    newest_here: Point | None
+    missing: int  # points there newer than the newest here
+
+    @property
+    def seconds(self) -> float:
+        if self.newest_there is None or self.newest_here is None:
+            return 0.0 if self.newest_there is None else float("inf")
+        return max(0.0, (self.newest_there.created - self.newest_here.created).total_seconds())
+
+
+def lags(home: Home, tools: Tools) -> list[Lag]:
+    """Every host of every site: what is there and what is here (one catalog request per site).
+
+    :raises RemoteError: a site cannot be reached (the others are not asked either: fix it first).
+    """
+    out = []
+    for name in sites.names(home):
+        site = sites.load(home, name)
+        with tools.remote.connect(site.endpoint()) as session:
+            stream = session.start(["serve-replica"])
+            listed = _catalog(site, stream, protocol.RecordReader(stream.recv_some))
+            stream.close_stdin()
+        for source in listed:
+            here = (
+                catalog.load(home.chain_dir(source.name), source.name).newest
+                if hosts.exists(home, source.name)
+                else None
+            )
+            there = source.points[-1] if source.points else None
+            missing = sum(1 for p in source.points if here is None or p.id > here.id)
+            out.append(Lag(name, source.name, there, here, missing))
+    return out
+
+
+def _catalog(site: Site, stream: RemoteStream, records: protocol.RecordReader) -> list[replica.SourceHost]:
+    stream.write(replica.encode({"op": "catalog"}))
+    try:
+        return replica.read_catalog(records.read_exact, site.name)
+    except EOFError:
+        raise ConnectionLostError(
+            f"site {site.name} closed the session without answering",
+            hint="is this appliance's key granted there (`appliance site grant` on the source)?",
+        ) from None
+    except replica.RemoteRefusal as exc:
+        raise ConfigError(f"site {site.name} refused the catalog: {exc}") from exc
+    except protocol.ProtocolError as exc:
+        raise ConfigError(f"site {site.name} does not speak this appliance's replication: {exc}") from exc
+
+
+def _replicate_host(home: Home, tools: Tools, site: Site, source: replica.SourceHost, stream: RemoteStream,
+                    records: protocol.RecordReader, say: Say) -> HostReport:  # fmt: skip
+    host = _replica_host(home, site, source)
+    report = HostReport(host.name, newest_there=source.points[-1].id if source.points else None)
+    with chains.open(home, tools.images, host.name, "replication") as tx:
+        newest = tx.chain.newest
+        wanted = [p for p in source.points if newest is None or p.id > newest.id]
+        for point in wanted:
+            say(f"{host.name}: pulling point {point.id} from {site.name}")
+            try:
+                report.pulled.append(_record(tx, _Pull(tx, tools, host, site, point, stream, records), "replication"))
+            except _Skipped as exc:  # an older point the source no longer keeps the hashes of: the next one
+                log.info("replica.skipped", site=site.name, host=host.name, point=point.id, reason=str(exc))
+                report.skipped.append(point.id)
+        report.newest_here = tx.chain.newest.id if tx.chain.newest else None
+    return report
+
+
+def _replica_host(home: Home, site: Site, source: replica.SourceHost) -> Host:
+    """This appliance's record of a host of the site: created on first sight, its settings kept in step."""
+    settings = source.settings
+    disks = settings.get("disks")
+    if not isinstance(disks, list) or not all(isinstance(d, str) for d in disks):
+        raise ConfigError(f"site {site.name} lists {source.name} without its disks")
+    if hosts.exists(home, source.name):
+        host = hosts.load(home, source.name)
+        if host.replica_of != site.name:
+            raise ConfigError(
+                f"{source.name} is a host of this appliance, not a replica of site {site.name}",
+                hint="a site's host and a local host cannot share a name",
+            )
+    else:
+        host = Host(name=source.name, address=site.address, user=site.user, port=site.port, key_file=site.key_file,
+                    host_key=site.host_key, disks=tuple(disks), replica_of=site.name)  # fmt: skip
+    kept = {k: v for k, v in settings.items() if k != "disks" and type(v) is type(getattr(host, k))}
+    updated = replace(host, disks=tuple(disks), **kept)
+    hosts.save(home, updated)
+    return updated
+
+
+class _Skipped(Exception):
+    """The source cannot send this point as an increment any more; the next one will do."""
+
+
+class _Pull(_Capture):
+    """One point of the source, received as a backup receives one (see the module doc)."""
+
+    def __init__(self, tx: chains.ChainTx, tools: Tools, host: Host, site: Site, source: Point, stream: RemoteStream,
+                 records: protocol.RecordReader) -> None:  # fmt: skip
+        super().__init__(tx, tools, host)
+        self.site, self.source, self.stream, self.records = site, source, stream, records
+        self.draft = tx.new_point(source.id)
+        self.created = source.created
+
+    def run(self, started: float) -> Point:
+        stream, records, source = self.stream, self.records, self.source
+        sent, received = stream.bytes_sent, stream.bytes_received
+        previous = self.chain.newest
+        base = None if previous is None else {"id": previous.id, "digests": {d.slot: d.digest for d in previous.disks}}
+        self._set_deadline(stream, job_deadline(self.host, started, 0))
+        stream.write(replica.encode({"op": "point", "host": self.host.name, "point": source.id, "base": base}))
+        hello = self._hello(records, stream)
+        self.progress.total = sum(d.size for d in source.disks)
+        self._set_deadline(stream, job_deadline(self.host, started, self.progress.total))
+        plans = [self._plan_disk(i, d.size, d.block_size, previous) for i, d in enumerate(source.disks)]
+        sender = None
+        if not hello.base_known:
+            sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
+            sender.start()
+        with ExitStack() as stack:
+            receivers = [stack.enter_context(_DiskReceiver(self, plan, d.source))
+                         for plan, d in zip(plans, source.disks, strict=True)]  # fmt: skip
+            for rx, disk in zip(receivers, source.disks, strict=True):
+                records.start_disk(disk.size, disk.block_size)
+                self._first_pass(records, stream, rx)
+                if rx.hashes.digest() != disk.digest:
+                    raise ChainCorruptError(
+                        f"{self.host.name} {disk.slot}: point {source.id} as received does not match the digest site "
+                        f"{self.site.name} recorded for it; it was not recorded here (the next run fetches it again)"
+                    )
+            if not isinstance(self._next(records, stream), Finished):
+                raise violation(self.host, "a record after the last disk of a replicated point")
+            for rx in receivers:
+                rx.flush()
+        if sender is not None:
+            self._join_sender(sender, stream)
+        disks = [rx.finish(0) for rx in receivers]
+        origin = f"replica of {self.site.name}" + (f" ({source.extra['origin']})" if source.extra.get("origin") else "")
+        return Point(
+            id=source.id, created=source.created, seconds=time.monotonic() - started, disks=tuple(disks),
+            wire_bytes=stream.bytes_sent - sent + stream.bytes_received - received, consistency=source.consistency,
+            extra={"origin": origin, "site": self.site.name},
+        )  # fmt: skip
+
+    def _failure(self, failure: protocol.RemoteFailure) -> Exception:
+        if failure.code in ("no-hashes", "no-point"):  # merged away meanwhile, or too old to send as an increment
+            return _Skipped(failure.message)
+        return RemoteCommandError(f"site {self.site.name} could not send {self.host.name}'s point {self.source.id}: "
+                                  f"{failure.message}; it was not recorded here (the next run asks again)")  # fmt: skip
+
+    def _hello(self, records: protocol.RecordReader, stream: RemoteStream) -> Hello:
+        hello = self._next(records, stream, starting=True)
+        if not isinstance(hello, Hello):
+            raise violation(self.host, "a replicated point that does not start with its hello")
+        sizes = [d.size for d in hello.disks]
+        if sizes != [d.size for d in self.source.disks] or any(
+            d.slot != slot_name(i) for i, d in enumerate(self.source.disks)
+        ):
+            raise violation(self.host, f"point {self.source.id} with other disks than its catalog lists")
+        return hello

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Offsite copies: a DR appliance (its own APPLIANCE_HOME) pulls a host's points from the source appliance,
+which it reaches only over SSH, with a key the source granted nothing but `serve-replica`.
+
+The source appliance's sshd is a lab host's (a network namespace of its own); its forced command runs
+this checkout's appliance on the source's home.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import Lab, LabHost
+from tests.conftest import points_json, run_cli
+
+
+@dataclass
+class Sites:
+    source: Path  # the source appliance's home (its points)
+    dr: Path  # the DR appliance's home
+    host: LabHost  # the protected host, backed up by the source
+    site: LabHost  # where the DR appliance reaches the source (sshd + the granted key)
+    dr_key: Path
+
+
+@pytest.fixture
+def sites(make_host, lab: Lab, home: Path, tmp_path: Path) -> Sites:  # type: ignore[no-untyped-def]
+    host = make_host(size=64 << 20, data=0.4)
+    site = make_host(size=1 << 20, add=False)
+    dr_key = tmp_path / "dr_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dr1", "-f", str(dr_key)], check=True)
+    authorized = Path(site.folder) / "authorized_keys"
+    r = run_cli(home, "site", "grant", "dr1", "--key", f"{dr_key}.pub", "--authorized-keys", str(authorized))
+    assert r.rc == 0, r.err
+    dr = tmp_path / "dr-home"
+    dr.mkdir()
+    return Sites(home, dr, host, site, dr_key)
+
+
+def _add_site(s: Sites) -> None:
+    r = run_cli(s.dr, "site", "add", "hq", "--address", f"root@{s.site.address}", "--key", str(s.dr_key),
+                "--trust-first-use")  # fmt: skip
+    assert r.rc == 0, r.err
+    assert s.host.name in r.out
+
+
+def _digests(home: Path, host: str) -> list[tuple[str, str]]:
+    return [(str(p["id"]), str(p["disks"][0]["digest"])) for p in points_json(home, host)]  # type: ignore[index]
+
+
+def test_a_dr_site_pulls_every_point_and_then_only_what_changed(sites: Sites, lab: Lab) -> None:
+    s, name = sites, sites.host.name
+    assert run_cli(s.source, "backup", name).rc == 0
+    lab.change(name, 0.05, seed=3)
+    assert run_cli(s.source, "backup", name).rc == 0
+    _add_site(s)
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, r.err
+    assert f"{name}: 2 point(s) pulled from hq" in r.out
+    assert _digests(s.dr, name) == _digests(s.source, name)
+    v = run_cli(s.dr, "verify", name)
+    assert v.rc == 0, v.out + v.err
+    lag = run_cli(s.dr, "replicas")
+    assert lag.rc == 0 and any(line.split()[:2] == [name, "hq"] and line.split()[4] == "0" for line in
+                               lag.out.splitlines()), lag.out + lag.err  # fmt: skip
+
+    written = lab.change(name, 0.01, seed=4)
+    assert run_cli(s.source, "backup", name).rc == 0
+    r = run_cli(s.dr, "replicate", "hq", name)
+    assert r.rc == 0, r.err
+    assert _digests(s.dr, name) == _digests(s.source, name)
+    newest = points_json(s.dr, name)[-1]
+    assert newest["wire_bytes"] <= written * 1.5 + (256 << 10), (newest["wire_bytes"], written)  # type: ignore[operator]
+    assert newest["extra"]["origin"].startswith("replica of hq")  # type: ignore[index]
+    again = run_cli(s.dr, "replicate", "hq")
+    assert again.rc == 0 and f"{name}: 0 point(s) pulled" in again.out, again.out + again.err
+    b = run_cli(s.dr, "backup", name)
+    assert b.rc != 0 and "replica of site hq" in b.err, b.err
+
+
+def test_the_granted_key_runs_nothing_but_serve_replica(sites: Sites) -> None:
+    s = sites
+    ssh = ["ssh", "-i", str(s.dr_key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", f"root@{s.site.address}"]  # fmt: skip
+    for command in (["id"], ["sh", "-c", "cat /etc/shadow"], ["rm", "-rf", str(s.source)]):
+        done = subprocess.run([*ssh, *command], input=b"", capture_output=True, timeout=60, check=False)
+        assert b"uid=" not in done.stdout and b"root:" not in done.stdout, done.stdout
+    assert (s.source / "hosts" / f"{s.host.name}.json").exists()
+    # The protocol itself: a host or point outside the catalog is refused, never a path.
+    body = json.dumps({"op": "point", "host": "../hosts", "point": "x", "base": None}).encode()
+    done = subprocess.run([*ssh, "serve-replica"], input=len(body).to_bytes(4, "little") + body,
+                          capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert done.stdout[:1] == b"X" and b"no host" in done.stdout, done.stdout
+    pty = subprocess.run([*ssh, "-t", "-t", "id"], input=b"", capture_output=True, timeout=60, check=False)
+    assert b"uid=" not in pty.stdout
+
+
+def test_a_point_damaged_on_the_source_is_refused_at_the_dr_site(sites: Sites) -> None:
+    s, name = sites, sites.host.name
+    assert run_cli(s.source, "backup", name).rc == 0
+    point = points_json(s.source, name)[-1]
+    image = s.source / "store" / name / str(point["disks"][0]["file"])  # type: ignore[index]
+    _corrupt_a_data_cluster(image)
+    _add_site(s)
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc != 0 and "does not match" in r.err, r.err
+    assert points_json(s.dr, name) == []
+
+
+def _corrupt_a_data_cluster(image: Path) -> None:
+    """Flip a byte inside the first data cluster qemu-img map reports for the image itself."""
+    done = subprocess.run(["qemu-img", "map", "--output=json", str(image)], capture_output=True, text=True, check=True)
+    extent = next(e for e in json.loads(done.stdout) if e.get("data") and "offset" in e and e.get("depth", 0) == 0)
+    with open(image, "r+b") as f:
+        f.seek(extent["offset"] + 100)
+        byte = f.read(1)
+        f.seek(extent["offset"] + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
