@@ -8,14 +8,18 @@ key may then run only `serve-replica`), `replicate` on the DR appliance.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from appliance.cli._output import table
+from appliance.cli._output import parse_size, table
 from appliance.cli.context import state
 from appliance.cli.hosts import _ask
+from appliance.domain.models import Site, format_duration, parse_duration
+from appliance.domain.models import format_size as size
+from appliance.domain.schedule import parse_window
 from appliance.services import replica_source
 from appliance.services.replicate import add_site, grant, lags, replicate
 from appliance.store import sites
@@ -53,6 +57,38 @@ def add(
                + (", ".join(h.name for h in listed) or "none yet"))  # fmt: skip
 
 
+@app.command("set")
+def set_site(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The site")],
+    bandwidth: Annotated[
+        str | None, typer.Option("--bandwidth", help="Bytes a second a replication may take, e.g. 20M; 0: no limit")
+    ] = None,
+    window: Annotated[
+        str | None, typer.Option("--window", help="When the daemon may start points, HH:MM-HH:MM local; '': always")
+    ] = None,
+    every: Annotated[str | None, typer.Option("--every", help="The daemon replicates every 15m, 1h, ...")] = None,
+) -> None:
+    """Change how and when this appliance replicates from a site."""
+    home = state(ctx).home
+    site = sites.load(home, name)
+    if bandwidth is not None:
+        site = replace(site, bandwidth=parse_size(bandwidth) if bandwidth != "0" else 0)
+    if window is not None:
+        parse_window(window)
+        site = replace(site, window=window)
+    if every is not None:
+        site = replace(site, interval=parse_duration(every))
+    sites.save(home, site)
+    typer.echo(f"updated site {name}: {_describe(site)}")
+
+
+def _describe(site: Site) -> str:
+    limit = f"{size(site.bandwidth)}/s" if site.bandwidth else "no bandwidth limit"
+    when = f"every {format_duration(site.interval)}" if site.interval else "not scheduled"
+    return f"{limit}, {when}" + (f" inside {site.window}" if site.window else "")
+
+
 @app.command("list")
 def list_sites(ctx: typer.Context) -> None:
     """The sites this appliance replicates from."""
@@ -60,8 +96,8 @@ def list_sites(ctx: typer.Context) -> None:
     rows = []
     for name in sites.names(home):
         site = sites.load(home, name)
-        rows.append([name, site.target, site.host_key.fingerprint])
-    typer.echo(table(["SITE", "ADDRESS", "HOST KEY"], rows))
+        rows.append([name, site.target, site.host_key.fingerprint, _describe(site)])
+    typer.echo(table(["SITE", "ADDRESS", "HOST KEY", "REPLICATION"], rows))
 
 
 @app.command("remove")

@@ -91,6 +91,9 @@ class Site:
     key_file: str  # relative to APPLIANCE_HOME
     host_key: HostKey
     timeout: float = 60.0
+    bandwidth: int = 0  # bytes a second a replication may take of the link; 0: no limit
+    window: str = ""  # HH:MM-HH:MM local time when the daemon may start points ("": any time)
+    interval: float = 0.0  # seconds between the daemon's replications; 0: not scheduled
 
     @property
     def target(self) -> str:

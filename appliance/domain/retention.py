@@ -62,8 +62,12 @@ class Decision:
     reasons: tuple[str, ...]
 
 
-def plan(points: Sequence[Point], policy: RetentionPolicy, pinned: Mapping[str, str]) -> list[Decision]:
-    """One decision per point, oldest first."""
+def plan(
+    points: Sequence[Point], policy: RetentionPolicy, pinned: Mapping[str, str], held: Mapping[str, str] | None = None
+) -> list[Decision]:
+    """One decision per point, oldest first. A `held` point is kept itself (a DR site needs its content),
+    but unlike a pinned one it holds nothing older: merging an older point into it changes its file,
+    never its content."""
     if policy.empty:
         return [Decision(p.id, KEEP, ("no retention policy",)) for p in points]
     reasons: dict[str, list[str]] = {p.id: [] for p in points}
@@ -77,6 +81,9 @@ def plan(points: Sequence[Point], policy: RetentionPolicy, pinned: Mapping[str, 
     for pid, why in pinned.items():
         if pid in reasons:
             reasons[pid].append(f"pinned: {why}")
+    for pid, why in (held or {}).items():
+        if pid in reasons:
+            reasons[pid].append(f"held: {why}")
     oldest_pin = max((i for i, p in enumerate(points) if p.id in pinned), default=-1)
     decisions = []
     for i, p in enumerate(points):

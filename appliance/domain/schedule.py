@@ -20,7 +20,7 @@ from datetime import UTC, datetime, time, timedelta
 
 from appliance.errors import ConfigError
 
-BACKUP, CONSOLIDATE = "backup", "consolidate"
+BACKUP, CONSOLIDATE, REPLICATE = "backup", "consolidate", "replicate"
 
 # A last run at most this far in the future is taken as it is: an NTP step of a few seconds back right
 # after a backup must not start the same backup again at once (it would read the whole disk for nothing).
@@ -48,6 +48,42 @@ def parse_time_of_day(text: str) -> time:
         raise ConfigError(f"invalid time of day {text!r}: use HH:MM, e.g. 02:00") from None
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Local times of day between which something may start (`start` > `end`: across midnight)."""
+
+    start: time
+    end: time
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+    def is_open(self, moment: datetime) -> bool:
+        now = moment.astimezone().time().replace(second=0, microsecond=0)
+        if self.start <= self.end:
+            return self.start <= now < self.end
+        return now >= self.start or now < self.end
+
+    def next_open(self, moment: datetime) -> datetime:
+        """`moment` itself if the window is open then, else when it next opens."""
+        if self.is_open(moment):
+            return moment
+        return _next_daily(self.start, moment, inclusive=True)
+
+
+def parse_window(text: str) -> Window | None:
+    """'19:00-07:00' -> a Window; '' -> None (any time). :raises ConfigError:"""
+    if not text:
+        return None
+    start, sep, end = text.partition("-")
+    if not sep:
+        raise ConfigError(f"invalid window {text!r}: use HH:MM-HH:MM, e.g. 19:00-07:00")
+    window = Window(parse_time_of_day(start), parse_time_of_day(end))
+    if window.start == window.end:
+        raise ConfigError(f"invalid window {text!r}: it opens and closes at the same time")
+    return window
+
+
 def ran_in_the_future(started: datetime, now: datetime) -> bool:
     """Whether a recorded run is later than now by more than the slack: the clock was changed since."""
     return started > now + CLOCK_SLACK
@@ -56,6 +92,7 @@ def ran_in_the_future(started: datetime, now: datetime) -> bool:
 def due_jobs(
     intervals: Sequence[tuple[str, float]], last_runs: Mapping[tuple[str, str], datetime], now: datetime,
     consolidate_at: time, first_seen: Mapping[str, datetime] | None = None,
+    replications: Sequence[tuple[str, float, Window | None]] = (),
 ) -> list[Job]:  # fmt: skip
     """Every scheduled job with the time it is due, soonest first (ties: backups first, then by host).
 
@@ -69,6 +106,10 @@ def due_jobs(
             jobs.append(Job(BACKUP, host, _backup_due(last_runs.get((BACKUP, host)), interval, now)))
         last, seen = last_runs.get((CONSOLIDATE, host)), (first_seen or {}).get(host, now)
         jobs.append(Job(CONSOLIDATE, host, _consolidation_due(last, consolidate_at, seen, now)))
+    for site, interval, window in replications:  # a site's replication: at its interval, inside its window
+        if interval > 0:
+            due = _backup_due(last_runs.get((REPLICATE, site)), interval, now)
+            jobs.append(Job(REPLICATE, site, window.next_open(due) if window and due < _FAR else due))
     return sorted(jobs, key=lambda j: (j.due, j.kind != BACKUP, j.host))
 
 

@@ -52,7 +52,7 @@ def consolidate(home: Home, tools: Tools, name: str, *, dry_run: bool = False, w
     with chains.open(home, tools.images, name, "consolidation", wait=wait) as tx:
         if not dry_run:
             tx.finish_merges()
-        decisions = plan([p for p in tx.chain.points if not p.dropping], policy, tx.pins())
+        decisions = plan([p for p in tx.chain.points if not p.dropping], policy, tx.pins(), tx.holds())
         report = Report(name, policy, decisions)
         if dry_run:
             return report
@@ -77,5 +77,9 @@ def drop_point(home: Home, tools: Tools, name: str, point_ref: str, *, wait: flo
         pins = tx.pins()
         for pinned in [p for p in tx.chain.points[tx.chain.index(point.id) :] if p.id in pins]:
             raise ChainError(f"{name}: point {pinned.id} is in use ({pins[pinned.id]}); not merging {point.id}")
+        held = tx.holds()
+        if point.id in held:
+            raise ChainError(f"{name}: point {point.id} is held for {held[point.id]}; not merging it",
+                             hint="it can be merged once that site confirms a newer point")  # fmt: skip
         tx.merge(point)
         return point

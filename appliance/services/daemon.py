@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The scheduler: backups at each host's interval (each followed by verification of the new point),
-each host's consolidation once a day.
+each host's consolidation once a day, and each site's replication at its interval inside its window.
 
 Jobs of different hosts run side by side, at most `jobs` at once, started in the order they fall due;
 a host never has two jobs at once (the store's host lock would refuse the second). So a host that is
@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from datetime import time as time_of_day
 from typing import Protocol
 
-from appliance.domain.schedule import BACKUP, Job, due_jobs, jobs_to_start
+from appliance.domain.schedule import BACKUP, REPLICATE, Job, Window, due_jobs, jobs_to_start, parse_window
 from appliance.errors import ApplianceError, DamagedFileError
 from appliance.log import get_logger
 from appliance.ports import Tools
@@ -29,8 +29,9 @@ from appliance.services.backup import back_up
 from appliance.services.consolidate import consolidate
 from appliance.services.failover import verify_boot
 from appliance.services.reader_pool import ReaderPool
+from appliance.services.replicate import replicate
 from appliance.services.verify import verify_chain
-from appliance.store import hosts, schedule
+from appliance.store import hosts, schedule, sites
 from appliance.store.layout import Home
 
 log = get_logger(__name__)
@@ -71,12 +72,24 @@ def read_intervals(home: Home) -> tuple[list[tuple[str, float]], dict[str, str]]
     return [(h.name, h.interval) for h in found], {name: exc.message for name, exc in unreadable.items()}
 
 
+def read_replications(home: Home) -> list[tuple[str, float, Window | None]]:
+    """Each site's replication interval and window (a site whose record does not read is left out)."""
+    out = []
+    for name in sites.names(home):
+        try:
+            site = sites.load(home, name)
+            out.append((name, site.interval, parse_window(site.window)))
+        except ApplianceError as exc:
+            log.error("daemon.site_unreadable", site=name, error=exc.message)
+    return out
+
+
 def upcoming(home: Home, history: Mapping[tuple[str, str], schedule.Outcome], now: datetime,
              consolidate_at: time_of_day) -> Plan:  # fmt: skip
     """What `appliance schedule` shows: every job with when it is due."""
     intervals, unreadable = read_intervals(home)
     last = {key: o.started for key, o in history.items()}
-    return Plan(due_jobs(intervals, last, now, consolidate_at), unreadable)
+    return Plan(due_jobs(intervals, last, now, consolidate_at, replications=read_replications(home)), unreadable)
 
 
 @dataclass(slots=True)
@@ -148,7 +161,7 @@ class Scheduler:
         last = {key: o.started for key, o in self._history().items()}
         with self._lock:  # what this process started is known even if its record could not be written
             last.update(self._started)
-        return due_jobs(intervals, last, now, self.consolidate_at, self._first_seen)
+        return due_jobs(intervals, last, now, self.consolidate_at, self._first_seen, read_replications(self.home))
 
     def _report_unreadable(self, unreadable: dict[str, str]) -> None:
         """Log each damaged host record once (and once more if it changes), and when it reads again."""
@@ -227,6 +240,9 @@ def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = Non
             verdict = verify_boot(home, tools, job.host, point_ref=point.id)
             summary += f", boot {'ok' if verdict['ok'] else 'FAILED'}"
         return summary
+    if job.kind == REPLICATE:
+        reports = replicate(home, tools, job.host, in_window=True)
+        return "; ".join(f"{r.host}: {len(r.pulled)} pulled, newest here {r.newest_here or '-'}" for r in reports)
     report = consolidate(home, tools, job.host, wait=600.0)
     deferred = f", {len(report.deferred)} deferred (in use)" if report.deferred else ""
     return f"merged {len(report.merged)} points{deferred}"

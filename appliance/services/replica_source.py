@@ -68,8 +68,21 @@ def _answer(home: Home, tools: Tools, request: dict[str, Any], stdin: BinaryIO, 
             raise _Refused("protocol", "a point request without a point id")
         with chains.open(home, tools.images, name, "replication", wait=600.0) as tx:
             _send_point(tx, tools, point_id, base, stdin, out, site)
+    elif op == "confirm":  # the DR site published these points: keep its newest from merging
+        _confirm(home, request.get("held"), site)
     else:
         raise _Refused("protocol", f"no such request {str(op)[:40]!r}")
+
+
+def _confirm(home: Home, held: object, site: str) -> None:
+    """{host: {"id", "digests"}}: what the DR site now holds; recorded where this appliance has that point."""
+    if not isinstance(held, dict):
+        raise _Refused("protocol", "a confirmation without the points held")
+    for name, base in held.items():
+        if isinstance(name, str) and HOST_NAME.match(name) and hosts.exists(home, name) and isinstance(base, dict):
+            point = _base_here(catalog.load(home.chain_dir(name), name).points, base)
+            if point is not None:
+                sites.confirm(home, site, name, point.id)
 
 
 def _catalog(home: Home, tools: Tools) -> dict[str, Any]:

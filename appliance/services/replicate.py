@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.domain.models import Host, Point, Site, parse_address, slot_name, validate_new_host_name
+from appliance.domain.schedule import Window, parse_window
 from appliance.errors import ChainCorruptError, ConfigError, ConnectionLostError, RemoteCommandError
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
@@ -118,25 +120,31 @@ class HostReport:
     newest_here: str | None = None
 
 
-def replicate(home: Home, tools: Tools, site_name: str, only: str | None = None, say: Say = lambda _: None
-              ) -> list[HostReport]:  # fmt: skip
-    """Pull every point of the site's hosts (or of `only`) newer than this appliance's newest, oldest first.
+def replicate(home: Home, tools: Tools, site_name: str, only: str | None = None, say: Say = lambda _: None,
+              *, in_window: bool = False) -> list[HostReport]:  # fmt: skip
+    """Pull every point of the site's hosts (or of `only`) newer than this appliance's newest, oldest first,
+    taking at most the site's bandwidth. `in_window` (the daemon): start no point once the site's window
+    has closed (the point under way finishes; the rest waits for the next window).
 
     :raises HostNotFoundError: no such site, or the site has no host `only`.
     :raises RemoteError, ChainError, StoreFullError: that point was not recorded; the next run resumes.
     """
     site = sites.load(home, site_name)
+    window = parse_window(site.window) if in_window else None
     reports = []
     with tools.remote.connect(site.endpoint()) as session:
         stream = session.start(["serve-replica"])
-        records = protocol.RecordReader(stream.recv_some)
+        receive = Throttle(stream.recv_some, site.bandwidth) if site.bandwidth else stream.recv_some
+        records = protocol.RecordReader(receive)
         listed = _catalog(site, stream, records)
         if only is not None and only not in {h.name for h in listed}:
             raise ConfigError(f"site {site_name} has no host {only!r}")
         for source in listed:
             if only is None or source.name == only:
-                reports.append(_replicate_host(home, tools, site, source, stream, records, say))
+                reports.append(_replicate_host(home, tools, site, source, stream, records, say, window))
+        stream.write(replica.encode({"op": "confirm", "held": _held(home, [r.host for r in reports])}))
         stream.close_stdin()
+        stream.wait(timeout=60)
     return reports
 
 
@@ -181,6 +189,16 @@ def lags(home: Home, tools: Tools) -> list[Lag]:
     return out
 
 
+def _held(home: Home, names: list[str]) -> dict[str, dict[str, object]]:
+    """The newest point of each host here, as the source names it (its id and digests)."""
+    held: dict[str, dict[str, object]] = {}
+    for name in names:
+        newest = catalog.load(home.chain_dir(name), name).newest
+        if newest is not None:
+            held[name] = {"id": newest.id, "digests": {d.slot: d.digest for d in newest.disks}}
+    return held
+
+
 def _catalog(site: Site, stream: RemoteStream, records: protocol.RecordReader) -> list[replica.SourceHost]:
     stream.write(replica.encode({"op": "catalog"}))
     try:
@@ -197,13 +215,17 @@ def _catalog(site: Site, stream: RemoteStream, records: protocol.RecordReader) -
 
 
 def _replicate_host(home: Home, tools: Tools, site: Site, source: replica.SourceHost, stream: RemoteStream,
-                    records: protocol.RecordReader, say: Say) -> HostReport:  # fmt: skip
+                    records: protocol.RecordReader, say: Say, window: Window | None) -> HostReport:  # fmt: skip
     host = _replica_host(home, site, source)
     report = HostReport(host.name, newest_there=source.points[-1].id if source.points else None)
     with chains.open(home, tools.images, host.name, "replication") as tx:
         newest = tx.chain.newest
         wanted = [p for p in source.points if newest is None or p.id > newest.id]
         for point in wanted:
+            if window is not None and not window.is_open(datetime.now(UTC)):
+                log.info("replica.window_closed", site=site.name, host=host.name, window=str(window),
+                         waiting=len(wanted) - len(report.pulled) - len(report.skipped))  # fmt: skip
+                break
             say(f"{host.name}: pulling point {point.id} from {site.name}")
             try:
                 report.pulled.append(_record(tx, _Pull(tx, tools, host, site, point, stream, records), "replication"))
@@ -234,6 +256,27 @@ def _replica_host(home: Home, site: Site, source: replica.SourceHost) -> Host:
     updated = replace(host, disks=tuple(disks), **kept)
     hosts.save(home, updated)
     return updated
+
+
+class Throttle:
+    """`recv_some` at no more than `rate` bytes a second on average: it sleeps when ahead, and TCP's own
+    flow control then slows the source (nothing piles up on either side)."""
+
+    def __init__(self, recv_some: Callable[[], bytes], rate: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
+        self.recv_some, self.rate, self.clock, self.sleep = recv_some, rate, clock, sleep
+        self.started: float | None = None
+        self.received = 0
+
+    def __call__(self) -> bytes:
+        if self.started is None:
+            self.started = self.clock()
+        ahead = self.received / self.rate - (self.clock() - self.started)
+        if ahead > 0:
+            self.sleep(ahead)
+        data = self.recv_some()
+        self.received += len(data)
+        return data
 
 
 class _Skipped(Exception):

@@ -117,13 +117,14 @@ class ChainTx:
         return self.dir / hashes_file(slot, point_id)
 
     def pins(self) -> dict[str, str]:
-        """Points that must not be merged away: point id -> what uses it (a recovery VM, or a DR site that
-        confirmed holding it: the next increment it pulls is cheap only against it)."""
+        """Points that must not be merged away: point id -> what uses it."""
+        return recovery.pinned_points(self.home, self.host)
+
+    def holds(self) -> dict[str, str]:
+        """Points kept for a DR site that confirmed holding them (the next increment it pulls is cheapest
+        against them): point id -> which site. Older points may still be merged into them."""
         holds, _ = sites.replication_holds(self.home, self.host)
-        return {
-            **{k: v for k, v in holds.items() if k in self.chain.ids()},
-            **recovery.pinned_points(self.home, self.host),
-        }
+        return {k: v for k, v in holds.items() if k in self.chain.ids()}
 
     def needed_hash_lists(self) -> set[str]:
         """The hash lists to keep: the newest point's (the next backup compares to it), and those of every

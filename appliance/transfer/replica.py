@@ -13,6 +13,8 @@ never paths. Requests (DR -> source) are u32 length + JSON:
                                             Unless the source holds the DR's newest point (`base`,
                                             same digests: "base_known"), the DR sends the hashes of
                                             what it holds, per disk, as a capture sends them to a host.
+  {"op": "confirm", "held": {host:       -> nothing: the source keeps each such point from being merged
+   {"id", "digests"}}}                      away (and the hash lists from there on) for this DR site
 Either side's failure: X u32+JSON {"code", "message"}; nothing after it. One request after another
 on one session, until the DR closes it.
 """

@@ -9,14 +9,17 @@ this checkout's appliance on the source's home.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from appliance.lab import Lab, LabHost
-from tests.conftest import points_json, run_cli
+from tests.conftest import points_json, run_cli, start_cli
 
 
 @dataclass
@@ -74,13 +77,30 @@ def test_a_dr_site_pulls_every_point_and_then_only_what_changed(sites: Sites, la
     r = run_cli(s.dr, "replicate", "hq", name)
     assert r.rc == 0, r.err
     assert _digests(s.dr, name) == _digests(s.source, name)
+    b = run_cli(s.dr, "backup", name)
+    assert b.rc != 0 and "replica of site hq" in b.err, b.err
     newest = points_json(s.dr, name)[-1]
     assert newest["wire_bytes"] <= written * 1.5 + (256 << 10), (newest["wire_bytes"], written)  # type: ignore[operator]
     assert newest["extra"]["origin"].startswith("replica of hq")  # type: ignore[index]
     again = run_cli(s.dr, "replicate", "hq")
     assert again.rc == 0 and f"{name}: 0 point(s) pulled" in again.out, again.out + again.err
-    b = run_cli(s.dr, "backup", name)
-    assert b.rc != 0 and "replica of site hq" in b.err, b.err
+
+    # Retention at the source while the DR site lags: the point the DR site holds is kept (older ones and
+    # newer ones go), and the next point is sent as the blocks that differ from it.
+    held = _digests(s.dr, name)[-1][0]
+    for seed in (5, 6):
+        lab.change(name, 0.01, seed=seed)
+        assert run_cli(s.source, "backup", name).rc == 0
+    assert run_cli(s.source, "host", "set", name, "--keep-last", "1").rc == 0
+    plan = run_cli(s.source, "consolidate", name, "--dry-run")
+    assert "held: replication to site dr1" in plan.out, plan.out
+    assert run_cli(s.source, "consolidate", name).rc == 0
+    left = [p for p, _ in _digests(s.source, name)]
+    assert len(left) == 2 and left[0] == held, left
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0 and f"{name}: 1 point(s) pulled" in r.out, r.out + r.err
+    assert _digests(s.dr, name)[-1] == _digests(s.source, name)[-1]
+    assert points_json(s.dr, name)[-1]["wire_bytes"] <= 3 * written + (256 << 10)  # type: ignore[operator]
 
 
 def test_the_granted_key_runs_nothing_but_serve_replica(sites: Sites) -> None:
@@ -121,3 +141,44 @@ def _corrupt_a_data_cluster(image: Path) -> None:
         byte = f.read(1)
         f.seek(extent["offset"] + 100)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_the_dr_daemon_replicates_each_site_at_its_interval_and_a_dead_site_stops_no_other(
+    sites: Sites,
+    make_host,
+    lab: Lab,  # type: ignore[no-untyped-def]
+) -> None:
+    s, name = sites, sites.host.name
+    assert run_cli(s.source, "backup", name).rc == 0
+    _add_site(s)
+    dead = make_host(size=1 << 20, add=False)  # a second source site that then goes away
+    authorized = Path(dead.folder) / "authorized_keys"
+    assert run_cli(s.source, "site", "grant", "dr1", "--key", f"{s.dr_key}.pub", "--authorized-keys",
+                   str(authorized)).rc == 0  # fmt: skip
+    r = run_cli(s.dr, "site", "add", "gone", "--address", f"root@{dead.address}", "--key", str(s.dr_key),
+                "--trust-first-use")  # fmt: skip
+    assert r.rc == 0, r.err
+    subprocess.run(["kill", Path(dead.sshd_pid_file).read_text().strip()], check=True)
+    for site in ("hq", "gone"):
+        r = run_cli(s.dr, "site", "set", site, "--every", "2s", "--bandwidth", "50M", "--window", "")
+        assert r.rc == 0 and "50.0 MiB/s, every 2s" in r.out, r.out + r.err
+    night = f"{datetime.now() + timedelta(hours=12):%H:%M}"
+    daemon = start_cli(s.dr, "--log-json", "daemon", "--consolidate-at", night)
+    try:
+        _wait_for(lambda: len(points_json(s.dr, name)) == 1 if (s.dr / "hosts" / f"{name}.json").exists() else False)
+        lab.change(name, 0.02, seed=9)
+        assert run_cli(s.source, "backup", name).rc == 0
+        _wait_for(lambda: _digests(s.dr, name) == _digests(s.source, name))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=120)
+    assert daemon.returncode == 0 and "Traceback" not in err, err
+    rows = {tuple(line.split()[:2]): line for line in run_cli(s.dr, "schedule").out.splitlines()[1:]}
+    assert " ok: " in rows[("replicate", "hq")] and " FAILED: " in rows[("replicate", "gone")], rows
+
+
+def _wait_for(condition, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)

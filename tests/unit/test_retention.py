@@ -82,6 +82,13 @@ def test_pinned_points_are_kept_and_older_drops_deferred() -> None:
     assert "older than pinned point" in decisions[0].reasons[0]
 
 
+def test_a_point_held_for_a_dr_site_is_kept_and_holds_nothing_older() -> None:
+    pts = _points(*(T0 + timedelta(hours=h) for h in range(6)))
+    decisions = plan(pts, RetentionPolicy(last=1), {}, {pts[2].id: "replication to site dr1"})
+    assert [d.action for d in decisions] == [DROP, DROP, KEEP, DROP, DROP, KEEP]
+    assert decisions[2].reasons == ("held: replication to site dr1",)
+
+
 def test_invalid_policy() -> None:
     with pytest.raises(ConfigError):
         RetentionPolicy(last=-1)

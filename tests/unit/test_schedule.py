@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from appliance.domain.models import Host, HostKey
 from appliance.domain.schedule import BACKUP, CONSOLIDATE, Job, due_jobs, jobs_to_start
-from appliance.errors import DamagedFileError, RemoteError
+from appliance.errors import ConfigError, DamagedFileError, RemoteError
 from appliance.services.daemon import Scheduler, upcoming
 from appliance.store import hosts, schedule
 from appliance.store.layout import Home
@@ -293,3 +293,55 @@ def test_schedule_shows_an_unreadable_host_and_a_last_run_later_than_now(tmp_pat
     shown = run_cli(tmp_path, "schedule")
     assert shown.rc == DamagedFileError.exit_code and f"{home.root / schedule.NAME} is damaged" in shown.err
     assert len(shown.err.strip().splitlines()) <= 2 and "Traceback" not in shown.err  # the line and its hint
+
+
+# -- replication: at a site's interval, inside its window ---------------------------------------------------
+
+
+def test_a_window_across_midnight_is_open_at_night_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.domain.schedule import parse_window
+
+    monkeypatch.setenv("TZ", "UTC")
+    systime.tzset()
+    window = parse_window("19:00-07:00")
+    assert window is not None and str(window) == "19:00-07:00"
+    day = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    assert not window.is_open(day) and window.next_open(day) == datetime(2026, 11, 26, 19, 0, tzinfo=UTC)
+    assert window.is_open(datetime(2026, 11, 26, 23, 0, tzinfo=UTC))
+    assert window.is_open(datetime(2026, 11, 27, 6, 59, tzinfo=UTC))
+    assert not window.is_open(datetime(2026, 11, 27, 7, 0, tzinfo=UTC))
+    assert parse_window("") is None
+    for bad in ("19:00", "25:00-07:00", "07:00-07:00"):
+        with pytest.raises(ConfigError):
+            parse_window(bad)
+
+
+def test_a_site_is_replicated_at_its_interval_but_only_inside_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.domain.schedule import REPLICATE, parse_window
+
+    monkeypatch.setenv("TZ", "UTC")
+    systime.tzset()
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    sites = [("hq", 900.0, parse_window("19:00-07:00")), ("branch", 900.0, None), ("off", 0.0, None)]
+    last = {(REPLICATE, "branch"): now - timedelta(minutes=5)}
+    jobs = [j for j in due_jobs([], last, now, time(2, 0), replications=sites) if j.kind == REPLICATE]
+    assert [(j.host, j.due) for j in jobs] == [
+        ("branch", now + timedelta(minutes=10)),
+        ("hq", datetime(2026, 11, 26, 19, 0, tzinfo=UTC)),
+    ]
+
+
+def test_a_throttled_receive_takes_no_more_than_its_rate() -> None:
+    from appliance.services.replicate import Throttle
+
+    clock = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    throttle = Throttle(lambda: b"x" * 1000, 10_000, clock=lambda: clock[0], sleep=sleep)
+    for _ in range(20):
+        throttle()
+    assert throttle.received == 20_000 and abs(clock[0] - 1.9) < 1e-9  # the 20th kB starts at 1.9 s
