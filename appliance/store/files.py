@@ -11,6 +11,8 @@ import errno
 import functools
 import json
 import os
+import re
+import shutil
 import tempfile
 import types
 import typing
@@ -19,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance.errors import ApplianceError, DamagedFileError, StoreFullError
+from appliance.errors import ApplianceError, ConfigError, DamagedFileError, StoreFullError
 
 T = TypeVar("T")
 
@@ -213,3 +215,24 @@ def private_dir(path: Path) -> Path:
             continue
         os.chmod(missing, 0o700)  # mkdir's mode is masked by the umask
     return path
+
+
+def record_names(folder: Path, pattern: re.Pattern[str]) -> list[str]:
+    """The names of the JSON records in `folder` whose name matches `pattern` (a host or site name)."""
+    if not folder.exists():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json") if pattern.match(p.stem))
+
+
+def copy_private_key(source: Path, dest: Path, root: Path) -> str:
+    """Copy an SSH private key to `dest` (0600) unless it is that file already; its path relative to `root`.
+
+    :raises ConfigError: the key cannot be read.
+    """
+    if source.resolve() != dest.resolve():
+        try:
+            shutil.copyfile(source, dest)
+        except OSError as exc:
+            raise ConfigError(f"cannot read SSH key {source}: {exc.strerror}") from exc
+    dest.chmod(0o600)
+    return str(dest.relative_to(root))

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 from appliance.domain.models import HOST_NAME, Host
-from appliance.errors import ChainError, ConfigError, DamagedFileError, HostNotFoundError
+from appliance.errors import ChainError, DamagedFileError, HostNotFoundError
 from appliance.store import failback, recovery
-from appliance.store.files import damaged, read_as, write_json
+from appliance.store.files import copy_private_key, damaged, read_as, record_names, write_json
 from appliance.store.layout import Home
 from appliance.store.lock import HostLock
 
@@ -50,9 +50,7 @@ def exists(home: Home, name: str) -> bool:
 
 
 def names(home: Home) -> list[str]:
-    if not home.hosts_dir.exists():
-        return []
-    return sorted(p.stem for p in home.hosts_dir.glob("*.json") if HOST_NAME.match(p.stem))
+    return record_names(home.hosts_dir, HOST_NAME)
 
 
 def install_key(home: Home, name: str, source: Path, *, failback: bool = False) -> str:
@@ -60,13 +58,7 @@ def install_key(home: Home, name: str, source: Path, *, failback: bool = False) 
     refers to the copy."""
     home.ensure()
     dest = home.failback_key_file(name) if failback else home.key_file(name)
-    if source.resolve() != dest.resolve():
-        try:
-            shutil.copyfile(source, dest)
-        except OSError as exc:
-            raise ConfigError(f"cannot read SSH key {source}: {exc.strerror}") from exc
-    dest.chmod(0o600)
-    return str(dest.relative_to(home.root))
+    return copy_private_key(source, dest, home.root)
 
 
 def remove(home: Home, name: str) -> None:

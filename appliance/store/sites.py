@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 from appliance.domain.models import HOST_NAME, Site
-from appliance.errors import ConfigError, HostNotFoundError
-from appliance.store.files import damaged, read_as, read_json, write_json
+from appliance.errors import HostNotFoundError
+from appliance.store.files import copy_private_key, damaged, read_as, read_json, record_names, write_json
 from appliance.store.layout import Home
 
 
@@ -35,21 +34,13 @@ def exists(home: Home, name: str) -> bool:
 
 
 def names(home: Home) -> list[str]:
-    if not home.sites_dir.exists():
-        return []
-    return sorted(p.stem for p in home.sites_dir.glob("*.json") if HOST_NAME.match(p.stem))
+    return record_names(home.sites_dir, HOST_NAME)
 
 
 def install_key(home: Home, name: str, source: Path) -> str:
     """Copy the private key for the site under APPLIANCE_HOME (0600); the record refers to the copy."""
     home.ensure()
-    dest = home.site_key_file(name)
-    try:
-        shutil.copyfile(source, dest)
-    except OSError as exc:
-        raise ConfigError(f"cannot read SSH key {source}: {exc.strerror}") from exc
-    dest.chmod(0o600)
-    return str(dest.relative_to(home.root))
+    return copy_private_key(source, home.site_key_file(name), home.root)
 
 
 def remove(home: Home, name: str) -> None:
