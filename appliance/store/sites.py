@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 
 from appliance.domain.models import HOST_NAME, Site
-from appliance.errors import HostNotFoundError
+from appliance.errors import DamagedFileError, HostNotFoundError
+from appliance.log import get_logger
 from appliance.store.files import copy_private_key, damaged, read_as, read_json, record_names, write_json
 from appliance.store.layout import Home
+
+log = get_logger(__name__)
 
 
 def load(home: Home, name: str) -> Site:
@@ -72,16 +75,21 @@ def grant_site(home: Home, name: str) -> None:
         write_json(path, {"site": name, "confirmed": {}})
 
 
-def confirmed(home: Home) -> dict[str, dict[str, str]]:
-    """{granted site: {host: the newest point it confirmed holding}}."""
+def confirmed(home: Home) -> dict[str, dict[str, str] | None]:
+    """{granted site: {host: the newest point it confirmed holding}}; None for a record that does not read
+    (logged): such a site is taken as having confirmed nothing, which keeps more, never less."""
     folder = home.grant_record("x").parent
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, str] | None] = {}
     for path in sorted(folder.glob("*.json")) if folder.exists() else []:
-        doc = read_json(path)
-        held = doc.get("confirmed") if isinstance(doc, dict) else None
-        if not isinstance(held, dict):
-            raise damaged(path, "it has no confirmed points")
-        out[path.stem] = {str(k): str(v) for k, v in held.items()}
+        try:
+            doc = read_json(path)
+            held = doc.get("confirmed") if isinstance(doc, dict) else None
+            if not isinstance(held, dict):
+                raise damaged(path, "it has no confirmed points")
+            out[path.stem] = {str(k): str(v) for k, v in held.items()}
+        except DamagedFileError as exc:
+            log.warning("store.grant_unreadable", file=str(path), error=exc.message)
+            out[path.stem] = None
     return out
 
 
@@ -105,7 +113,7 @@ def replication_holds(home: Home, host: str) -> tuple[dict[str, str], bool]:
     holds: dict[str, str] = {}
     unconfirmed = False
     for site, held in confirmed(home).items():
-        if host in held:
+        if held is not None and host in held:
             holds[held[host]] = f"replication to site {site}"
         else:
             unconfirmed = True
