@@ -154,9 +154,17 @@ def replicas_cmd(ctx: typer.Context) -> None:
     rows = []
     for lag in lags(st.home, st.tools):
         behind = "-" if lag.seconds == float("inf") else _behind(lag.seconds)
+        last = lag.last_run
+        ran = (
+            "-"
+            if last is None
+            else f"{last.started.astimezone():%Y-%m-%d %H:%M} " + ("ok" if last.ok else f"FAILED: {last.message}")
+        )
+        if lag.error:
+            ran = f"UNREACHABLE: {lag.error}"
         rows.append([lag.host, lag.site, lag.newest_there.id if lag.newest_there else "-",
-                     lag.newest_here.id if lag.newest_here else "-", str(lag.missing), behind])  # fmt: skip
-    typer.echo(table(["HOST", "SITE", "NEWEST THERE", "NEWEST HERE", "MISSING", "LAG"], rows))
+                     lag.newest_here.id if lag.newest_here else "-", str(lag.missing), behind, ran])  # fmt: skip
+    typer.echo(table(["HOST", "SITE", "NEWEST THERE", "NEWEST HERE", "MISSING", "LAG", "DAEMON'S LAST RUN"], rows))
 
 
 def _behind(seconds: float) -> str:

@@ -23,14 +23,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.domain.models import Host, Point, Site, parse_address, slot_name, validate_new_host_name
-from appliance.domain.schedule import Window, parse_window
-from appliance.errors import ChainCorruptError, ConfigError, ConnectionLostError, RemoteCommandError
+from appliance.domain.schedule import REPLICATE, Window, parse_window
+from appliance.errors import (
+    ApplianceError,
+    ChainCorruptError,
+    ConfigError,
+    ConnectionLostError,
+    DamagedFileError,
+    RemoteCommandError,
+)
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import _Capture, _DiskReceiver, _record, job_deadline
 from appliance.services.hosts import ConfirmKey, pin_host_key
 from appliance.services.reader_session import violation
-from appliance.store import catalog, chains, hosts, sites
+from appliance.store import catalog, chains, hosts, schedule, sites
 from appliance.store.layout import Home
 from appliance.transfer import protocol, replica
 from appliance.transfer.protocol import Finished, Hello
@@ -157,6 +164,8 @@ class Lag:
     newest_there: Point | None
     newest_here: Point | None
     missing: int  # points there newer than the newest here
+    last_run: schedule.Outcome | None = None  # the daemon's last replication of the site
+    error: str = ""  # the site could not be asked (then `host` is "-")
 
     @property
     def seconds(self) -> float:
@@ -166,17 +175,23 @@ class Lag:
 
 
 def lags(home: Home, tools: Tools) -> list[Lag]:
-    """Every host of every site: what is there and what is here (one catalog request per site).
-
-    :raises RemoteError: a site cannot be reached (the others are not asked either: fix it first).
-    """
+    """Every host of every site: what is there and what is here (one catalog request per site); a site
+    that cannot be asked is one row with the reason, and the other sites are asked all the same."""
     out = []
+    try:
+        history = schedule.load(home)
+    except DamagedFileError:
+        history = {}  # the daemon names the damaged file itself
     for name in sites.names(home):
-        site = sites.load(home, name)
-        with tools.remote.connect(site.endpoint()) as session:
-            stream = session.start(["serve-replica"])
-            listed = _catalog(site, stream, protocol.RecordReader(stream.recv_some))
-            stream.close_stdin()
+        try:
+            site = sites.load(home, name)
+            with tools.remote.connect(site.endpoint()) as session:
+                stream = session.start(["serve-replica"])
+                listed = _catalog(site, stream, protocol.RecordReader(stream.recv_some))
+                stream.close_stdin()
+        except ApplianceError as exc:
+            out.append(Lag(name, "-", None, None, 0, history.get((REPLICATE, name)), exc.message))
+            continue
         for source in listed:
             here = (
                 catalog.load(home.chain_dir(source.name), source.name).newest
@@ -185,7 +200,7 @@ def lags(home: Home, tools: Tools) -> list[Lag]:
             )
             there = source.points[-1] if source.points else None
             missing = sum(1 for p in source.points if here is None or p.id > here.id)
-            out.append(Lag(name, source.name, there, here, missing))
+            out.append(Lag(name, source.name, there, here, missing, history.get((REPLICATE, name))))
     return out
 
 

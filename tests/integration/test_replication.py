@@ -175,6 +175,11 @@ def test_the_dr_daemon_replicates_each_site_at_its_interval_and_a_dead_site_stop
     assert daemon.returncode == 0 and "Traceback" not in err, err
     rows = {tuple(line.split()[:2]): line for line in run_cli(s.dr, "schedule").out.splitlines()[1:]}
     assert " ok: " in rows[("replicate", "hq")] and " FAILED: " in rows[("replicate", "gone")], rows
+    lag = run_cli(s.dr, "replicas")
+    assert lag.rc == 0, lag.err
+    assert any(line.split()[:2] == [name, "hq"] and line.split()[4] == "0" and " ok" in line
+               for line in lag.out.splitlines()), lag.out  # fmt: skip
+    assert any(line.split()[:2] == ["-", "gone"] and "UNREACHABLE" in line for line in lag.out.splitlines()), lag.out
 
 
 def _wait_for(condition, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
