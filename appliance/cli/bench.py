@@ -75,3 +75,17 @@ def consistency_bench(
     from appliance.bench.consistency import run_consistency_bench
 
     run_consistency_bench(parse_size(big), parse_size(data), change / 100.0)
+
+
+@app.command("replication")
+def replication_bench(
+    disk_size: Annotated[str, typer.Option("--disk-size")] = "2G",
+    data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
+    change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before the increment")] = 1.0,
+    rate: Annotated[str, typer.Option("--rate", help="The link's rate, as tc takes it")] = "100mbit",
+    rtt: Annotated[float, typer.Option("--rtt", help="The link's round-trip time in milliseconds")] = 30.0,
+) -> None:
+    """A DR appliance replicating an increment over a shaped link, against rsync and scp on that link."""
+    from appliance.bench.replication import run_replication_bench
+
+    run_replication_bench(parse_size(disk_size), data, change / 100.0, rate, rtt / 1000.0)

@@ -1,0 +1,215 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`appliance bench replication`: a DR appliance pulls an incremental point over a WAN-shaped link, against
+rsync of the source's raw image and scp of the point's qcow2 file, in one run, over the same link.
+
+Two appliances on this machine, each its own APPLIANCE_HOME. The source site is a lab namespace whose
+sshd runs `serve-replica` for the DR appliance's granted key (and a shell for the lab key, which rsync and
+scp use). The link is shaped with `tc tbf` on both ends of the site's veth (the rate) and a delaying TCP
+relay of the bench's own in front of its sshd (the round-trip time: `netem` is missing on some kernels).
+Bytes on the wire are the site link's own counters, both directions, SSH and TCP/IP framing included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.bench.capture import KEY_OPTS, _cache, _changed_bytes, _wire
+from appliance.domain.models import format_size
+from appliance.lab import Lab, LabHost
+
+
+@dataclass
+class Row:
+    tool: str
+    seconds: float
+    wire: int
+    note: str = ""
+
+
+class DelayRelay:
+    """127.0.0.1:port -> target, each byte held `one_way` seconds in each direction (RTT = 2 x one_way)."""
+
+    def __init__(self, target: tuple[str, int], one_way: float) -> None:
+        self.target, self.one_way = target, one_way
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for src, dst in ((client, upstream), (upstream, client)):
+                pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
+                threading.Thread(target=self._read, args=(src, pending), daemon=True).start()
+                threading.Thread(target=self._send, args=(dst, pending), daemon=True).start()
+
+    def _read(self, src: socket.socket, pending: queue.Queue[tuple[float, bytes]]) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                pending.put((time.monotonic() + self.one_way, data))
+        pending.put((time.monotonic() + self.one_way, b""))
+
+    def _send(self, dst: socket.socket, pending: queue.Queue[tuple[float, bytes]]) -> None:
+        while True:
+            due, data = pending.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@contextlib.contextmanager
+def shaped(site: LabHost, rate: str) -> Iterator[None]:
+    """`tc tbf` at `rate` on both ends of the site's link."""
+    ends = [["tc"], ["ip", "netns", "exec", site.netns, "tc"]]
+    devs = [site.veth, "eth0"]
+    for tc, dev in zip(ends, devs, strict=True):
+        subprocess.run([*tc, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb",
+                        "latency", "400ms"], check=True)  # fmt: skip
+    try:
+        yield
+    finally:
+        for tc, dev in zip(ends, devs, strict=True):
+            subprocess.run([*tc, "qdisc", "del", "dev", dev, "root"], check=False)
+
+
+def run_replication_bench(disk_size: int = 2 << 30, data: float = 0.4, change: float = 0.01, rate: str = "100mbit",
+                          rtt: float = 0.030) -> list[Row]:  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="bench-replication-", dir="/var/tmp"))
+    lab = Lab(work / "lab")
+    source, dr = work / "source", work / "dr"
+    src = [sys.executable, "-m", "appliance", "--home", str(source)]
+    dst = [sys.executable, "-m", "appliance", "--home", str(dr)]
+    relay = None
+    try:
+        web = lab.up(["web"], disk_size=disk_size, data_fraction=data)[0]
+        site = next(h for h in lab.up(["site"], disk_size=1 << 20) if h.name == "site")
+        _run([*src, "host", "add", "web", "--address", f"root@{web.address}", "--disk", web.disk, "--key",
+              str(lab.key_file), "--trust-first-use", "--python", "/usr/bin/python3"])  # fmt: skip
+        _run([*src, "backup", "web"])
+        dr_key = work / "dr_key"
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(dr_key)])
+        _run([*src, "site", "grant", "dr1", "--key", f"{dr_key}.pub", "--authorized-keys",
+              str(Path(site.folder) / "authorized_keys")])  # fmt: skip
+        (Path(site.folder) / "authorized_keys").open("a").write(lab.key_file.with_suffix(".pub").read_text())
+        relay = DelayRelay((site.address, 22), rtt / 2)
+        _run([*dst, "site", "add", "hq", "--address", f"root@127.0.0.1:{relay.port}", "--key", str(dr_key),
+              "--trust-first-use"])  # fmt: skip
+        rows = _measured(work, lab, web, site, relay, src, dst, disk_size, change, rate)
+        _print(rows, disk_size, data, change, rate, rtt)
+        return rows
+    finally:
+        if relay is not None:
+            relay.close()
+        lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measured(work: Path, lab: Lab, web: LabHost, site: LabHost, relay: DelayRelay, src: list[str], dst: list[str],
+              disk_size: int, change: float, rate: str) -> list[Row]:  # fmt: skip
+    ssh = ["ssh", "-p", str(relay.port), "-i", str(lab.key_file), *KEY_OPTS, "-c", "aes128-gcm@openssh.com"]
+    remote = "root@127.0.0.1"
+    raw_copy = work / "dr-raw.img"  # rsync's copy of the source's raw image at the DR site
+    rows = []
+    with shaped(site, rate):
+        started, before = time.monotonic(), _wire(site)
+        _run([*dst, "replicate", "hq"])
+        rows.append(Row("appliance, first full copy", time.monotonic() - started, _wire(site) - before))
+        shutil.copyfile(web.disk, raw_copy)  # rsync starts from the same state, without a WAN full copy
+        rsync = ["rsync", "--inplace", "--no-whole-file", "--ignore-times", "-e", " ".join(ssh),
+                 f"{remote}:{web.disk}", str(raw_copy)]  # fmt: skip
+        for seed, cache in ((21, "warm"), (23, "cold")):  # cold: both sides' disks read as after a day's work
+            old = work / "before.img"
+            shutil.copyfile(web.disk, old)
+            lab.change("web", change, seed=seed)
+            changed = _changed_bytes(old, web.disk)
+            old.unlink()
+            _run([*src, "backup", "web"])
+            _cache(cache, web.disk, raw_copy)
+            started, before = time.monotonic(), _wire(site)
+            _run([*dst, "replicate", "hq"])
+            rows.append(Row(f"appliance, replicate ({cache})", time.monotonic() - started, _wire(site) - before,
+                            f"{changed}"))  # fmt: skip
+            _cache(cache, web.disk, raw_copy)
+            started, before = time.monotonic(), _wire(site)
+            _run(rsync)
+            rows.append(Row(f"rsync --inplace --no-whole-file ({cache})", time.monotonic() - started,
+                            _wire(site) - before))  # fmt: skip
+        newest = sorted((source_store(src) / "web" / "disk0").glob("*.qcow2"))[-1]
+        started, before = time.monotonic(), _wire(site)
+        _run(["scp", "-O", "-P", str(relay.port), "-i", str(lab.key_file), *KEY_OPTS, f"{remote}:{newest}",
+              str(work / "scp.qcow2")])  # fmt: skip
+        rows.append(Row("scp of the new qcow2", time.monotonic() - started, _wire(site) - before))
+        rows.append(_cut_at_half(lab, site, src, dst, change, rows[1].wire // 2))
+    return rows
+
+
+def source_store(src: list[str]) -> Path:
+    return Path(src[src.index("--home") + 1]) / "store"
+
+
+def _cut_at_half(lab: Lab, site: LabHost, src: list[str], dst: list[str], change: float, half: int) -> Row:
+    """A replication killed once `half` its bytes (those of the last one) crossed the link, then run again:
+    what the second run sends."""
+    lab.change("web", change, seed=22)
+    _run([*src, "backup", "web"])
+    full = subprocess.Popen([*dst, "replicate", "hq"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    before = _wire(site)
+    while full.poll() is None and _wire(site) - before < half:
+        time.sleep(0.05)
+    full.send_signal(signal.SIGKILL)
+    full.wait()
+    cut_at = _wire(site) - before
+    started, before = time.monotonic(), _wire(site)
+    _run([*dst, "replicate", "hq"])
+    return Row("appliance, run again after a cut", time.monotonic() - started, _wire(site) - before,
+               f"cut after {format_size(cut_at)}")  # fmt: skip
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:6])} ...: exit {done.returncode}: {done.stderr.strip()[-400:]}")
+
+
+def _print(rows: list[Row], disk_size: int, data: float, change: float, rate: str, rtt: float) -> None:
+    changed = next(int(r.note) for r in rows if r.tool.startswith("appliance, replicate"))
+    link = f"link {rate} (tc tbf) and {rtt * 1000:.0f} ms RTT (a relay)"
+    print(f"\nreplication: {format_size(disk_size)} lab disk, {data:.0%} data, {change:.0%} changed "
+          f"({format_size(changed)} of 4 KiB blocks); {link}\n")  # fmt: skip
+    print(f"    {'tool':42} {'seconds':>8} {'wire':>11} {'wire/changed':>13}")
+    for r in rows:
+        note = f"  ({r.note})" if r.note and not r.note.isdigit() else ""
+        print(f"    {r.tool:42} {r.seconds:8.1f} {format_size(r.wire):>11} {r.wire / changed:12.2f}x{note}")
+    print("\n    targets:")
+    for cache in ("warm", "cold"):
+        rep = next(r for r in rows if r.tool == f"appliance, replicate ({cache})")
+        rsync = next(r for r in rows if r.tool == f"rsync --inplace --no-whole-file ({cache})")
+        print(f"      {cache}: wire vs rsync           {rep.wire / rsync.wire:.2f}x  (<= 1x)")
+        print(f"      {cache}: wire vs changed bytes   {rep.wire / int(rep.note):.2f}x  (<= 1.1x)")
+        print(f"      {cache}: time vs rsync           {rep.seconds / rsync.seconds:.2f}x  (<= 0.5x)")
+    cut = next(r for r in rows if r.tool.startswith("appliance, run again"))
+    print(f"      a resume re-sends             {format_size(cut.wire)}  (<= 1 MiB; points resume whole today)")
