@@ -1164,8 +1164,9 @@ class Snapshots(object):
 
     def __init__(self, disks):
         self.lvm = lvm_binary()
+        self.volumes = logical_volumes(self.lvm)
         volumes = dict(((int(lv["lv_kernel_major"] or -1), int(lv["lv_kernel_minor"] or -1)), lv)
-                       for lv in logical_volumes(self.lvm))  # fmt: skip
+                       for lv in self.volumes)  # fmt: skip
         self.snapshots = []
         for disk in disks:
             if disk.kind != "block":
@@ -1182,7 +1183,7 @@ class Snapshots(object):
     def take(self, watchdog):
         """Make every snapshot (known to the watchdog first, so that none outlives the reader) and read the
         disks from them. :raises Unavailable: one could not be made; none is left."""
-        _remove_stale_snapshots(self.lvm)
+        _remove_stale_snapshots(self.lvm, self.volumes)
         try:
             for snap in self.snapshots:
                 self._make(snap, watchdog)
@@ -1274,9 +1275,10 @@ def _remove_snapshot(lvm, name, tries=5):
             time.sleep(1)
 
 
-def _remove_stale_snapshots(lvm):
-    """Snapshots an earlier reader made and could not remove (its host crashed with it, say)."""
-    for lv in logical_volumes(lvm):
+def _remove_stale_snapshots(lvm, volumes):
+    """Snapshots an earlier reader made and could not remove (its host crashed with it, say), among
+    `volumes` (the listing the disks were matched in: no second `lvs` per point)."""
+    for lv in volumes:
         name = lv["lv_name"]
         if SNAPSHOT_TAG not in lv["lv_tags"].split(",") or SNAPSHOT_MARK not in name:
             continue

@@ -116,6 +116,12 @@ class Change:
     zero: bool
 
 
+def zero_prefix(index: int, size: int, block_size: int) -> bytes:
+    """What a block that reads as zeroes holds, as two sides compare it (its length counts: the last block
+    may be short)."""
+    return zero_hash(block_length(index, size, block_size))[:PREFIX_LEN]
+
+
 def changed_runs(first: int, hashes: bytes, held: list[bytes | None], size: int, block_size: int) -> list[Change]:
     """The blocks from `first` whose hash (`hashes`, 32 bytes a block) differs from what the sink holds
     (`held`: a hash, or its first PREFIX_LEN bytes, per block; None where the sink's block is unknown and

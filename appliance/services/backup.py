@@ -182,16 +182,18 @@ class _Capture:
     """One run of the reader on the host and the writes it causes on the appliance."""
 
     def __init__(
-        self, tx: ChainTx, tools: Tools, host: Host, progress: ProgressFn | None = None, pool: ReaderPool | None = None
-    ) -> None:
+        self, tx: ChainTx, tools: Tools, host: Host, progress: ProgressFn | None = None, pool: ReaderPool | None = None,
+        *, point: tuple[str, datetime] | None = None,
+    ) -> None:  # fmt: skip
+        """`point`: the new point's id and time when they are not now's (a replicated point keeps its own)."""
         self.tx = tx
         self.tools = tools
         self.host = host
         self.chain = tx.chain
         self.progress_fn = progress or (lambda _: None)
         self.progress = BackupProgress()
-        self.created = datetime.now(UTC)
-        self.draft = tx.new_point(point_id_for(self.created, self.chain.ids()))
+        self.created = point[1] if point else datetime.now(UTC)
+        self.draft = tx.new_point(point[0] if point else point_id_for(self.created, self.chain.ids()))
         self.started = time.monotonic()
         self.deadline = float("inf")
         self._sender_error: BaseException | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from appliance.domain.blocks import HASH_LEN, PREFIX_LEN, Carry, block_length, changed_runs, zero_hash
+from appliance.domain.blocks import HASH_LEN, PREFIX_LEN, Carry, changed_runs, zero_prefix
 from appliance.ports import ExportedImage
 from appliance.services.image_reader import Chunk
 from appliance.store.hashes import HashListWriter
@@ -100,7 +100,7 @@ class PreviousHashes:
             elif index < self.carry.known and self.file is not None:
                 out.append(known[j * HASH_LEN : j * HASH_LEN + PREFIX_LEN])
             else:
-                out.append(zero_hash(block_length(index, self.size, self.block_size))[:PREFIX_LEN])
+                out.append(zero_prefix(index, self.size, self.block_size))
         return out
 
     def close(self) -> None:

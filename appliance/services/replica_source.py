@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any, BinaryIO
 
 from appliance.agent import reader as wire
-from appliance.domain.blocks import HASH_LEN, PREFIX_LEN, block_length, carry_over, changed_runs, zero_hash
+from appliance.domain.blocks import HASH_LEN, carry_over, changed_runs, zero_prefix
 from appliance.domain.models import HOST_NAME, DiskPoint, Point
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
@@ -59,7 +59,7 @@ def serve(home: Home, tools: Tools, stdin: BinaryIO, stdout: BinaryIO, site: str
 def _answer(home: Home, tools: Tools, request: dict[str, Any], stdin: BinaryIO, out: _Out, site: str) -> None:
     op = request.get("op")
     if op == "catalog":
-        out.send(replica.record(b"C", _catalog(home, tools)))
+        out.send(replica.record(b"C", _catalog(home)))
     elif op == "point":
         name, point_id, base = request.get("host"), request.get("point"), request.get("base")
         if not isinstance(name, str) or not HOST_NAME.match(name) or not hosts.exists(home, name):
@@ -85,7 +85,7 @@ def _confirm(home: Home, held: object, site: str) -> None:
                 sites.confirm(home, site, name, point.id)
 
 
-def _catalog(home: Home, tools: Tools) -> dict[str, Any]:
+def _catalog(home: Home) -> dict[str, Any]:
     listed = []
     for host in hosts.load_all(home)[0]:
         if host.replica_of:
@@ -130,12 +130,9 @@ def _send_point(tx: ChainTx, tools: Tools, point_id: str, base: dict[str, Any] |
 
 def _base_here(points: tuple[Point, ...], base: dict[str, Any] | None) -> Point | None:
     """The DR site's newest point, if this appliance holds it with the same content (same digests)."""
-    if base is None or not isinstance(base.get("digests"), dict):
+    if base is None:
         return None
-    for p in points:
-        if p.id == base.get("id") and not p.dropping and {d.slot: d.digest for d in p.disks} == base["digests"]:
-            return p
-    return None
+    return next((p for p in points if not p.dropping and replica.point_ref(p) == base), None)
 
 
 def _held_here(tx: ChainTx, base: Point, disk: DiskPoint) -> HeldHashes:
@@ -157,7 +154,7 @@ class _StreamedHeld:
         out: list[bytes | None] = []
         for j, entry in enumerate(entries):
             if entry is None:  # reads as zeroes there
-                out.append(zero_hash(block_length(first + j, self.disk.size, self.disk.block_size))[:PREFIX_LEN])
+                out.append(zero_prefix(first + j, self.disk.size, self.disk.block_size))
             else:
                 out.append(entry or None)  # b'': unknown, sent whatever it is
         return out

@@ -16,8 +16,8 @@ import base64
 import shlex
 import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,9 +68,8 @@ def add_site(
                             confirm=confirm)  # fmt: skip
     site = Site(name, address_only, user, final_port, sites.install_key(home, name, key), host_key, timeout)
     try:
-        with tools.remote.connect(site.endpoint()) as session:
-            stream = session.start(["serve-replica"])
-            found = _catalog(site, stream, protocol.RecordReader(stream.recv_some))
+        with _session(tools, site) as (stream, records):
+            found = _catalog(site, stream, records)
     except BaseException:
         sites.remove(home, name)
         raise
@@ -139,10 +138,7 @@ def replicate(home: Home, tools: Tools, site_name: str, only: str | None = None,
     site = sites.load(home, site_name)
     window = parse_window(site.window) if in_window else None
     reports = []
-    with tools.remote.connect(site.endpoint()) as session:
-        stream = session.start(["serve-replica"])
-        receive = Throttle(stream.recv_some, site.bandwidth) if site.bandwidth else stream.recv_some
-        records = protocol.RecordReader(receive)
+    with _session(tools, site, throttled=True) as (stream, records):
         listed = _catalog(site, stream, records)
         if only is not None and only not in {h.name for h in listed}:
             raise ConfigError(f"site {site_name} has no host {only!r}")
@@ -150,9 +146,21 @@ def replicate(home: Home, tools: Tools, site_name: str, only: str | None = None,
             if only is None or source.name == only:
                 reports.append(_replicate_host(home, tools, site, source, stream, records, say, window))
         stream.write(replica.encode({"op": "confirm", "held": _held(home, [r.host for r in reports])}))
+    return reports
+
+
+@contextmanager
+def _session(
+    tools: Tools, site: Site, *, throttled: bool = False
+) -> Iterator[tuple[RemoteStream, protocol.RecordReader]]:
+    """The site's `serve-replica` on a session of its own, its records read at no more than the site's
+    bandwidth if `throttled`; closed (and waited for) at the end of the block."""
+    with tools.remote.connect(site.endpoint()) as session:
+        stream = session.start(["serve-replica"])
+        receive = Throttle(stream.recv_some, site.bandwidth) if throttled and site.bandwidth else stream.recv_some
+        yield stream, protocol.RecordReader(receive)
         stream.close_stdin()
         stream.wait(timeout=60)
-    return reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +193,8 @@ def lags(home: Home, tools: Tools) -> list[Lag]:
     for name in sites.names(home):
         try:
             site = sites.load(home, name)
-            with tools.remote.connect(site.endpoint()) as session:
-                stream = session.start(["serve-replica"])
-                listed = _catalog(site, stream, protocol.RecordReader(stream.recv_some))
-                stream.close_stdin()
+            with _session(tools, site) as (stream, records):
+                listed = _catalog(site, stream, records)
         except ApplianceError as exc:
             out.append(Lag(name, "-", None, None, 0, history.get((REPLICATE, name)), exc.message))
             continue
@@ -210,7 +216,7 @@ def _held(home: Home, names: list[str]) -> dict[str, dict[str, object]]:
     for name in names:
         newest = catalog.load(home.chain_dir(name), name).newest
         if newest is not None:
-            held[name] = {"id": newest.id, "digests": {d.slot: d.digest for d in newest.disks}}
+            held[name] = replica.point_ref(newest)
     return held
 
 
@@ -303,16 +309,14 @@ class _Pull(_Capture):
 
     def __init__(self, tx: chains.ChainTx, tools: Tools, host: Host, site: Site, source: Point, stream: RemoteStream,
                  records: protocol.RecordReader) -> None:  # fmt: skip
-        super().__init__(tx, tools, host)
+        super().__init__(tx, tools, host, point=(source.id, source.created))
         self.site, self.source, self.stream, self.records = site, source, stream, records
-        self.draft = tx.new_point(source.id)
-        self.created = source.created
 
     def run(self, started: float) -> Point:
         stream, records, source = self.stream, self.records, self.source
         sent, received = stream.bytes_sent, stream.bytes_received
         previous = self.chain.newest
-        base = None if previous is None else {"id": previous.id, "digests": {d.slot: d.digest for d in previous.disks}}
+        base = None if previous is None else replica.point_ref(previous)
         self._set_deadline(stream, job_deadline(self.host, started, 0))
         stream.write(replica.encode({"op": "point", "host": self.host.name, "point": source.id, "base": base}))
         hello = self._hello(records, stream)

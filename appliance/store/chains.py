@@ -134,8 +134,7 @@ class ChainTx:
         if not points:
             return set()
         holds, unconfirmed = sites.replication_holds(self.home, self.host)
-        ids = self.chain.ids()
-        confirmed = [i for i, p in enumerate(points) if p.id in holds and p.id in ids]
+        confirmed = [i for i, p in enumerate(points) if p.id in holds]
         first = 0 if unconfirmed else min(confirmed, default=len(points) - 1)
         return {hashes_file(d.slot, p.id) for p in points[first:] for d in p.disks}
 

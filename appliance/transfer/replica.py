@@ -81,6 +81,11 @@ class SourceHost:
     points: tuple[Point, ...]
 
 
+def point_ref(point: Point) -> dict[str, Any]:
+    """A point as the other site names it: its id and each disk's digest (same id, same content)."""
+    return {"id": point.id, "digests": {d.slot: d.digest for d in point.disks}}
+
+
 def catalog_doc(hosts: Sequence[tuple[str, dict[str, Any], Sequence[Point]]]) -> dict[str, Any]:
     return {
         "protocol": PROTOCOL,

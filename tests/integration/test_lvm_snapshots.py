@@ -202,7 +202,7 @@ def test_stale_snapshots_of_dead_readers_are_removed(devices) -> None:  # type: 
     alive = dict(_row(origin, "data-appliance-1", "linear"), lv_tags=reader.SNAPSHOT_TAG)  # pid 1: alive
     theirs = dict(_row(origin, f"data-appliance-{dead.pid}-x", "linear"), lv_tags="")  # not tagged: not ours
     fake.update(lvs=[_row(origin, "data", "thin"), stale, alive, theirs])
-    reader._remove_stale_snapshots(str(FAKE_LVM))
+    reader._remove_stale_snapshots(str(FAKE_LVM), reader.logical_volumes(str(FAKE_LVM)))
     assert fake.names() == ["data", "data-appliance-1", f"data-appliance-{dead.pid}-x"]
 
 
