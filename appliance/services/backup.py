@@ -407,7 +407,10 @@ class _Capture:
             return previous.disk(slot).block_size
         return self.host.block_size
 
-    def _plan_disk(self, index: int, size: int, block_size: int, previous: Point | None) -> _DiskPlan:
+    def _plan_disk(
+        self, index: int, size: int, block_size: int, previous: Point | None, *, create: bool = True
+    ) -> _DiskPlan:
+        """`create`: a new overlay on the previous point (False: a kept partial point's, to go on with)."""
         slot = slot_name(index)
         prev_disk = None
         prev_hashes = None
@@ -422,21 +425,25 @@ class _Capture:
         files = self.draft.disk(slot)
         carry = carry_over(prev_disk.size if prev_disk else None, size, block_size)
         backing = Path(prev_disk.file).name if prev_disk else None
-        # Clusters no larger than a block (see DEFAULT_BLOCK_SIZE).
-        self.tools.images.create(files.image, size, backing, cluster_size=min(block_size, 65536))
-        checkpoint("capture.created")
+        if create:  # clusters no larger than a block (see DEFAULT_BLOCK_SIZE)
+            self.tools.images.create(files.image, size, backing, cluster_size=min(block_size, 65536))
+            checkpoint("capture.created")
         return _DiskPlan(slot, files.relative, files.image, files.hashes, size, block_size, carry, prev_disk,
                          prev_hashes)  # fmt: skip
 
-    def _send_old_hashes(self, stream: RemoteStream, plans: list[_DiskPlan]) -> None:
+    def _send_old_hashes(self, stream: RemoteStream, plans: list[_DiskPlan], at: tuple[int, int] = (0, 0)) -> None:
         """Runs in a thread of its own. On failure it keeps its error for the main thread and aborts the stream,
-        so the main thread stops at once (rather than wait for records that need these hashes) and names it."""
+        so the main thread stops at once (rather than wait for records that need these hashes) and names it.
+        `at`: (disk, block) to start from (a resumed replication)."""
         try:
-            for plan in plans:
+            for index, plan in enumerate(plans):
+                if index < at[0]:
+                    continue
+                start = at[1] if index == at[0] else 0
                 previous: Iterator[bytes] = iter_chunks(plan.prev_hashes) if plan.prev_hashes else iter(())
                 old_size = plan.prev.size if plan.prev else 0
                 pending = bytearray()
-                for piece in protocol.encode_old_hashes(previous, plan.carry, old_size, plan.block_size):
+                for piece in protocol.encode_old_hashes(previous, plan.carry, old_size, plan.block_size, start):
                     pending += piece
                     if len(pending) >= 1 << 20:
                         stream.write(bytes(pending))
@@ -512,17 +519,20 @@ class _DiskReceiver:
     """One disk of the point being received: its new overlay (exported for writing), its hash list and the
     check of every block against its hash, open from its first pass to the last."""
 
-    def __init__(self, capture: _Capture, plan: _DiskPlan, source: str) -> None:
+    def __init__(self, capture: _Capture, plan: _DiskPlan, source: str, *, resume: bool = False) -> None:
+        """`resume`: the overlay and hash list are a kept partial point's, gone on with as they are."""
         self.capture = capture
         self.plan = plan
         self.source = source
+        self.resume = resume
         self.first_read = 0
         self.changed = self.sent = 0
         self._stack = ExitStack()
 
     def __enter__(self) -> _DiskReceiver:
         plan = self.plan
-        self.hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size)
+        self.hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size,
+                                     resume=self.resume)  # fmt: skip
         self.check = _HashCheck(self.capture.host)
         try:
             self.exported = self._stack.enter_context(
@@ -562,6 +572,12 @@ class _DiskReceiver:
         self.check.drain()
         self.exported.flush()
         checkpoint("capture.written")
+
+    def sync(self) -> None:
+        """Every block received so far checked and on the appliance's disk, with its hash (a partial point
+        may then be kept up to here)."""
+        self.flush()
+        self.hashes.sync()
 
     def finish(self, reread: int) -> DiskPoint:
         """The disk as recorded, its hash list complete (called once its export is closed)."""

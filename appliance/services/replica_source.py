@@ -13,10 +13,12 @@ kept from merging), and it names hosts and points only as the catalog lists them
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from appliance.agent import reader as wire
-from appliance.domain.blocks import HASH_LEN, carry_over, changed_runs, zero_prefix
+from appliance.domain.blocks import HASH_LEN, block_count, carry_over, changed_runs, zero_prefix
 from appliance.domain.models import HOST_NAME, DiskPoint, Point
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
@@ -66,12 +68,23 @@ def _answer(home: Home, tools: Tools, request: dict[str, Any], stdin: BinaryIO, 
             raise _Refused("no-host", f"this appliance has no host {str(name)[:64]!r}")
         if not isinstance(point_id, str) or (base is not None and not isinstance(base, dict)):
             raise _Refused("protocol", "a point request without a point id")
-        with chains.open(home, tools.images, name, "replication", wait=600.0) as tx:
-            _send_point(tx, tools, point_id, base, stdin, out, site)
+        resume = _resume_at(request.get("resume"))
+        with ExitStack() as stack:
+            _send_point(_open_send(home, tools, name, point_id, base, resume, site, stack), stdin, out)
     elif op == "confirm":  # the DR site published these points: keep its newest from merging
         _confirm(home, request.get("held"), site)
     else:
         raise _Refused("protocol", f"no such request {str(op)[:40]!r}")
+
+
+def _resume_at(resume: object) -> tuple[int, int]:
+    """(disk, block) a DR site asks to go on from (what it kept of a cut pull); (0, 0) for the whole point."""
+    if resume is None:
+        return 0, 0
+    fields = ("disk", "block")
+    if not isinstance(resume, dict) or not all(type(resume.get(k)) is int and resume[k] >= 0 for k in fields):
+        raise _Refused("protocol", "a resume that is not a disk and a block")
+    return resume["disk"], resume["block"]
 
 
 def _confirm(home: Home, held: object, site: str) -> None:
@@ -96,36 +109,73 @@ def _catalog(home: Home) -> dict[str, Any]:
     return replica.catalog_doc(listed)
 
 
-def _send_point(tx: ChainTx, tools: Tools, point_id: str, base: dict[str, Any] | None, stdin: BinaryIO, out: _Out,
-                site: str) -> None:  # fmt: skip
-    point = next((p for p in tx.chain.points if p.id == point_id and not p.dropping), None)
-    if point is None:
-        raise _Refused("no-point", f"{tx.host} has no point {point_id[:40]!r} here (merged away, or never taken)")
-    missing = [d.slot for d in point.disks if not tx.hash_list(point.id, d.slot).exists()]
-    if missing:
-        raise _Refused("no-hashes", f"{tx.host}'s point {point.id} has no block hash lists here any more")
-    held_point = _base_here(tx.chain.points, base)
-    if held_point is not None:
-        sites.confirm(tx.home, site, tx.host, held_point.id)
-        if any(not tx.hash_list(held_point.id, d.slot).exists() for d in held_point.disks):
-            held_point = None  # the DR site sends the hashes of what it holds instead
+@dataclass(frozen=True, slots=True)
+class _DiskSend:
+    disk: DiskPoint
+    start: int  # the first block to compare (a resumed pull has the ones before)
+    exported: ExportedImage
+    hash_list: BinaryIO  # the point's
+    held: HeldHashes | None  # the DR site's newest point's hashes here; None: the DR site streams them
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    host: str
+    site: str
+    point: Point
+    base: Point | None  # the DR site's newest point, when this appliance holds it
+    disks: list[_DiskSend]
+    resume: tuple[int, int]
+
+
+def _open_send(home: Home, tools: Tools, name: str, point_id: str, base: dict[str, Any] | None,
+               resume: tuple[int, int], site: str, stack: ExitStack) -> _Send:  # fmt: skip
+    """Check the point and open everything its send reads, under the host's lock; the lock is then let go
+    (a send over a slow link may take hours: the host's backups and merges go on meanwhile). What the send
+    reads stays as it was: its files are open (a merge renames files and only adds clusters a newer point
+    shadows, see store/chains.py), and the point itself is held from being merged while the send lasts
+    (`chains.sending`)."""
+    with chains.open(home, tools.images, name, "replication", wait=600.0) as tx:
+        point = next((p for p in tx.chain.points if p.id == point_id and not p.dropping), None)
+        if point is None:
+            raise _Refused("no-point", f"{name} has no point {point_id[:40]!r} here (merged away, or never taken)")
+        blocks = [block_count(d.size, d.block_size) for d in point.disks]
+        if resume[0] > len(blocks) or resume[0] < len(blocks) and resume[1] > blocks[resume[0]]:
+            raise _Refused("protocol", f"a resume at disk {resume[0]} block {resume[1]}, past the point's end")
+        if any(not tx.hash_list(point.id, d.slot).exists() for d in point.disks):
+            raise _Refused("no-hashes", f"{name}'s point {point.id} has no block hash lists here any more")
+        held_point = _base_here(tx.chain.points, base)
+        if held_point is not None:
+            sites.confirm(tx.home, site, name, held_point.id)
+            if any(not tx.hash_list(held_point.id, d.slot).exists() for d in held_point.disks):
+                held_point = None  # the DR site sends the hashes of what it holds instead
+        folder = stack.enter_context(chains.sending(home, tools.images, name, point.id, site))
+        disks = []
+        for index, disk in enumerate(point.disks[resume[0] :], start=resume[0]):
+            held = _held_here(tx, held_point, disk) if held_point is not None else None
+            if isinstance(held, PreviousHashes):
+                stack.callback(held.close)
+            hash_list = stack.enter_context(open(tx.hash_list(point.id, disk.slot), "rb"))  # noqa: SIM115
+            exported = stack.enter_context(tools.images.export(tx.file(disk.file), folder, writable=False))
+            disks.append(_DiskSend(disk, resume[1] if index == resume[0] else 0, exported, hash_list, held))
+    return _Send(name, site, point, held_point, disks, resume)
+
+
+def _send_point(send: _Send, stdin: BinaryIO, out: _Out) -> None:
+    """The point's blocks the DR site lacks, from `send.resume` (disk, block) on: the blocks before it
+    arrived in a pull that was cut."""
+    point = send.point
     out.send(replica.record(b"H", {
-        "protocol": wire.PROTOCOL, "python": "appliance", "base_known": held_point is not None,
+        "protocol": wire.PROTOCOL, "python": "appliance", "base_known": send.base is not None,
         "disks": [{"path": d.source, "size": d.size, "kind": "replica"} for d in point.disks],
     }))  # fmt: skip
     old = wire.OldHashes(stdin)  # type: ignore[no-untyped-call]
     sent = 0
-    for disk in point.disks:
-        held = _held_here(tx, held_point, disk) if held_point is not None else _StreamedHeld(old, disk)
-        try:
-            with tools.images.export(tx.file(disk.file), tx.run_dir, writable=False) as exported:
-                sent += _send_disk(tx, point, disk, held, exported, out)
-        finally:
-            if isinstance(held, PreviousHashes):
-                held.close()
+    for d in send.disks:
+        sent += _send_disk(d, d.held or _StreamedHeld(old, d.disk), out)
     out.send(replica.record(b"F", {"post_hook": None}))
-    log.info("replica.sent", site=site, host=tx.host, point=point.id, base=held_point.id if held_point else None,
-             bytes=sent)  # fmt: skip
+    log.info("replica.sent", site=send.site, host=send.host, point=point.id, base=send.base.id if send.base else None,
+             bytes=sent, resumed_at=list(send.resume) if send.resume != (0, 0) else None)  # fmt: skip
 
 
 def _base_here(points: tuple[Point, ...], base: dict[str, Any] | None) -> Point | None:
@@ -160,22 +210,23 @@ class _StreamedHeld:
         return out
 
 
-def _send_disk(tx: ChainTx, point: Point, disk: DiskPoint, held: HeldHashes, exported: ExportedImage,
-               out: _Out) -> int:  # fmt: skip
-    """The disk's blocks the DR site lacks, as D and Z records in block order, then its E record."""
+def _send_disk(d: _DiskSend, held: HeldHashes, out: _Out) -> int:
+    """The disk's blocks from `d.start` on that the DR site lacks, as D and Z records in block order, then
+    its E record."""
+    disk = d.disk
     bs, size = disk.block_size, disk.size
     sent = 0
-    with open(tx.hash_list(point.id, disk.slot), "rb") as hash_list:
-        first = 0
-        while chunk := hash_list.read(_BLOCKS_AT_ONCE * HASH_LEN):
-            count = len(chunk) // HASH_LEN
-            for run in changed_runs(first, chunk, held.held(first, count), size, bs):
-                if run.zero:
-                    out.send(wire.ZERO.pack(b"Z", run.first, run.count))
-                    continue
-                hashes = chunk[(run.first - first) * HASH_LEN : (run.first - first + run.count) * HASH_LEN]
-                sent += _send_data(exported, run.first, run.count, hashes, disk, out)
-            first += count
+    d.hash_list.seek(d.start * HASH_LEN)
+    first = d.start
+    while chunk := d.hash_list.read(_BLOCKS_AT_ONCE * HASH_LEN):
+        count = len(chunk) // HASH_LEN
+        for run in changed_runs(first, chunk, held.held(first, count), size, bs):
+            if run.zero:
+                out.send(wire.ZERO.pack(b"Z", run.first, run.count))
+                continue
+            hashes = chunk[(run.first - first) * HASH_LEN : (run.first - first + run.count) * HASH_LEN]
+            sent += _send_data(d.exported, run.first, run.count, hashes, disk, out)
+        first += count
     out.send(wire.END.pack(b"E", size) + bytes.fromhex(disk.digest))
     return sent
 

@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from appliance.domain.models import Host, Point, Site, parse_address, slot_name, validate_new_host_name
 from appliance.domain.schedule import REPLICATE, Window, parse_window
@@ -30,8 +31,10 @@ from appliance.errors import (
     ConfigError,
     ConnectionLostError,
     DamagedFileError,
+    ProtocolViolationError,
     RemoteCommandError,
 )
+from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import _Capture, _DiskReceiver, _record, job_deadline
@@ -40,9 +43,13 @@ from appliance.services.reader_session import violation
 from appliance.store import catalog, chains, hosts, schedule, sites
 from appliance.store.layout import Home
 from appliance.transfer import protocol, replica
-from appliance.transfer.protocol import Finished, Hello
+from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, ZeroRun
 
 log = get_logger(__name__)
+
+# How much a pull receives between two records of what arrived (`chains.Partial`): what a pull killed
+# outright fetches again at most. Each record costs a flush of the overlay and of its hash list.
+CHECKPOINT_BYTES = 4 << 20
 
 Say = Callable[[str], None]
 
@@ -305,43 +312,49 @@ class _Skipped(Exception):
 
 
 class _Pull(_Capture):
-    """One point of the source, received as a backup receives one (see the module doc)."""
+    """One point of the source, received as a backup receives one (see the module doc).
+
+    A pull cut part-way (the link, the source, this appliance's disk full, this appliance killed) keeps
+    what it received (`chains.Partial`): every CHECKPOINT_BYTES, and at the moment it is cut when this
+    process is still there to see it, the blocks received so far are checked, flushed and recorded. The
+    next pull of the same point on the same newest point asks the source to go on from there; anything
+    else (another point, another base, a block that failed its check) starts afresh."""
 
     def __init__(self, tx: chains.ChainTx, tools: Tools, host: Host, site: Site, source: Point, stream: RemoteStream,
                  records: protocol.RecordReader) -> None:  # fmt: skip
         super().__init__(tx, tools, host, point=(source.id, source.created))
         self.site, self.source, self.stream, self.records = site, source, stream, records
+        self.at = (0, 0)  # (disk, block): every block before it is received, written and checked
+        self.unsynced = 0  # bytes written since the last checkpoint
 
     def run(self, started: float) -> Point:
         stream, records, source = self.stream, self.records, self.source
         sent, received = stream.bytes_sent, stream.bytes_received
         previous = self.chain.newest
         base = None if previous is None else replica.point_ref(previous)
+        kept = self._kept(base)
+        self.at = (kept.disk, kept.block) if kept else (0, 0)
+        self.draft.kept = kept is not None  # a cut before anything arrives keeps what the last pull kept
+        request: dict[str, object] = {"op": "point", "host": self.host.name, "point": source.id, "base": base}
+        if kept is not None:
+            request["resume"] = {"disk": kept.disk, "block": kept.block}
+            log.info("replica.resumed", site=self.site.name, host=self.host.name, point=source.id, disk=kept.disk,
+                     block=kept.block)  # fmt: skip
         self._set_deadline(stream, job_deadline(self.host, started, 0))
-        stream.write(replica.encode({"op": "point", "host": self.host.name, "point": source.id, "base": base}))
+        stream.write(replica.encode(request))
         hello = self._hello(records, stream)
         self.progress.total = sum(d.size for d in source.disks)
         self._set_deadline(stream, job_deadline(self.host, started, self.progress.total))
-        plans = [self._plan_disk(i, d.size, d.block_size, previous) for i, d in enumerate(source.disks)]
+        plans = [self._plan_disk(i, d.size, d.block_size, previous, create=kept is None)
+                 for i, d in enumerate(source.disks)]  # fmt: skip
         sender = None
         if not hello.base_known:
-            sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans), daemon=True)
+            sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans, self.at), daemon=True)
             sender.start()
         with ExitStack() as stack:
-            receivers = [stack.enter_context(_DiskReceiver(self, plan, d.source))
+            receivers = [stack.enter_context(_DiskReceiver(self, plan, d.source, resume=kept is not None))
                          for plan, d in zip(plans, source.disks, strict=True)]  # fmt: skip
-            for rx, disk in zip(receivers, source.disks, strict=True):
-                records.start_disk(disk.size, disk.block_size)
-                self._first_pass(records, stream, rx)
-                if rx.hashes.digest() != disk.digest:
-                    raise ChainCorruptError(
-                        f"{self.host.name} {disk.slot}: point {source.id} as received does not match the digest site "
-                        f"{self.site.name} recorded for it; it was not recorded here (the next run fetches it again)"
-                    )
-            if not isinstance(self._next(records, stream), Finished):
-                raise violation(self.host, "a record after the last disk of a replicated point")
-            for rx in receivers:
-                rx.flush()
+            self._receive(records, stream, receivers, base)
         if sender is not None:
             self._join_sender(sender, stream)
         disks = [rx.finish(0) for rx in receivers]
@@ -351,6 +364,91 @@ class _Pull(_Capture):
             wire_bytes=stream.bytes_sent - sent + stream.bytes_received - received, consistency=source.consistency,
             extra={"origin": origin, "site": self.site.name},
         )  # fmt: skip
+
+    def _kept(self, base: dict[str, Any] | None) -> chains.Partial | None:
+        """The partial point a cut pull kept, if this pull can go on with it; else it is dropped."""
+        try:
+            kept = self.tx.partial_point()
+        except DamagedFileError:
+            kept = None
+        if kept is None:
+            self.tx.drop_partial()  # a damaged record, if any: its files go
+            return None
+        wanted = (self.source.id, self.site.name, base["id"] if base else None, base["digests"] if base else {})
+        same = (kept.point, kept.site, kept.base, kept.base_digests) == wanted
+        files = [self.tx.partial_files(kept.point, slot_name(i)) for i in range(len(self.source.disks))]
+        if same and kept.disk <= len(self.source.disks) and all(p.exists() for pair in files for p in pair):
+            return kept
+        log.info("replica.partial_dropped", site=self.site.name, host=self.host.name, point=kept.point,
+                 reason="another point or base" if not same else "its files are gone")  # fmt: skip
+        self.tx.drop_partial()
+        return None
+
+    def _receive(self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[_DiskReceiver],
+                 base: dict[str, Any] | None) -> None:  # fmt: skip
+        """Every disk from `self.at` on, then the source's F record; a cut keeps what arrived (class doc)."""
+        try:
+            for index, (rx, disk) in enumerate(zip(receivers, self.source.disks, strict=True)):
+                if index >= self.at[0]:
+                    records.start_disk(disk.size, disk.block_size, self.at[1] if index == self.at[0] else 0)
+                    self._receive_disk(records, stream, rx, index, base)
+                if rx.hashes.digest() != disk.digest:
+                    raise ChainCorruptError(
+                        f"{self.host.name} {disk.slot}: point {self.source.id} as received does not match the digest "
+                        f"site {self.site.name} recorded for it; it was not recorded here (the next run fetches it "
+                        "again)"
+                    )
+            if not isinstance(self._next(records, stream), Finished):
+                raise violation(self.host, "a record after the last disk of a replicated point")
+            for rx in receivers:
+                rx.flush()
+        except (ChainCorruptError, ProtocolViolationError):
+            self.tx.drop_partial()  # what arrived cannot be trusted: the next pull starts afresh
+            raise
+        except (ApplianceError, OSError) as exc:
+            self._keep_on_cut(receivers, base, exc)
+            raise
+
+    def _receive_disk(self, records: protocol.RecordReader, stream: RemoteStream, rx: _DiskReceiver, index: int,
+                      base: dict[str, Any] | None) -> None:  # fmt: skip
+        while True:
+            record = self._next(records, stream)
+            if isinstance(record, DataRun | ZeroRun):
+                rx.write(record)
+                count = record.count if isinstance(record, ZeroRun) else -(-len(record.data) // rx.plan.block_size)
+                self.at = (index, record.first + count)
+                self.unsynced += len(record.data) if isinstance(record, DataRun) else 0
+                if self.unsynced >= CHECKPOINT_BYTES:
+                    self._keep(rx, base)
+            elif isinstance(record, DiskEnd):
+                break
+            else:
+                raise violation(self.host, f"a {type(record).__name__} record in the middle of {rx.plan.slot}")
+        rx.check.drain()
+        self.at = (index + 1, 0)
+        self._keep(rx, base)
+
+    def _keep(self, rx: _DiskReceiver, base: dict[str, Any] | None) -> None:
+        """Record that every block before `self.at` is here (after checking and flushing them)."""
+        rx.sync()
+        at = chains.Partial(self.source.id, self.site.name, base["id"] if base else None,
+                            dict(base["digests"]) if base else {}, *self.at)  # fmt: skip
+        self.tx.keep_partial(self.draft, at)
+        self.unsynced = 0
+        checkpoint("replica.kept")
+
+    def _keep_on_cut(self, receivers: list[_DiskReceiver], base: dict[str, Any] | None, cut: BaseException) -> None:
+        """The pull was cut (not by bad data): keep what arrived up to the last record, if it checks out."""
+        if self.at == (0, 0):
+            return  # nothing arrived
+        disk = min(self.at[0], len(receivers) - 1)
+        try:
+            self._keep(receivers[disk], base)
+        except (ApplianceError, OSError) as exc:  # the blocks since the last checkpoint are fetched again
+            log.warning("replica.keep_failed", site=self.site.name, host=self.host.name, error=str(exc))
+            return
+        log.info("replica.cut_kept", site=self.site.name, host=self.host.name, point=self.source.id, disk=self.at[0],
+                 block=self.at[1], cut=str(cut))  # fmt: skip
 
     def _failure(self, failure: protocol.RemoteFailure) -> Exception:
         if failure.code in ("no-hashes", "no-point"):  # merged away meanwhile, or too old to send as an increment

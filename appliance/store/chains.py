@@ -9,6 +9,8 @@ chain, so no use case holds an fsync, a rename or a catalog write of its own:
   tx.publish(new, point)  fsync every file, record the intent, rename into place, list the point last
   tx.merge(point)         consolidation's crash-safe merge of a point into its child
   tx.record(point)        a point's record replaced (a verification, a boot verdict)
+  tx.keep_partial(new, at) a point being written kept for a later run to go on with (`Partial`): a
+                          replication cut part-way resumes at its last confirmed block
 
 Why a publication can be interrupted anywhere and leave the chain exactly as it was:
   1. everything of the new point is written under hidden `.part` names the catalog never lists;
@@ -30,6 +32,10 @@ gives the same result, and a P whose file is gone was renamed already.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +44,7 @@ from pathlib import Path
 
 from appliance.domain.chain import Chain
 from appliance.domain.models import DiskPoint, Point
-from appliance.errors import ChainCorruptError
+from appliance.errors import ChainCorruptError, DamagedFileError
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import ImageTool
@@ -50,12 +56,28 @@ from appliance.store.lock import HostLock
 log = get_logger(__name__)
 
 INTENT = "publishing.json"  # the files an unfinished publication renamed into place
+PARTIAL = "partial.json"  # a point being written that a later run goes on with (`Partial`)
 
 
 @dataclass(frozen=True, slots=True)
 class _Intent:
     point: str
     files: tuple[str, ...]  # relative to the chain's folder
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """A point written up to a block and kept so that the next run goes on from there instead of from the
+    start: every block before (`disk`, `block`) (whole disks before `disk`) is in its `.part` files and on
+    the appliance's disk. It is valid only on the point it was written on (`base`, the chain's newest
+    then, with `base_digests`): the next run checks that, and starts afresh otherwise."""
+
+    point: str
+    site: str
+    base: str | None
+    base_digests: dict[str, str]
+    disk: int
+    block: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +98,7 @@ class NewPoint:
     folder: Path
     disks: list[DiskFiles] = field(default_factory=list)
     published: bool = False
+    kept: bool = False  # kept for a later run (a `Partial`): not discarded
 
     def disk(self, slot: str) -> DiskFiles:
         """The (hidden) files of one disk; its slot folder is created on first use."""
@@ -91,7 +114,7 @@ class NewPoint:
         return [p for d in self.disks for p in (d.image, d.hashes)]
 
     def discard(self) -> None:
-        if not self.published:
+        if not self.published and not self.kept:
             for path in self.partials:
                 path.unlink(missing_ok=True)
 
@@ -122,8 +145,10 @@ class ChainTx:
 
     def holds(self) -> dict[str, str]:
         """Points kept for a DR site that confirmed holding them (the next increment it pulls is cheapest
-        against them): point id -> which site. Older points may still be merged into them."""
+        against them), and points being sent to one now (`sending`): point id -> why. Older points may
+        still be merged into them."""
         holds, _ = sites.replication_holds(self.home, self.host)
+        holds = {**holds, **_live_sends(self.home.sends_dir(self.host))}
         return {k: v for k, v in holds.items() if k in self.chain.ids()}
 
     def needed_hash_lists(self) -> set[str]:
@@ -169,7 +194,47 @@ class ChainTx:
             self._save(self.chain.appended(point))
             checkpoint("capture.after_catalog")
         (self.dir / INTENT).unlink()
+        (self.dir / PARTIAL).unlink(missing_ok=True)
         self._drop_old_hash_lists()
+
+    def partial_point(self) -> Partial | None:
+        """The point a cut run kept for this one to go on with, if any (and still valid: see `Partial`)."""
+        path = self.dir / PARTIAL
+        return read_as(path, Partial) if path.exists() else None
+
+    def partial_files(self, point_id: str, slot: str) -> tuple[Path, Path]:
+        """The image and hash list a partial point of `point_id` keeps for one disk (see NewPoint.disk)."""
+        return self.dir / partial(point_file(slot, point_id)), self.dir / partial(hashes_file(slot, point_id))
+
+    def keep_partial(self, draft: NewPoint, at: Partial) -> None:
+        """Record that `draft` is written up to `at` (its files fsynced first), and keep its files when the
+        transaction ends: the next run goes on from there."""
+        with full_disk_as_store_full(f"{self.host}'s partial point"):
+            for path in draft.partials:
+                fsync_file(path)
+            write_json(self.dir / PARTIAL, dataclasses.asdict(at))
+        draft.kept = True
+
+    def drop_partial(self) -> None:
+        """Forget a kept partial point and delete its files (it cannot be gone on with)."""
+        if not (self.dir / PARTIAL).exists():
+            return
+        partial_point = self._partial_or_none()
+        if partial_point is not None:
+            for folder in (f for f in self.dir.iterdir() if f.is_dir()):
+                for f in folder.glob(f".{partial_point.point}.*.part"):
+                    f.unlink()
+        (self.dir / PARTIAL).unlink(missing_ok=True)
+        for draft in self._drafts:
+            draft.kept = False
+        log.info("chain.partial_dropped", host=self.host, point=partial_point.point if partial_point else None)
+
+    def _partial_or_none(self) -> Partial | None:
+        try:
+            return self.partial_point()
+        except DamagedFileError as exc:  # a damaged record: its files cannot be trusted; they go
+            log.warning("chain.partial_damaged", host=self.host, error=exc.message)
+            return None
 
     def write_hash_list(self, point_id: str, slot: str, hashes: bytes) -> None:
         """Replace a point's block hash list (a repair from the point's own content)."""
@@ -257,10 +322,13 @@ class ChainTx:
         published = self._unfinished_publication()
         needed = self.needed_hash_lists()
         listed = self.chain.referenced_files()
+        kept = self._kept_partial()
         doomed, strangers = [], []
         for folder in (f for f in self.dir.iterdir() if f.is_dir()):
             for f in folder.iterdir():
                 relative = f"{folder.name}/{f.name}"
+                if kept and f.name.startswith(f".{kept}.") and f.name.endswith(".part"):
+                    continue
                 if _is_leftover(relative, published, needed):
                     doomed.append(f)
                 elif f.name.endswith(".qcow2") and relative not in listed:
@@ -277,6 +345,19 @@ class ChainTx:
             f.unlink()
         (self.dir / INTENT).unlink(missing_ok=True)
 
+    def _kept_partial(self) -> str | None:
+        """The id of the partial point to keep, if its record reads and it was written on the chain's newest
+        point (a merge into the newest keeps its name and content); otherwise the record goes (and then its
+        files with the other leftovers)."""
+        partial_point = self._partial_or_none()
+        newest = self.chain.newest
+        if partial_point is not None and partial_point.base == (newest.id if newest else None):
+            return partial_point.point
+        if (self.dir / PARTIAL).exists():
+            log.info("chain.partial_stale", host=self.host, point=partial_point.point if partial_point else None)
+            (self.dir / PARTIAL).unlink()
+        return None
+
     def _unfinished_publication(self) -> set[str]:
         """The files an interrupted publication renamed into place, if its point never reached the catalog."""
         path = self.dir / INTENT
@@ -287,6 +368,10 @@ class ChainTx:
 
     def discard_drafts(self) -> None:
         for draft in self._drafts:
+            if not draft.published and not draft.kept and (self.dir / PARTIAL).exists():
+                partial_point = self._partial_or_none()
+                if partial_point is None or partial_point.point == draft.id:
+                    (self.dir / PARTIAL).unlink()  # its files go now: nothing left to go on with
             draft.discard()
         self._drafts = []
 
@@ -296,6 +381,70 @@ def _is_leftover(relative: str, published: set[str], needed_hashes: set[str]) ->
     name = relative.rpartition("/")[2]
     unneeded_hashes = name.endswith(".hashes") and relative not in needed_hashes
     return name.endswith(".part") or relative in published or unneeded_hashes
+
+
+@contextmanager
+def sending(home: Home, images: ImageTool, host: str, point_id: str, site: str) -> Iterator[Path]:
+    """While a point of `host` is sent to DR site `site`: the point is held from being merged away (a
+    merge would change its file under the send), and the send has a folder of its own for its exports.
+
+    Entered under the host's lock (so a merge sees the pin or no send at all); it then outlives the lock.
+    The pin is a file the send holds an flock on: the kernel lets go of it when the send's process dies,
+    so a killed send holds nothing (and the next send removes what it left)."""
+    folder = home.sends_dir(host)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _remove_dead_sends(folder, images)
+    pin = folder / f"{os.getpid()}.pin"
+    fd = os.open(pin, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    exports = folder / str(os.getpid())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"point": point_id, "site": site}).encode())
+        exports.mkdir(exist_ok=True, mode=0o700)
+        yield exports
+    finally:
+        pin.unlink(missing_ok=True)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            exports.rmdir()
+
+
+def _live_sends(folder: Path) -> dict[str, str]:
+    """Point id -> "sending to site X" for every send whose process still holds its pin."""
+    live = {}
+    for pin in folder.glob("*.pin") if folder.exists() else []:
+        with contextlib.suppress(OSError, ValueError):
+            fd = os.open(pin, os.O_RDONLY)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    continue  # nobody holds it: a dead send's
+                except BlockingIOError:
+                    doc = json.loads(os.pread(fd, 4096, 0))
+                live[str(doc["point"])] = f"sending to site {doc['site']}"
+            finally:
+                os.close(fd)
+    return live
+
+
+def _remove_dead_sends(folder: Path, images: ImageTool) -> None:
+    """The pins and exports of sends whose process died (killed: no cleanup of their own)."""
+    for pin in folder.glob("*.pin"):
+        fd = os.open(pin, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        exports = folder / pin.stem
+        for entry in exports.iterdir() if exports.is_dir() else []:
+            images.unmount_stale(entry)
+            entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            exports.rmdir()
+        pin.unlink(missing_ok=True)
+        log.info("chain.dead_send_removed", host=folder.name, pid=pin.stem)
 
 
 @contextmanager

@@ -34,10 +34,18 @@ def digest_of(path: Path) -> str:
 class HashListWriter:
     """The new point's hash list, started from the previous one and updated block by block."""
 
-    def __init__(self, path: Path, previous: Path | None, carry: Carry, size: int, block_size: int) -> None:
+    def __init__(self, path: Path, previous: Path | None, carry: Carry, size: int, block_size: int, *,
+                 resume: bool = False) -> None:  # fmt: skip
+        """`resume`: go on with the list a cut run left (a kept partial point) as it is."""
         self.path = path
         self.size = size
         self.block_size = block_size
+        if resume:
+            self._fd = os.open(path, os.O_RDWR)
+            if os.fstat(self._fd).st_size != carry.total * HASH_LEN:
+                os.close(self._fd)
+                raise ValueError(f"{path.name} is not the hash list of a disk of {carry.total} blocks")
+            return
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         copied = 0
         if previous is not None and carry.known:
@@ -78,6 +86,10 @@ class HashListWriter:
             d.add(chunk)
             offset += len(chunk)
         return d.hexdigest()
+
+    def sync(self) -> None:
+        """On the appliance's disk (a kept partial point's record may then say so)."""
+        os.fsync(self._fd)
 
     def finish(self) -> str:
         """fsync and return the digest of the list, to compare with the one the host computed."""

@@ -63,6 +63,11 @@ class Home:
     def chain_dir(self, name: str) -> Path:
         return self.store_dir / validate_host_name(name)
 
+    def sends_dir(self, name: str) -> Path:
+        """Sends of host `name`'s points to DR sites under way: each one's pin and exports (apart from the
+        host's run folder, which the next job of the host empties)."""
+        return self.run_dir / ".sends" / validate_host_name(name)
+
     @property
     def failovers_dir(self) -> Path:
         return self.root / "failover"

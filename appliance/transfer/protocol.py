@@ -138,8 +138,11 @@ def encode_request(
     return wire.U32.pack(len(body)) + body
 
 
-def encode_old_hashes(previous: Iterable[bytes], carry: Carry, old_size: int, block_size: int) -> Iterator[bytes]:
-    """The previous point's hash list as the reader wants it: runs of ZERO, HASH (16-byte prefixes), UNKNOWN.
+def encode_old_hashes(
+    previous: Iterable[bytes], carry: Carry, old_size: int, block_size: int, start: int = 0
+) -> Iterator[bytes]:
+    """The previous point's hash list as the reader wants it: runs of ZERO, HASH (16-byte prefixes), UNKNOWN,
+    from block `start` on (a resumed replication asks only for the blocks from where it was cut).
 
     `previous` yields the previous point's hash list in order (32 bytes a block), in chunks of any size.
     """
@@ -149,15 +152,16 @@ def encode_old_hashes(previous: Iterable[bytes], carry: Carry, old_size: int, bl
         for off in range(0, len(chunk), HASH_LEN):
             if index >= carry.known:
                 break
-            h = chunk[off : off + HASH_LEN]
-            if h == zero_hash(block_length(index, old_size, block_size)):
-                yield from runs.add(OldBlock.ZERO)
-            else:
-                yield from runs.add(OldBlock.HASH, h[: wire.PREFIX_LEN])
+            if index >= start:
+                h = chunk[off : off + HASH_LEN]
+                if h == zero_hash(block_length(index, old_size, block_size)):
+                    yield from runs.add(OldBlock.ZERO)
+                else:
+                    yield from runs.add(OldBlock.HASH, h[: wire.PREFIX_LEN])
             index += 1
     if index < carry.known:
         raise ProtocolError(f"previous hash list has {index} blocks, expected {carry.known}")
-    for i in range(carry.known, carry.total):
+    for i in range(max(carry.known, start), carry.total):
         yield from runs.add(OldBlock.UNKNOWN if i in carry.unknown else OldBlock.ZERO)
     yield from runs.flush()
 
@@ -203,12 +207,14 @@ class RecordReader:
         self._repassing = False
         self._moment_seen = False
 
-    def start_disk(self, size: int, block_size: int) -> None:
+    def start_disk(self, size: int, block_size: int, from_block: int = 0) -> None:
         """The records that follow, up to its E record, are the first pass over the next disk, of `size` bytes
-        in blocks of `block_size`. Later passes (R records) may name any disk started so far."""
+        in blocks of `block_size`, from block `from_block` on (a resumed replication: the blocks before it
+        are here already). Later passes (R records) may name any disk started so far."""
         if self._repassing:
             raise ProtocolError("a disk's first pass after a later pass")
         self._disk = _DiskCursor(size, block_size)
+        self._disk.next_block = from_block
         self._disks.append((size, block_size))
 
     def add_disk(self, size: int, block_size: int) -> None:

@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Replication over a link that breaks: cut at random bytes, the DR appliance killed at spread-out moments,
+two pulls of one host at once. The DR site reaches the source site through a relay of the tests' own
+(tests/integration/relay.py) that can cut the link at a chosen byte; everything else is as in
+test_replication.py (two homes, the source's real sshd and granted key).
+
+A pull that was cut goes on from the last block it kept (`chains.Partial`): the bytes of all the runs
+together stay about those of one uncut run, the point appears only whole, and at the end both sites hold
+the same points (same digests) and `verify` passes at the DR site.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import Lab
+from appliance.services.replicate import CHECKPOINT_BYTES
+from tests.conftest import points_json, run_cli, start_cli
+from tests.integration.relay import CuttingRelay
+from tests.integration.test_replication import Sites, _digests, sites  # noqa: F401 (the fixture)
+
+SESSION = 256 << 10  # what one run costs besides the point: SSH's handshake, the catalog, the hashes sent
+
+
+@pytest.fixture
+def relay(sites: Sites) -> Iterator[CuttingRelay]:  # noqa: F811
+    r = CuttingRelay((sites.site.address, 22))
+    yield r
+    r.close()
+
+
+def _replicated_once(s: Sites, relay: CuttingRelay) -> None:
+    """The host's first point backed up and replicated whole through the relay (not cut)."""
+    assert run_cli(s.source, "backup", s.host.name).rc == 0
+    r = run_cli(s.dr, "site", "add", "hq", "--address", f"root@127.0.0.1:{relay.port}", "--key", str(s.dr_key),
+                "--trust-first-use")  # fmt: skip
+    assert r.rc == 0, r.err
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, r.err
+
+
+def _partial(s: Sites) -> Path:
+    return s.dr / "store" / s.host.name / "partial.json"
+
+
+def test_a_pull_cut_at_random_bytes_goes_on_from_the_last_block_it_kept(
+    sites: Sites,  # noqa: F811
+    relay: CuttingRelay,
+    lab: Lab,
+) -> None:
+    s, name = sites, sites.host.name
+    _replicated_once(s, relay)
+    written = lab.change(name, 0.3, seed=11)
+    assert run_cli(s.source, "backup", name).rc == 0
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    before, runs = relay.downstream, 0
+    for _ in range(3):
+        at = rng.randrange(64 << 10, written // 4)
+        relay.cut_after(at)
+        r = run_cli(s.dr, "replicate", "hq")
+        runs += 1
+        assert r.rc != 0 and "Traceback" not in r.err, (seed, at, r.out, r.err)
+        assert _partial(s).exists(), (seed, at, r.err)
+        assert len(points_json(s.dr, name)) == 1, (seed, at)  # nothing half-published
+    relay.cut_after(None)
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, (seed, r.err)
+    assert not _partial(s).exists()
+    assert _digests(s.dr, name) == _digests(s.source, name)
+    v = run_cli(s.dr, "verify", name)
+    assert v.rc == 0, v.out + v.err
+    total = relay.downstream - before
+    assert total <= written * 1.1 + (runs + 1) * SESSION, (seed, total, written)
+
+
+def test_the_dr_appliance_killed_at_spread_out_moments_keeps_its_chain_and_the_next_run_goes_on(
+    sites: Sites,  # noqa: F811
+    relay: CuttingRelay,
+    lab: Lab,
+) -> None:
+    """Killed before anything was kept, right after a block was kept, and again in the run that went on
+    from there: each time the chain is as it was, what was kept only grows, and the last run sends only
+    the rest."""
+    s, name = sites, sites.host.name
+    _replicated_once(s, relay)
+    written = lab.change(name, 0.3, seed=12)
+    assert run_cli(s.source, "backup", name).rc == 0
+    kept = []
+    for moment in ("capture.data:2", "replica.kept:1", "replica.kept:2"):
+        r = run_cli(s.dr, "replicate", "hq", env={"APPLIANCE_CRASH_AT": moment})
+        assert r.rc == -9, (moment, r.rc, r.err)
+        assert len(points_json(s.dr, name)) == 1, moment
+        if _partial(s).exists():
+            at = json.loads(_partial(s).read_text())
+            kept.append((at["disk"], at["block"]))
+    assert len(kept) >= 2 and kept == sorted(kept) and kept[-1] > kept[-2], kept
+    before = relay.downstream
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, r.err
+    assert _digests(s.dr, name) == _digests(s.source, name)
+    v = run_cli(s.dr, "verify", name)
+    assert v.rc == 0, v.out + v.err
+    assert relay.downstream - before <= written - 2 * CHECKPOINT_BYTES + SESSION, (relay.downstream - before, written)
+
+
+def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(sites: Sites, lab: Lab) -> None:  # noqa: F811
+    """While a pull crawls over a slow link: a second pull of the host refuses (one transfer of a host at a
+    time); at the source the host's backups go on, and the point being sent is held from merging."""
+    s, name = sites, sites.host.name
+    slow = CuttingRelay((s.site.address, 22), delay_per_chunk=0.06)
+    try:
+        _replicated_once(s, slow)
+        lab.change(name, 0.3, seed=13)
+        assert run_cli(s.source, "backup", name).rc == 0
+        sending = _digests(s.source, name)[-1]
+        first = start_cli(s.dr, "replicate", "hq")
+        sends = s.source / "run" / ".sends" / name
+        deadline = time.monotonic() + 60
+        while not list(sends.glob("*.pin")) if sends.exists() else True:
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = run_cli(s.dr, "replicate", "hq")
+        lab.change(name, 0.01, seed=14)
+        backup = run_cli(s.source, "backup", name)
+        assert run_cli(s.source, "host", "set", name, "--keep-last", "1").rc == 0
+        plan = run_cli(s.source, "consolidate", name, "--dry-run")
+        still_sending = first.poll() is None
+        out, err = first.communicate(timeout=300)
+    finally:
+        slow.close()
+    assert second.rc != 0 and f"{name} is busy" in second.err and "Traceback" not in second.err, second.err
+    assert backup.rc == 0, backup.err
+    assert still_sending and "sending to site dr1" in plan.out, plan.out
+    assert first.returncode == 0, err
+    assert _digests(s.dr, name)[-1] == sending
