@@ -134,8 +134,10 @@ def replicate_cmd(
     st = state(ctx)
     for report in replicate(st.home, st.tools, site, host, say=lambda t: typer.echo(t, err=True)):
         pulled = sum(p.wire_bytes for p in report.pulled)
-        typer.echo(f"{report.host}: {len(report.pulled)} point(s) pulled from {site}, {pulled} bytes on the wire; "
-                   f"newest there {report.newest_there or '-'}, here {report.newest_here or '-'}")  # fmt: skip
+        skipped = f" ({len(report.skipped)} skipped: merged away there, or their hashes no longer kept)"
+        typer.echo(f"{report.host}: {len(report.pulled)} point(s) pulled from {site}, {pulled} bytes on the wire"
+                   f"{skipped if report.skipped else ''}; newest there {report.newest_there or '-'}, "
+                   f"here {report.newest_here or '-'}")  # fmt: skip
 
 
 def serve_replica_cmd(

@@ -41,12 +41,23 @@ class _Refused(Exception):
         self.code = code
 
 
+# Refusals of one point that leave the session as it was (nothing of the point was sent): the DR site
+# skips that point and asks for the next one on the same session.
+_POINT_REFUSALS = ("no-point", "no-hashes")
+
+
 def serve(home: Home, tools: Tools, stdin: BinaryIO, stdout: BinaryIO, site: str) -> int:
     """Answer requests until the DR site closes the session. Returns the exit status."""
     out = _Out(stdout)
     try:
         while (request := replica.read_request(stdin.read)) is not None:
-            _answer(home, tools, request, stdin, out, site)
+            try:
+                _answer(home, tools, request, stdin, out, site)
+            except _Refused as exc:
+                if exc.code not in _POINT_REFUSALS:
+                    raise
+                log.info("replica.point_refused", site=site, code=exc.code, error=str(exc))
+                out.send(replica.record(b"X", {"code": exc.code, "message": str(exc)}))
     except (_Refused, ProtocolError, ApplianceError) as exc:
         code = exc.code if isinstance(exc, _Refused) else "protocol" if isinstance(exc, ProtocolError) else "error"
         message = exc.message if isinstance(exc, ApplianceError) else str(exc)

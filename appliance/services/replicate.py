@@ -258,6 +258,7 @@ def _replicate_host(home: Home, tools: Tools, site: Site, source: replica.Source
             try:
                 report.pulled.append(_record(tx, _Pull(tx, tools, host, site, point, stream, records), "replication"))
             except _Skipped as exc:  # an older point the source no longer keeps the hashes of: the next one
+                tx.drop_partial()
                 log.info("replica.skipped", site=site.name, host=host.name, point=point.id, reason=str(exc))
                 report.skipped.append(point.id)
         report.newest_here = tx.chain.newest.id if tx.chain.newest else None

@@ -159,6 +159,8 @@ class ChainTx:
         if not points:
             return set()
         holds, unconfirmed = sites.replication_holds(self.home, self.host)
+        if any(point_id not in self.chain.ids() for point_id in holds):
+            unconfirmed = True  # a point of a chain since removed (a held point is never merged away)
         confirmed = [i for i, p in enumerate(points) if p.id in holds]
         first = 0 if unconfirmed else min(confirmed, default=len(points) - 1)
         return {hashes_file(d.slot, p.id) for p in points[first:] for d in p.disks}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from appliance.lab import Lab
 from appliance.services.replicate import CHECKPOINT_BYTES
 from tests.conftest import points_json, run_cli, start_cli
+from tests.integration.helpers import host_add
 from tests.integration.relay import CuttingRelay
 from tests.integration.test_replication import Sites, _digests, sites  # noqa: F401 (the fixture)
 
@@ -35,12 +37,16 @@ def relay(sites: Sites) -> Iterator[CuttingRelay]:  # noqa: F811
     r.close()
 
 
-def _replicated_once(s: Sites, relay: CuttingRelay) -> None:
-    """The host's first point backed up and replicated whole through the relay (not cut)."""
-    assert run_cli(s.source, "backup", s.host.name).rc == 0
+def _add_site(s: Sites, relay: CuttingRelay) -> None:
     r = run_cli(s.dr, "site", "add", "hq", "--address", f"root@127.0.0.1:{relay.port}", "--key", str(s.dr_key),
                 "--trust-first-use")  # fmt: skip
     assert r.rc == 0, r.err
+
+
+def _replicated_once(s: Sites, relay: CuttingRelay) -> None:
+    """The host's first point backed up and replicated whole through the relay (not cut)."""
+    assert run_cli(s.source, "backup", s.host.name).rc == 0
+    _add_site(s, relay)
     r = run_cli(s.dr, "replicate", "hq")
     assert r.rc == 0, r.err
 
@@ -140,3 +146,71 @@ def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(s
     assert still_sending and "sending to site dr1" in plan.out, plan.out
     assert first.returncode == 0, err
     assert _digests(s.dr, name)[-1] == sending
+
+
+def test_a_full_dr_store_publishes_nothing_and_the_next_run_goes_on_once_there_is_room(
+    sites: Sites,  # noqa: F811
+    relay: CuttingRelay,
+    lab: Lab,
+) -> None:
+    s, name = sites, sites.host.name
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs", str(s.dr)], check=True)
+    try:
+        _replicated_once(s, relay)
+        written = lab.change(name, 0.3, seed=15)
+        assert run_cli(s.source, "backup", name).rc == 0
+        full = run_cli(s.dr, "replicate", "hq")
+        assert full.rc != 0 and "full" in full.err and "Traceback" not in full.err, full.err
+        assert len(points_json(s.dr, name)) == 1
+        subprocess.run(["mount", "-o", "remount,size=160m", str(s.dr)], check=True)
+        before = relay.downstream
+        r = run_cli(s.dr, "replicate", "hq")
+        assert r.rc == 0, r.err
+        assert _digests(s.dr, name) == _digests(s.source, name)
+        assert relay.downstream - before < written, (relay.downstream - before, written)  # it went on
+        v = run_cli(s.dr, "verify", name)
+        assert v.rc == 0, v.out + v.err
+    finally:
+        subprocess.run(["umount", "-l", str(s.dr)], check=False)
+
+
+def test_a_source_chain_started_anew_is_pulled_on_top_of_what_the_dr_site_holds(
+    sites: Sites,  # noqa: F811
+    relay: CuttingRelay,
+    lab: Lab,
+) -> None:
+    """The source's host removed with its points and added again (a new base): the DR site keeps every
+    point it had (its own retention drops them), and the new chain's points arrive as the blocks that
+    differ from what the DR site holds (it sends its hashes: the source no longer has that point)."""
+    s, name = sites, sites.host.name
+    _replicated_once(s, relay)
+    old = _digests(s.dr, name)
+    assert run_cli(s.source, "host", "remove", name, "--purge").rc == 0
+    assert run_cli(s.source, *host_add(s.host, lab.key_file, "--trust-first-use")).rc == 0
+    written = lab.change(name, 0.05, seed=16)
+    assert run_cli(s.source, "backup", name).rc == 0
+    before = relay.downstream
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, r.err
+    assert _digests(s.dr, name) == old + _digests(s.source, name)
+    assert relay.downstream - before < written * 1.5 + SESSION, (relay.downstream - before, written)
+    v = run_cli(s.dr, "verify", name)
+    assert v.rc == 0, v.out + v.err
+
+
+def test_a_point_the_source_cannot_send_any_more_is_skipped_and_the_next_one_pulled(
+    sites: Sites,  # noqa: F811
+    relay: CuttingRelay,
+    lab: Lab,
+) -> None:
+    s, name = sites, sites.host.name
+    assert run_cli(s.source, "backup", name).rc == 0
+    lab.change(name, 0.05, seed=17)
+    assert run_cli(s.source, "backup", name).rc == 0
+    older = points_json(s.source, name)[0]
+    (s.source / "store" / name / "disk0" / f"{older['id']}.hashes").unlink()  # as if no DR site had needed it
+    _add_site(s, relay)
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0 and "1 point(s) pulled" in r.out and "1 skipped" in r.out, r.out + r.err
+    assert [p for p, _ in _digests(s.dr, name)] == [str(points_json(s.source, name)[1]["id"])]
+    assert _digests(s.dr, name)[-1] == _digests(s.source, name)[-1]
