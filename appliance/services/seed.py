@@ -287,6 +287,12 @@ def import_seeds(home: Home, tools: Tools, folder: Path, site_name: str | None =
     :raises ChainCorruptError: an image does not read as the digests its point recorded; nothing of it kept.
     """
     manifests = [(path.parent, read_manifest(path)) for path in find_manifests(folder)]
+    seen: dict[str, Path] = {}
+    for export, manifest in manifests:
+        if manifest.host in seen:
+            raise ConfigError(f"{folder} holds two exports of {manifest.host} ({seen[manifest.host]}, {export})",
+                              hint="import the folder of the one to adopt")  # fmt: skip
+        seen[manifest.host] = export
     site = _site(home, site_name, [m.host for _, m in manifests])
     for _, manifest in manifests:
         _check_host_here(home, site, manifest.host)
@@ -353,11 +359,17 @@ def _check_files(export: Path, manifest: Manifest) -> None:
 
 def _adopt(home: Home, tools: Tools, site: Site, export: Path, manifest: Manifest) -> Imported:
     settings = {k: v for k, v in manifest.settings.items() if k in replica.SETTINGS}
+    created = not hosts.exists(home, manifest.host)
     host = _replica_host(home, site, replica.SourceHost(manifest.host, settings, ()))
-    with chains.open(home, tools.images, host.name, "seed") as tx:
-        if tx.chain.points:  # taken by a replication since the check
-            raise ConfigError(f"{host.name} already has points here; a seed starts only a host that has none")
-        point = _record(tx, _Seed(tx, tools, host, site, export, manifest.point), "seed")
+    try:
+        with chains.open(home, tools.images, host.name, "seed") as tx:
+            if tx.chain.points:  # a replication took the host since the check
+                raise ConfigError(f"{host.name} already has points here; a seed starts only a host that has none")
+            point = _record(tx, _Seed(tx, tools, host, site, export, manifest.point), "seed")
+    except BaseException:
+        if created:  # this appliance is left as it was: no record of a host it holds nothing of
+            hosts.remove(home, host.name)
+        raise
     log.info("seed.imported", host=host.name, point=point.id, site=site.name, folder=str(export))
     return Imported(host.name, point, site.name)
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from appliance.domain.models import Site
-from appliance.errors import ChainCorruptError, ConfigError, DamagedFileError
+from appliance.errors import ChainCorruptError, ConfigError, DamagedFileError, StoreFullError
 from appliance.services import seed
 from appliance.services.seed import export_host, find_manifests, import_seeds, read_manifest, room_needed, seed_files
 from appliance.store import catalog, hosts, sites
@@ -73,6 +74,26 @@ def test_an_image_that_does_not_read_as_its_digest_is_refused_even_with_a_matchi
         import_seeds(dr, lab.tools, usb)
     assert catalog.load(dr.chain_dir("web1"), "web1").points == ()
     assert [p.name for p in (dr.chain_dir("web1") / "disk0").iterdir()] == []  # nothing half-written kept
+    assert not hosts.exists(dr, "web1")
+
+
+def test_an_export_cut_by_a_full_disk_leaves_nothing_behind(lab: Lab) -> None:
+    lab.back_up()
+    usb = lab.folder / "usb"
+    usb.mkdir()
+    lab.images.fail("flatten", StoreFullError("cannot write it: its disk is full"))
+    with pytest.raises(StoreFullError, match=f"{usb} is full"):
+        export_host(lab.home, lab.tools, "web1", usb)
+    assert list(usb.iterdir()) == []
+    export_host(lab.home, lab.tools, "web1", usb)  # the chain was left unlocked and as it was
+    assert sorted(p.name for p in (usb / "web1").iterdir()) == ["disk0.hashes", "disk0.qcow2", "manifest.json"]
+
+
+def test_two_exports_of_one_host_are_refused_before_anything_is_read(lab: Lab) -> None:
+    usb = _exported(lab)
+    shutil.copytree(usb / "web1", usb / "web1-copy")
+    with pytest.raises(ConfigError, match="two exports of web1"):
+        import_seeds(_dr(lab), lab.tools, usb)
 
 
 def test_the_point_keeps_its_own_block_size_when_the_host_setting_changed(lab: Lab) -> None:
