@@ -124,7 +124,9 @@ def export_host(home: Home, tools: Tools, name: str, target: Path, *, force: boo
     _check_destination(dest, force)
     started = time.monotonic()
     with _writing_to(target):
-        staging = Path(tempfile.mkdtemp(dir=target, prefix=f".{name}.export-"))  # 0700, hidden: never an export
+        _remove_cut_exports(target, name)
+        # 0700, hidden (never taken for an export), named after this process (a later export removes it if cut)
+        staging = Path(tempfile.mkdtemp(dir=target, prefix=f".{name}.export-{os.getpid()}-"))
     try:
         with chains.open(home, tools.images, name, "export") as tx:
             point = tx.chain.newest
@@ -168,6 +170,25 @@ def export_host(home: Home, tools: Tools, name: str, target: Path, *, force: boo
     log.info("seed.exported", host=name, point=point.id, folder=str(dest), bytes=total,
              seconds=round(time.monotonic() - started, 2))  # fmt: skip
     return Exported(name, point.id, dest, total)
+
+
+def _remove_cut_exports(target: Path, name: str) -> None:
+    """The hidden folders of exports of `name` whose process is gone (killed, or the machine stopped)."""
+    for folder in target.glob(f".{name}.export-*"):
+        pid = folder.name.removeprefix(f".{name}.export-").partition("-")[0]
+        if folder.is_dir() and not folder.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            log.info("seed.leftover_removed", host=name, folder=str(folder))
+            shutil.rmtree(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_destination(dest: Path, force: bool) -> None:

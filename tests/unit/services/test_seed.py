@@ -5,8 +5,10 @@ the room an export needs (pure)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,23 @@ def test_an_export_cut_by_a_full_disk_leaves_nothing_behind(lab: Lab) -> None:
     assert list(usb.iterdir()) == []
     export_host(lab.home, lab.tools, "web1", usb)  # the chain was left unlocked and as it was
     assert sorted(p.name for p in (usb / "web1").iterdir()) == ["disk0.hashes", "disk0.qcow2", "manifest.json"]
+
+
+def test_the_hidden_folder_of_a_cut_export_is_removed_by_the_next_one_unless_its_process_runs(lab: Lab) -> None:
+    lab.back_up()
+    usb = lab.folder / "usb"
+    cut, running = usb / f".web1.export-{_ended_pid()}-abc", usb / f".web1.export-{os.getpid()}-def"
+    for folder in (cut, running):
+        folder.mkdir(parents=True)
+        (folder / "disk0.qcow2").write_bytes(b"half")
+    export_host(lab.home, lab.tools, "web1", usb)
+    assert sorted(p.name for p in usb.iterdir()) == [running.name, "web1"]
+
+
+def _ended_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_two_exports_of_one_host_are_refused_before_anything_is_read(lab: Lab) -> None:
