@@ -25,6 +25,9 @@ class QemuImages:
     def resize(self, path: Path, size: int) -> None:
         qemu_img.resize(path, size)
 
+    def flatten(self, image: Path, target: Path) -> None:
+        qemu_img.flatten(image, target)
+
     def virtual_size(self, path: Path) -> int:
         return qemu_img.virtual_size(path)
 

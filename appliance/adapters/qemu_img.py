@@ -106,6 +106,21 @@ def commit(top: Path) -> None:
         raise _fail(exc, f"cannot merge {top.name} into its backing file") from exc
 
 
+def flatten(image: Path, target: Path) -> None:
+    """A standalone qcow2 at `target` of what `image` reads as through its backing chain: one point that can
+    travel alone (a seed on a disk). Blocks that read as zeroes stay unallocated (convert's own detection).
+
+    `-U`: a point is never written again once published, and a recovery VM may hold its chain open.
+    """
+    try:
+        run([QEMU_IMG, "convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2", str(image), str(target)])
+    except CommandFailed as exc:
+        if "No space left" in exc.stderr:
+            raise StoreFullError(f"cannot write {target}: its disk is full",
+                                 hint="free space there, or use a larger disk") from exc  # fmt: skip
+        raise ImageToolError(f"cannot flatten {image.name} into {target}: {exc.last_line}") from exc
+
+
 def resize(path: Path, size: int) -> None:
     """Set the virtual size (a merged point keeps the size of the point it replaces)."""
     try:

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""`appliance site add|list|grant|remove`, `appliance replicate`, `appliance serve-replica`: offsite copies.
+"""`appliance site add|list|grant|remove|export|import`, `appliance replicate`, `appliance serve-replica`:
+offsite copies.
 
 The DR appliance pulls from the source: `site add` on the DR appliance, `site grant` on the source (its
 key may then run only `serve-replica`), `replicate` on the DR appliance.
@@ -20,7 +21,7 @@ from appliance.cli.hosts import _ask
 from appliance.domain.models import Site, format_duration, parse_duration
 from appliance.domain.models import format_size as size
 from appliance.domain.schedule import parse_window
-from appliance.services import replica_source
+from appliance.services import replica_source, seed
 from appliance.services.replicate import add_site, grant, lags, replicate
 from appliance.store import sites
 
@@ -123,6 +124,35 @@ def grant_cmd(
     command = [sys.executable, "-m", "appliance", "--home", str(home.root), "serve-replica", "--site", name]
     line = grant(home, name, key, authorized_keys.expanduser(), command)
     typer.echo(f"granted site {name} read-only replication in {authorized_keys}:\n  {line}")
+
+
+@app.command("export")
+def export_cmd(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(help="The host")],
+    folder: Annotated[Path, typer.Argument(help="A folder on the disk that travels: the export goes in FOLDER/HOST")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an export of the host already there")] = False,
+) -> None:
+    """On the source: write a host's newest point as plain files, to seed a DR site by disk."""
+    st = state(ctx)
+    done = seed.export_host(st.home, st.tools, host, folder, force=force)
+    typer.echo(f"exported {host}'s point {done.point} to {done.folder} ({size(done.bytes)}); "
+               f"at the DR site: appliance site import {folder}")  # fmt: skip
+
+
+@app.command("import")
+def import_cmd(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(help="The folder `site export` wrote into (or one host's folder in it)")],
+    site: Annotated[
+        str | None, typer.Option("--site", help="The site the hosts are replicated from [default: the only one]")
+    ] = None,
+) -> None:
+    """On the DR site: adopt exported points as the first points of replicated hosts (checked, then proven)."""
+    st = state(ctx)
+    for done in seed.import_seeds(st.home, st.tools, folder, site, say=lambda t: typer.echo(t, err=True)):
+        typer.echo(f"{done.host}: point {done.point.id} adopted as a replica of site {done.site}; "
+                   f"`appliance replicate {done.site} {done.host}` pulls what changed since")  # fmt: skip
 
 
 def replicate_cmd(

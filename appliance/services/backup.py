@@ -614,9 +614,11 @@ class _Import(_Capture):
     """A point from local images instead of a host: same plan, same writes, same publication."""
 
     def __init__(
-        self, tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str, Path, int]], origin: str
-    ) -> None:
-        super().__init__(tx, tools, host)
+        self, tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str, Path, int]], origin: str,
+        *, point: tuple[str, datetime] | None = None,
+    ) -> None:  # fmt: skip
+        """`point`: the id and time the point already has elsewhere (a seed from another site keeps them)."""
+        super().__init__(tx, tools, host, point=point)
         self.sources = sources
         self.origin = origin
 

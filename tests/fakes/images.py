@@ -37,7 +37,7 @@ _LENGTH = struct.Struct("<I")
 
 OPERATIONS = frozenset(
     {"create", "info_chain", "check", "map_zero_extents", "commit", "resize", "virtual_size", "export",
-     "own_extents", "read", "write", "zero", "flush"}
+     "own_extents", "flatten", "read", "write", "zero", "flush"}
 )  # fmt: skip
 
 
@@ -380,6 +380,20 @@ class FakeImages:
         with _opened(path, ImageToolError, writable=True, backing=False) as image:
             image.resize(size)
             image.save()
+
+    def flatten(self, image: Path, target: Path) -> None:
+        """A standalone image of what `image` reads as through its chain; zeroes stay unallocated."""
+        self.step("flatten")
+        with _opened(image, ImageToolError, writable=False) as source:
+            cs = source.meta.cluster_size
+            self.create(target, source.size, cluster_size=cs)
+            with _opened(target, ImageToolError, writable=True) as copy:
+                for start, stop, zero in source.segments(0, source.size):
+                    data = b"" if zero else source.read(start, stop - start)
+                    if data.strip(b"\0"):
+                        copy.write(start, data)
+                copy.save()
+                os.fsync(copy.fd)
 
     def virtual_size(self, path: Path) -> int:
         self.step("virtual_size")

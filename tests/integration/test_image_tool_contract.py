@@ -139,6 +139,16 @@ def test_commit_writes_the_overlays_own_clusters_into_its_backing_file(chain: Ch
     chain.images.check(chain.base)
 
 
+def test_flatten_gives_a_standalone_image_of_what_the_chain_reads_as(chain: Chain) -> None:
+    chain.write_top()
+    alone = chain.folder / "alone.qcow2"
+    chain.images.flatten(chain.top, alone)
+    (info,) = chain.images.info_chain(alone)
+    assert info.get("backing-filename") is None and info["virtual-size"] == TOP_SIZE
+    assert chain.read(alone) == chain.top_view
+    assert chain.images.map_zero_extents(alone)[0][0] == 0  # what reads as zeroes is no data
+
+
 def test_resize_shrinks_and_keeps_what_is_left(chain: Chain) -> None:
     chain.images.resize(chain.base, BASE_SIZE // 2)
     assert chain.images.virtual_size(chain.base) == BASE_SIZE // 2
