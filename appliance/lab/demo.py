@@ -3,72 +3,137 @@
 
 The lab host's disk is the lab guest, a small Linux that prints its marker when it boots. Each backup
 is taken after a new marker is written, so the failover proves which point it booted; then a
-consolidation thins the chain to the two newest points; last, the VM fails back to a repaired server
-(another lab host, blank) and that disk boots with what the VM wrote.
+consolidation thins the chain to the two newest points. Offsite, a second appliance (its own
+APPLIANCE_HOME, the DR site) reaches this one only over SSH, through the sshd of a lab namespace that
+plays the source site, with a key this one granted (before the first backup) nothing but
+`serve-replica`; it pulls the points, verifies them and boots the newest there, showing its marker.
+Last, the VM fails back to a repaired server (another lab host, blank) and that disk boots with what
+the VM wrote. A run tears down the one before (VMs, hosts, the DR home, key and grant, namespaces).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from appliance.errors import LabError
-from appliance.lab import Lab
+from appliance.lab import Lab, LabHost
+from appliance.store.layout import Home
 
 HOST = "lab1"
 REPAIRED = "repaired"
+SOURCE_SITE = "hq"  # the lab host whose sshd the DR site reaches this appliance through
+DR_SITE = "dr1"
+BOOT_CHECK = "console:APPLIANCE-GUEST-UP"
 
 
-def _appliance(home: Path, *args: str) -> str:
-    shown = shlex.join(["appliance", *args])
-    print(f"\n$ {shown}", flush=True)
+def _step(shown: list[str], argv: list[str]) -> str:
+    """Print `shown` as the user would type it, run `argv`, print its output (without info logs)."""
+    print(f"\n$ {shlex.join(shown)}", flush=True)
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "appliance", "--home", str(home), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
-    )  # fmt: skip
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, check=False)  # fmt: skip
     print("\n".join(line for line in done.stdout.splitlines() if "[info     ]" not in line), flush=True)
     if done.returncode != 0:
-        raise LabError(f"demo step failed (exit {done.returncode}): {shown}")
+        raise LabError(f"demo step failed (exit {done.returncode}): {shlex.join(shown)}")
     print(f"  [{time.monotonic() - started:.1f} s]", flush=True)
     return done.stdout
 
 
+def _cli(home: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "appliance", "--home", str(home), *args]
+
+
+def _appliance(home: Path, *args: str) -> str:
+    """A step on this appliance (the source site)."""
+    return _step(["appliance", *args], _cli(home, *args))
+
+
+def _at_dr(dr_home: Path, *args: str) -> str:
+    """A step on the DR appliance: its own home, shown."""
+    return _step(["appliance", "--home", str(dr_home), *args], _cli(dr_home, *args))
+
+
 def _quiet(home: Path, *args: str, check: bool = True) -> str:
-    done = subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), *args],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(_cli(home, *args), capture_output=True, text=True, check=False)
     if check and done.returncode != 0:
         raise LabError(f"demo step failed (exit {done.returncode}): appliance {shlex.join(args)}")
     return done.stdout
 
 
+def _dr_home(home: Path) -> Path:
+    return home / "lab" / "dr-home"
+
+
+def _dr_key(home: Path) -> Path:
+    return home / "lab" / f"{DR_SITE}_key"
+
+
 def run_demo(home: Path) -> None:
     lab = Lab(home / "lab")
+    _tear_down(home, lab)
+    h = _protect(home, lab)
+    _grant_dr_site(home, lab)
+    _backups(home)
+    _first_failover(home)
+    _consolidation(home)
+    _offsite(home, lab)
+    _failback(home, lab, h.disk)
+    print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
+          f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip
+
+
+def _tear_down(home: Path, lab: Lab) -> None:
+    """The earlier demo's recovery VMs (the DR site's first: both are named after the host), hosts, DR
+    home, key and grant, and lab namespaces."""
     print("Tearing down any earlier demo ...", flush=True)
+    dr_home, dr_key = _dr_home(home), _dr_key(home)
+    if (dr_home / "hosts" / f"{HOST}.json").exists():
+        _quiet(dr_home, "failover", "stop", HOST, check=False)
+    shutil.rmtree(dr_home, ignore_errors=True)
+    dr_key.unlink(missing_ok=True)
+    dr_key.with_name(f"{dr_key.name}.pub").unlink(missing_ok=True)
     if (home / "hosts" / f"{HOST}.json").exists():
         _quiet(home, "failover", "stop", HOST, check=False)
         _appliance(home, "host", "remove", HOST, "--purge")
+    # The grant's record keeps what the earlier DR site confirmed holding, a point of the purged chain: the new
+    # DR site would be taken as holding it, and the older points' hash lists dropped before it asks for them.
+    Home(home).grant_record(DR_SITE).unlink(missing_ok=True)
     lab.down()
+
+
+def _protect(home: Path, lab: Lab) -> LabHost:
     _appliance(home, "lab", "up", "--host", HOST, "--disk-size", "1G")
     h = lab.host(HOST)
     _appliance(home, "host", "add", HOST, "--address", f"root@{h.address}", "--disk", h.disk,
                "--key", str(lab.key_file), "--trust-first-use")  # fmt: skip
-    _appliance(home, "host", "set", HOST, "--boot-check", "console:APPLIANCE-GUEST-UP", "--vm-memory", "512")
+    _appliance(home, "host", "set", HOST, "--boot-check", BOOT_CHECK, "--vm-memory", "512")
+    return h
+
+
+def _backups(home: Path) -> None:
     _appliance(home, "lab", "change", HOST, "--percent", "10", "--marker", "monday")
     _appliance(home, "backup", HOST)
     _appliance(home, "lab", "change", HOST, "--percent", "1", "--marker", "tuesday", "--seed", "2")
     _appliance(home, "backup", HOST)
     _appliance(home, "points", HOST)
     _appliance(home, "verify", HOST)
+
+
+def _first_failover(home: Path) -> None:
     first = json.loads(_quiet(home, "points", HOST, "--json"))[0]["id"]
     print("\nThe server dies. Boot Monday's point, the older one, as a VM:", flush=True)
     _appliance(home, "failover", HOST, "--point", first)
     _appliance(home, "failover", "status")
     _appliance(home, "failover", "stop", HOST)
+
+
+def _consolidation(home: Path) -> None:
     print("\nNightly consolidation: keep the two newest points; Monday's is merged into Tuesday's.", flush=True)
     autorun = "echo written-during-failover > /root/marker.txt; sync"
     _appliance(
@@ -80,14 +145,51 @@ def run_demo(home: Path) -> None:
     _appliance(home, "consolidate", HOST)
     _appliance(home, "points", HOST)
     _appliance(home, "verify", HOST)
+
+
+def _grant_dr_site(home: Path, lab: Lab) -> None:
+    """Before the backups: from the grant on, the source keeps the hash lists of every point the DR site
+    may still ask for, so each point can be sent as the blocks it lacks."""
+    dr_key = _dr_key(home)
+    print(f"\nA DR site (a second appliance, its own home {_dr_home(home)}) will pull this appliance's points "
+          f"over SSH,\nthrough the sshd of lab host {SOURCE_SITE}, a namespace that plays this site.",
+          flush=True)  # fmt: skip
+    _appliance(home, "lab", "up", "--host", SOURCE_SITE, "--blank", "--data", "0", "--disk-size", "1M")
+    print("\nOn the DR site, a key for the source site:", flush=True)
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", DR_SITE, "-f", str(dr_key)]
+    _step(keygen, keygen)
+    dr_key.chmod(0o600)
+    print("\nOn the source: that key may run only `serve-replica` (list and read points).", flush=True)
+    authorized = Path(lab.host(SOURCE_SITE).folder) / "authorized_keys"
+    _appliance(home, "site", "grant", DR_SITE, "--key", f"{dr_key}.pub", "--authorized-keys", str(authorized))
+
+
+def _offsite(home: Path, lab: Lab) -> None:
+    """The DR site pulls the points over SSH with the granted key, checks them and boots the newest.
+
+    Both appliances run on this machine and name a recovery VM after its host, so the DR site's VM is
+    stopped before the source fails over again."""
+    dr_home, site = _dr_home(home), lab.host(SOURCE_SITE)
+    print("\nOffsite, on the DR site: add the source site, pull every point, check them.", flush=True)
+    _at_dr(dr_home, "site", "add", SOURCE_SITE, "--address", f"root@{site.address}", "--key", str(_dr_key(home)),
+           "--trust-first-use")  # fmt: skip
+    _at_dr(dr_home, "replicate", SOURCE_SITE)
+    _at_dr(dr_home, "replicas")
+    _at_dr(dr_home, "points", HOST)
+    _at_dr(dr_home, "verify", HOST)
+    print("\nThe server room burns. Boot the newest replicated point (Wednesday's) at the DR site:", flush=True)
+    _at_dr(dr_home, "host", "set", HOST, "--boot-check", BOOT_CHECK, "--vm-memory", "512")
+    _at_dr(dr_home, "failover", HOST)
+    _at_dr(dr_home, "failover", "stop", HOST)
+
+
+def _failback(home: Path, lab: Lab, disk: str) -> None:
     print("\nThe server dies again; its VM runs and writes (its marker becomes written-during-failover).", flush=True)
     _appliance(home, "failover", HOST)
     print("\nThe server is repaired (a blank disk): fail back while the VM runs, then cut over.", flush=True)
     _appliance(home, "lab", "up", "--host", REPAIRED, "--blank", "--data", "0", "--disk-size", "1G")
     r = lab.host(REPAIRED)
-    _appliance(home, "failback", HOST, "--to", f"root@{r.address}", "--disk", f"{h.disk}={r.disk}", "--trust-first-use")
+    _appliance(home, "failback", HOST, "--to", f"root@{r.address}", "--disk", f"{disk}={r.disk}", "--trust-first-use")
     _appliance(home, "failback", "status", HOST)
     _appliance(home, "lab", "boot", REPAIRED)
     _appliance(home, "points", HOST)
-    print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
-          f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip
