@@ -23,7 +23,6 @@ from pathlib import Path
 
 from appliance.errors import LabError
 from appliance.lab import Lab, LabHost
-from appliance.store.layout import Home
 
 HOST = "lab1"
 REPAIRED = "repaired"
@@ -90,7 +89,7 @@ def run_demo(home: Path) -> None:
 
 def _tear_down(home: Path, lab: Lab) -> None:
     """The earlier demo's recovery VMs (the DR site's first: both are named after the host), hosts, DR
-    home, key and grant, and lab namespaces."""
+    home and key, and lab namespaces."""
     print("Tearing down any earlier demo ...", flush=True)
     dr_home, dr_key = _dr_home(home), _dr_key(home)
     if (dr_home / "hosts" / f"{HOST}.json").exists():
@@ -101,9 +100,6 @@ def _tear_down(home: Path, lab: Lab) -> None:
     if (home / "hosts" / f"{HOST}.json").exists():
         _quiet(home, "failover", "stop", HOST, check=False)
         _appliance(home, "host", "remove", HOST, "--purge")
-    # The grant's record keeps what the earlier DR site confirmed holding, a point of the purged chain: the new
-    # DR site would be taken as holding it, and the older points' hash lists dropped before it asks for them.
-    Home(home).grant_record(DR_SITE).unlink(missing_ok=True)
     lab.down()
 
 
