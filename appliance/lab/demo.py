@@ -174,7 +174,6 @@ def _offsite(home: Path, lab: Lab) -> None:
     _at_dr(dr_home, "points", HOST)
     _at_dr(dr_home, "verify", HOST)
     print("\nThe server room burns. Boot the newest replicated point (Wednesday's) at the DR site:", flush=True)
-    _at_dr(dr_home, "host", "set", HOST, "--boot-check", BOOT_CHECK, "--vm-memory", "512")
     _at_dr(dr_home, "failover", HOST)
     _at_dr(dr_home, "failover", "stop", HOST)
 
