@@ -15,6 +15,7 @@ import pytest
 from appliance.lab import Lab, LabHost
 from tests.conftest import require, run_cli
 from tests.integration.helpers import host_add
+from tests.integration.sites import Sites, two_sites
 
 _names = itertools.count(1)
 # Host names carry a token of this run: a VM left defined by a killed run never blocks a later one.
@@ -98,3 +99,9 @@ def guest_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from appliance.lab.guest import build_guest_image
 
     return build_guest_image(tmp_path_factory.mktemp("guest") / "guest.img", size=1 << 30)
+
+
+@pytest.fixture
+def sites(make_host, home: Path, tmp_path: Path) -> Sites:  # type: ignore[no-untyped-def]
+    """A source appliance with a lab host, its sshd, and a DR appliance granted a key (tests/integration/sites.py)."""
+    return two_sites(make_host, home, tmp_path)

@@ -12,48 +12,17 @@ import json
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import pytest
-
-from appliance.lab import Lab, LabHost
+from appliance.lab import Lab
 from tests.conftest import points_json, run_cli, start_cli
-
-
-@dataclass
-class Sites:
-    source: Path  # the source appliance's home (its points)
-    dr: Path  # the DR appliance's home
-    host: LabHost  # the protected host, backed up by the source
-    site: LabHost  # where the DR appliance reaches the source (sshd + the granted key)
-    dr_key: Path
-
-
-@pytest.fixture
-def sites(make_host, lab: Lab, home: Path, tmp_path: Path) -> Sites:  # type: ignore[no-untyped-def]
-    host = make_host(size=64 << 20, data=0.4)
-    site = make_host(size=1 << 20, add=False)
-    dr_key = tmp_path / "dr_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dr1", "-f", str(dr_key)], check=True)
-    authorized = Path(site.folder) / "authorized_keys"
-    r = run_cli(home, "site", "grant", "dr1", "--key", f"{dr_key}.pub", "--authorized-keys", str(authorized))
-    assert r.rc == 0, r.err
-    dr = tmp_path / "dr-home"
-    dr.mkdir()
-    return Sites(home, dr, host, site, dr_key)
+from tests.integration.sites import Sites, add_site
+from tests.integration.sites import digests as _digests
 
 
 def _add_site(s: Sites) -> None:
-    r = run_cli(s.dr, "site", "add", "hq", "--address", f"root@{s.site.address}", "--key", str(s.dr_key),
-                "--trust-first-use")  # fmt: skip
-    assert r.rc == 0, r.err
-    assert s.host.name in r.out
-
-
-def _digests(home: Path, host: str) -> list[tuple[str, str]]:
-    return [(str(p["id"]), str(p["disks"][0]["digest"])) for p in points_json(home, host)]  # type: ignore[index]
+    assert s.host.name in add_site(s)
 
 
 def test_a_dr_site_pulls_every_point_and_then_only_what_changed(sites: Sites, lab: Lab) -> None:

@@ -25,30 +25,36 @@ from appliance.services.replicate import CHECKPOINT_BYTES
 from tests.conftest import points_json, run_cli, start_cli
 from tests.integration.helpers import host_add
 from tests.integration.relay import CuttingRelay
-from tests.integration.test_replication import Sites, _digests, sites  # noqa: F401 (the fixture)
+from tests.integration.sites import Sites, add_site, digests
 
 SESSION = 256 << 10  # what one run costs besides the point: SSH's handshake, the catalog, the hashes sent
 
 
 @pytest.fixture
-def relay(sites: Sites) -> Iterator[CuttingRelay]:  # noqa: F811
+def relay(sites: Sites) -> Iterator[CuttingRelay]:
     r = CuttingRelay((sites.site.address, 22))
     yield r
     r.close()
 
 
-def _add_site(s: Sites, relay: CuttingRelay) -> None:
-    r = run_cli(s.dr, "site", "add", "hq", "--address", f"root@127.0.0.1:{relay.port}", "--key", str(s.dr_key),
-                "--trust-first-use")  # fmt: skip
-    assert r.rc == 0, r.err
-
-
 def _replicated_once(s: Sites, relay: CuttingRelay) -> None:
     """The host's first point backed up and replicated whole through the relay (not cut)."""
     assert run_cli(s.source, "backup", s.host.name).rc == 0
-    _add_site(s, relay)
+    add_site(s, address=f"root@127.0.0.1:{relay.port}")
     r = run_cli(s.dr, "replicate", "hq")
     assert r.rc == 0, r.err
+
+
+def _pulled(s: Sites, relay: CuttingRelay, held_before: list[tuple[str, str]] | None = None) -> int:
+    """A `replicate` that finishes: the DR site then holds the source's points (after `held_before`, its
+    points of an older chain) and `verify` passes there. Returns the bytes it took from the source."""
+    before = relay.downstream
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, r.err
+    assert digests(s.dr, s.host.name) == (held_before or []) + digests(s.source, s.host.name)
+    v = run_cli(s.dr, "verify", s.host.name)
+    assert v.rc == 0, v.out + v.err
+    return relay.downstream - before
 
 
 def _partial(s: Sites) -> Path:
@@ -56,7 +62,7 @@ def _partial(s: Sites) -> Path:
 
 
 def test_a_pull_cut_at_random_bytes_goes_on_from_the_last_block_it_kept(
-    sites: Sites,  # noqa: F811
+    sites: Sites,
     relay: CuttingRelay,
     lab: Lab,
 ) -> None:
@@ -76,18 +82,14 @@ def test_a_pull_cut_at_random_bytes_goes_on_from_the_last_block_it_kept(
         assert _partial(s).exists(), (seed, at, r.err)
         assert len(points_json(s.dr, name)) == 1, (seed, at)  # nothing half-published
     relay.cut_after(None)
-    r = run_cli(s.dr, "replicate", "hq")
-    assert r.rc == 0, (seed, r.err)
+    _pulled(s, relay)
     assert not _partial(s).exists()
-    assert _digests(s.dr, name) == _digests(s.source, name)
-    v = run_cli(s.dr, "verify", name)
-    assert v.rc == 0, v.out + v.err
     total = relay.downstream - before
     assert total <= written * 1.1 + (runs + 1) * SESSION, (seed, total, written)
 
 
 def test_the_dr_appliance_killed_at_spread_out_moments_keeps_its_chain_and_the_next_run_goes_on(
-    sites: Sites,  # noqa: F811
+    sites: Sites,
     relay: CuttingRelay,
     lab: Lab,
 ) -> None:
@@ -107,16 +109,11 @@ def test_the_dr_appliance_killed_at_spread_out_moments_keeps_its_chain_and_the_n
             at = json.loads(_partial(s).read_text())
             kept.append((at["disk"], at["block"]))
     assert len(kept) >= 2 and kept == sorted(kept) and kept[-1] > kept[-2], kept
-    before = relay.downstream
-    r = run_cli(s.dr, "replicate", "hq")
-    assert r.rc == 0, r.err
-    assert _digests(s.dr, name) == _digests(s.source, name)
-    v = run_cli(s.dr, "verify", name)
-    assert v.rc == 0, v.out + v.err
-    assert relay.downstream - before <= written - 2 * CHECKPOINT_BYTES + SESSION, (relay.downstream - before, written)
+    last = _pulled(s, relay)
+    assert last <= written - 2 * CHECKPOINT_BYTES + SESSION, (last, written)
 
 
-def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(sites: Sites, lab: Lab) -> None:  # noqa: F811
+def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(sites: Sites, lab: Lab) -> None:
     """While a pull crawls over a slow link: a second pull of the host refuses (one transfer of a host at a
     time); at the source the host's backups go on, and the point being sent is held from merging."""
     s, name = sites, sites.host.name
@@ -125,7 +122,7 @@ def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(s
         _replicated_once(s, slow)
         lab.change(name, 0.3, seed=13)
         assert run_cli(s.source, "backup", name).rc == 0
-        sending = _digests(s.source, name)[-1]
+        sending = digests(s.source, name)[-1]
         first = start_cli(s.dr, "replicate", "hq")
         sends = s.source / "run" / ".sends" / name
         deadline = time.monotonic() + 60
@@ -145,11 +142,11 @@ def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(s
     assert backup.rc == 0, backup.err
     assert still_sending and "sending to site dr1" in plan.out, plan.out
     assert first.returncode == 0, err
-    assert _digests(s.dr, name)[-1] == sending
+    assert digests(s.dr, name)[-1] == sending
 
 
 def test_a_full_dr_store_publishes_nothing_and_the_next_run_goes_on_once_there_is_room(
-    sites: Sites,  # noqa: F811
+    sites: Sites,
     relay: CuttingRelay,
     lab: Lab,
 ) -> None:
@@ -163,19 +160,14 @@ def test_a_full_dr_store_publishes_nothing_and_the_next_run_goes_on_once_there_i
         assert full.rc != 0 and "full" in full.err and "Traceback" not in full.err, full.err
         assert len(points_json(s.dr, name)) == 1
         subprocess.run(["mount", "-o", "remount,size=160m", str(s.dr)], check=True)
-        before = relay.downstream
-        r = run_cli(s.dr, "replicate", "hq")
-        assert r.rc == 0, r.err
-        assert _digests(s.dr, name) == _digests(s.source, name)
-        assert relay.downstream - before < written, (relay.downstream - before, written)  # it went on
-        v = run_cli(s.dr, "verify", name)
-        assert v.rc == 0, v.out + v.err
+        went_on = _pulled(s, relay)
+        assert went_on < written, (went_on, written)
     finally:
         subprocess.run(["umount", "-l", str(s.dr)], check=False)
 
 
 def test_a_source_chain_started_anew_is_pulled_on_top_of_what_the_dr_site_holds(
-    sites: Sites,  # noqa: F811
+    sites: Sites,
     relay: CuttingRelay,
     lab: Lab,
 ) -> None:
@@ -184,22 +176,17 @@ def test_a_source_chain_started_anew_is_pulled_on_top_of_what_the_dr_site_holds(
     differ from what the DR site holds (it sends its hashes: the source no longer has that point)."""
     s, name = sites, sites.host.name
     _replicated_once(s, relay)
-    old = _digests(s.dr, name)
+    old = digests(s.dr, name)
     assert run_cli(s.source, "host", "remove", name, "--purge").rc == 0
     assert run_cli(s.source, *host_add(s.host, lab.key_file, "--trust-first-use")).rc == 0
     written = lab.change(name, 0.05, seed=16)
     assert run_cli(s.source, "backup", name).rc == 0
-    before = relay.downstream
-    r = run_cli(s.dr, "replicate", "hq")
-    assert r.rc == 0, r.err
-    assert _digests(s.dr, name) == old + _digests(s.source, name)
-    assert relay.downstream - before < written * 1.5 + SESSION, (relay.downstream - before, written)
-    v = run_cli(s.dr, "verify", name)
-    assert v.rc == 0, v.out + v.err
+    pulled = _pulled(s, relay, held_before=old)
+    assert pulled < written * 1.5 + SESSION, (pulled, written)
 
 
 def test_a_point_the_source_cannot_send_any_more_is_skipped_and_the_next_one_pulled(
-    sites: Sites,  # noqa: F811
+    sites: Sites,
     relay: CuttingRelay,
     lab: Lab,
 ) -> None:
@@ -209,8 +196,8 @@ def test_a_point_the_source_cannot_send_any_more_is_skipped_and_the_next_one_pul
     assert run_cli(s.source, "backup", name).rc == 0
     older = points_json(s.source, name)[0]
     (s.source / "store" / name / "disk0" / f"{older['id']}.hashes").unlink()  # as if no DR site had needed it
-    _add_site(s, relay)
+    add_site(s, address=f"root@127.0.0.1:{relay.port}")
     r = run_cli(s.dr, "replicate", "hq")
     assert r.rc == 0 and "1 point(s) pulled" in r.out and "1 skipped" in r.out, r.out + r.err
-    assert [p for p, _ in _digests(s.dr, name)] == [str(points_json(s.source, name)[1]["id"])]
-    assert _digests(s.dr, name)[-1] == _digests(s.source, name)[-1]
+    assert [p for p, _ in digests(s.dr, name)] == [str(points_json(s.source, name)[1]["id"])]
+    assert digests(s.dr, name)[-1] == digests(s.source, name)[-1]

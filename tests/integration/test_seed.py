@@ -12,49 +12,21 @@ import json
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from appliance.lab import Lab, LabHost
+from appliance.lab import Lab
 from tests.conftest import Result, points_json, run_cli
-
-
-@dataclass
-class Sites:
-    source: Path  # the source appliance's home (its points)
-    dr: Path  # the DR appliance's home
-    host: LabHost  # the protected host, backed up by the source
-    site: LabHost  # where the DR appliance reaches the source (sshd + the granted key)
-    dr_key: Path
-    usb: Path  # the disk that travels
+from tests.integration.sites import Sites, add_site, digests
 
 
 @pytest.fixture
-def sites(make_host, lab: Lab, home: Path, tmp_path: Path) -> Sites:  # type: ignore[no-untyped-def]
-    host = make_host(size=64 << 20, data=0.4)
-    site = make_host(size=1 << 20, add=False)
-    dr_key = tmp_path / "dr_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dr1", "-f", str(dr_key)], check=True)
-    authorized = Path(site.folder) / "authorized_keys"
-    r = run_cli(home, "site", "grant", "dr1", "--key", f"{dr_key}.pub", "--authorized-keys", str(authorized))
-    assert r.rc == 0, r.err
-    dr = tmp_path / "dr-home"
-    dr.mkdir()
-    usb = tmp_path / "usb"
-    usb.mkdir()
-    return Sites(home, dr, host, site, dr_key, usb)
-
-
-def _add_site(s: Sites, name: str = "hq") -> None:
-    r = run_cli(s.dr, "site", "add", name, "--address", f"root@{s.site.address}", "--key", str(s.dr_key),
-                "--trust-first-use")  # fmt: skip
-    assert r.rc == 0, r.err
-
-
-def _digests(home: Path, host: str) -> list[tuple[str, str]]:
-    return [(str(p["id"]), str(p["disks"][0]["digest"])) for p in points_json(home, host)]  # type: ignore[index]
+def usb(tmp_path: Path) -> Path:
+    """The disk that travels."""
+    folder = tmp_path / "usb"
+    folder.mkdir()
+    return folder
 
 
 def _refused(r: Result, *words: str) -> None:
@@ -82,27 +54,27 @@ def _edit_manifest(folder: Path, change) -> None:  # type: ignore[no-untyped-def
     path.write_text(json.dumps(doc))
 
 
-def test_a_host_seeded_by_disk_replicates_only_what_changed(sites: Sites, lab: Lab, tmp_path: Path) -> None:
+def test_a_host_seeded_by_disk_replicates_only_what_changed(sites: Sites, usb: Path, lab: Lab, tmp_path: Path) -> None:
     s, name = sites, sites.host.name
     assert run_cli(s.source, "backup", name).rc == 0
-    exported = run_cli(s.source, "site", "export", name, str(s.usb))
+    exported = run_cli(s.source, "site", "export", name, str(usb))
     assert exported.rc == 0, exported.err
-    folder = s.usb / name
+    folder = usb / name
     assert sorted(p.name for p in folder.iterdir()) == ["disk0.hashes", "disk0.qcow2", "manifest.json"]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
-    assert [p.name for p in s.usb.iterdir()] == [name]  # nothing half-written left beside it
+    assert [p.name for p in usb.iterdir()] == [name]  # nothing half-written left beside it
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(folder / "disk0.qcow2")],
                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
     assert "backing-filename" not in info and info["virtual-size"] >= 64 << 20  # standalone
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["host"] == name and manifest["point"]["id"] == _digests(s.source, name)[-1][0]
+    assert manifest["host"] == name and manifest["point"]["id"] == digests(s.source, name)[-1][0]
     assert manifest["settings"]["disks"] == [s.host.disk]
 
-    _add_site(s)
+    add_site(s)
     # A byte flipped on the way: refused, naming the file; nothing of the host here.
     damaged = tmp_path / "damaged"
-    shutil.copytree(s.usb, damaged)
+    shutil.copytree(usb, damaged)
     _flip_a_byte(damaged / name / "disk0.qcow2", (1 << 20) + 4321)
     _refused(run_cli(s.dr, "site", "import", str(damaged)), "disk0.qcow2", "sha256")
     assert not (s.dr / "hosts" / f"{name}.json").exists()
@@ -113,25 +85,25 @@ def test_a_host_seeded_by_disk_replicates_only_what_changed(sites: Sites, lab: L
         (lambda d: d["files"].update({"../x": {"size": 1, "sha256": "0" * 64}}), ("other files",)),
     ):
         shutil.rmtree(damaged)
-        shutil.copytree(s.usb, damaged)
+        shutil.copytree(usb, damaged)
         _edit_manifest(damaged / name, change)
         _refused(run_cli(s.dr, "site", "import", str(damaged)), *words)
     shutil.rmtree(damaged)
-    shutil.copytree(s.usb, damaged)
+    shutil.copytree(usb, damaged)
     (damaged / name / "disk0.hashes").unlink()
     _refused(run_cli(s.dr, "site", "import", str(damaged / name)), "disk0.hashes", "missing")
     assert not (s.dr / "hosts" / f"{name}.json").exists()
 
-    imported = run_cli(s.dr, "site", "import", str(s.usb))
+    imported = run_cli(s.dr, "site", "import", str(usb))
     assert imported.rc == 0, imported.err
     assert f"{name}: point {manifest['point']['id']} adopted as a replica of site hq" in imported.out
-    assert _digests(s.dr, name) == _digests(s.source, name)
+    assert digests(s.dr, name) == digests(s.source, name)
     seeded = points_json(s.dr, name)[-1]
     assert seeded["created"] == manifest["point"]["created"] and seeded["wire_bytes"] == 0
     assert str(seeded["extra"]["origin"]).startswith("seed from hq")  # type: ignore[index]
     v = run_cli(s.dr, "verify", name)
     assert v.rc == 0, v.out + v.err
-    _refused(run_cli(s.dr, "site", "import", str(s.usb)), "already has 1 point")
+    _refused(run_cli(s.dr, "site", "import", str(usb)), "already has 1 point")
     # The source knows the seeded point as its own (same id, same digests): it is the base of the next one.
     r = run_cli(s.dr, "replicate", "hq")
     assert r.rc == 0 and f"{name}: 0 point(s) pulled" in r.out, r.out + r.err
@@ -143,7 +115,7 @@ def test_a_host_seeded_by_disk_replicates_only_what_changed(sites: Sites, lab: L
     r = run_cli(s.dr, "replicate", "hq", name)
     assert r.rc == 0, r.err
     assert f"{name}: 1 point(s) pulled from hq" in r.out, r.out
-    assert _digests(s.dr, name) == _digests(s.source, name)
+    assert digests(s.dr, name) == digests(s.source, name)
     newest = points_json(s.dr, name)[-1]
     # The increment only: about the bytes written, far from the disk's ~26 MiB of data.
     assert newest["wire_bytes"] <= written * 1.5 + (256 << 10), (newest["wire_bytes"], written)  # type: ignore[operator]
@@ -151,15 +123,15 @@ def test_a_host_seeded_by_disk_replicates_only_what_changed(sites: Sites, lab: L
     assert run_cli(s.dr, "verify", name).rc == 0
 
 
-def test_export_refuses_a_host_without_points_an_export_already_there_and_a_full_disk(sites: Sites) -> None:
+def test_export_refuses_a_host_without_points_an_export_already_there_and_a_full_disk(sites: Sites, usb: Path) -> None:
     s, name = sites, sites.host.name
-    _refused(run_cli(s.source, "site", "export", name, str(s.usb)), "no points")
-    _refused(run_cli(s.source, "site", "export", "nosuch", str(s.usb)), "nosuch")
-    _refused(run_cli(s.source, "site", "export", name, str(s.usb / "absent")), "not a folder")
-    assert list(s.usb.iterdir()) == []
+    _refused(run_cli(s.source, "site", "export", name, str(usb)), "no points")
+    _refused(run_cli(s.source, "site", "export", "nosuch", str(usb)), "nosuch")
+    _refused(run_cli(s.source, "site", "export", name, str(usb / "absent")), "not a folder")
+    assert list(usb.iterdir()) == []
     assert run_cli(s.source, "backup", name).rc == 0
 
-    small = s.usb.parent / "small"
+    small = usb.parent / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(small)], check=True)
     try:
@@ -169,35 +141,35 @@ def test_export_refuses_a_host_without_points_an_export_already_there_and_a_full
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
-    assert run_cli(s.source, "site", "export", name, str(s.usb)).rc == 0
-    _refused(run_cli(s.source, "site", "export", name, str(s.usb)), "already holds an export")
-    before = (s.usb / name / "manifest.json").read_text()
-    again = run_cli(s.source, "site", "export", name, str(s.usb), "--force")
+    assert run_cli(s.source, "site", "export", name, str(usb)).rc == 0
+    _refused(run_cli(s.source, "site", "export", name, str(usb)), "already holds an export")
+    before = (usb / name / "manifest.json").read_text()
+    again = run_cli(s.source, "site", "export", name, str(usb), "--force")
     assert again.rc == 0, again.err
-    assert sorted(p.name for p in s.usb.iterdir()) == [name]
-    assert json.loads(before)["point"] == json.loads((s.usb / name / "manifest.json").read_text())["point"]
-    other = s.usb.parent / "other"
+    assert sorted(p.name for p in usb.iterdir()) == [name]
+    assert json.loads(before)["point"] == json.loads((usb / name / "manifest.json").read_text())["point"]
+    other = usb.parent / "other"
     (other / name).mkdir(parents=True)
     (other / name / "notes.txt").write_text("mine")
     _refused(run_cli(s.source, "site", "export", name, str(other), "--force"), "not an export")
     assert (other / name / "notes.txt").read_text() == "mine"
 
 
-def test_import_refuses_no_export_and_names_the_site(sites: Sites) -> None:
+def test_import_refuses_no_export_and_names_the_site(sites: Sites, usb: Path) -> None:
     s, name = sites, sites.host.name
-    _refused(run_cli(s.dr, "site", "import", str(s.usb)), "holds no export")
-    (s.usb / f".{name}.export-abc").mkdir()  # an export cut short: its hidden folder only
-    (s.usb / f".{name}.export-abc" / "disk0.qcow2").write_bytes(b"half")
-    _refused(run_cli(s.dr, "site", "import", str(s.usb)), "holds no export")
+    _refused(run_cli(s.dr, "site", "import", str(usb)), "holds no export")
+    (usb / f".{name}.export-abc").mkdir()  # an export cut short: its hidden folder only
+    (usb / f".{name}.export-abc" / "disk0.qcow2").write_bytes(b"half")
+    _refused(run_cli(s.dr, "site", "import", str(usb)), "holds no export")
     assert run_cli(s.source, "backup", name).rc == 0
-    assert run_cli(s.source, "site", "export", name, str(s.usb)).rc == 0
-    _refused(run_cli(s.dr, "site", "import", str(s.usb)), "no site is configured")
-    _add_site(s, "hq")
-    _refused(run_cli(s.dr, "site", "import", str(s.usb), "--site", "elsewhere"), "no site named 'elsewhere'")
-    _add_site(s, "hq2")
-    _refused(run_cli(s.dr, "site", "import", str(s.usb)), "2 sites")
+    assert run_cli(s.source, "site", "export", name, str(usb)).rc == 0
+    _refused(run_cli(s.dr, "site", "import", str(usb)), "no site is configured")
+    add_site(s, "hq")
+    _refused(run_cli(s.dr, "site", "import", str(usb), "--site", "elsewhere"), "no site named 'elsewhere'")
+    add_site(s, "hq2")
+    _refused(run_cli(s.dr, "site", "import", str(usb)), "2 sites")
     assert not (s.dr / "hosts" / f"{name}.json").exists()
-    r = run_cli(s.dr, "site", "import", str(s.usb), "--site", "hq2")
+    r = run_cli(s.dr, "site", "import", str(usb), "--site", "hq2")
     assert r.rc == 0, r.err
-    assert _digests(s.dr, name) == _digests(s.source, name)
+    assert digests(s.dr, name) == digests(s.source, name)
     _refused(run_cli(s.dr, "replicate", "hq", name), "not a replica of site hq")
