@@ -232,6 +232,12 @@ def _save(home: Home, progress: Progress) -> None:
 def _target(home: Home, tools: Tools, host: Host, point: Point, to: str, mapping: Sequence[str], key: Path | None,
             fingerprint: str | None, trust: bool, confirm: ConfirmKey | None) -> Target:  # fmt: skip
     user, address, port = parse_address(to, None)
+    if key is None and host.replica_of:
+        raise ConfigError(
+            f"{host.name} is a replica of site {host.replica_of}: the key this appliance has is for that site, "
+            "not for the repaired server",
+            hint="give the key that logs in to the repaired server with --key",
+        )
     by_source = {d.source: i for i, d in enumerate(point.disks)}
     paths: dict[int, str] = {}
     for item in mapping:
