@@ -5,28 +5,23 @@ them (transfer/protocol.py), which trusts nothing of a K record but what the D r
 from __future__ import annotations
 
 import os
-import random
+import sys
 import tracemalloc
 
 import pytest
-from backports import zstd
 
 from appliance.agent import reader as wire
+from appliance.bench.replication import text_like
 from appliance.domain.blocks import block_hashes
 from appliance.transfer import protocol, replica
 
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
 BS = 32768
 SIZE = 64 * BS
-
-
-def _text(n: int, seed: int = 1) -> bytes:
-    """Compressible bytes, like a log or a source tree: words of a small vocabulary, not repeating exactly."""
-    rng = random.Random(seed)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(500)]
-    out = bytearray()
-    while len(out) < n:
-        out += b" ".join(rng.choices(words, k=12)) + b"\n"
-    return bytes(out[:n])
 
 
 def _packed(first: int, data: bytes) -> bytes:
@@ -55,7 +50,7 @@ def _refused(stream: bytes, needle: str, **kwargs: bool) -> None:
 
 
 def test_compressible_data_travels_as_a_k_record_and_arrives_as_the_same_data_run() -> None:
-    data = _text(wire.MAX_RUN)
+    data = text_like(wire.MAX_RUN)
     packer = replica.DataPacker()
     header, payload = packer.record(3, len(data), block_hashes(data, BS), data)
     assert header[:1] == b"K" and len(payload) < len(data) // 2
@@ -78,14 +73,14 @@ def test_incompressible_data_travels_as_a_plain_d_record() -> None:
 def test_a_sample_spares_random_data_the_whole_compression() -> None:
     packer = replica.DataPacker()
     assert not packer._worth_trying(os.urandom(wire.MAX_RUN))
-    assert packer._worth_trying(_text(wire.MAX_RUN))
+    assert packer._worth_trying(text_like(wire.MAX_RUN))
     assert packer._worth_trying(os.urandom(BS))  # a short record is compressed whole: its own sample
 
 
 def test_a_short_last_block_and_a_zero_run_between_k_records_decode() -> None:
     size = 10 * BS + 100
-    tail = _text(BS + 100, seed=2)
-    stream = _packed(0, _text(2 * BS)) + wire.ZERO.pack(b"Z", 2, 3) + _packed(9, tail) + wire.END.pack(b"E", size)
+    tail = text_like(BS + 100, seed=2)
+    stream = _packed(0, text_like(2 * BS)) + wire.ZERO.pack(b"Z", 2, 3) + _packed(9, tail) + wire.END.pack(b"E", size)
     records = _decoding(stream + bytes(32), size=size)
     kinds = [records.next() for _ in range(4)]
     assert [type(r).__name__ for r in kinds] == ["DataRun", "ZeroRun", "DataRun", "DiskEnd"]
@@ -93,7 +88,7 @@ def test_a_short_last_block_and_a_zero_run_between_k_records_decode() -> None:
 
 
 def test_k_records_are_refused_where_compression_was_not_asked_for() -> None:
-    _refused(_packed(0, _text(BS)), "unknown type 'K'", compressed=False)
+    _refused(_packed(0, text_like(BS)), "unknown type 'K'", compressed=False)
 
 
 def test_a_zstd_bomb_is_refused_without_allocating_what_it_claims() -> None:
@@ -115,22 +110,22 @@ def test_a_zstd_bomb_is_refused_without_allocating_what_it_claims() -> None:
 
 
 def test_a_frame_cut_short_is_refused() -> None:
-    frame = zstd.compress(_text(4 * BS))
+    frame = zstd.compress(text_like(4 * BS))
     _refused(_k(0, 4 * BS, frame[: len(frame) // 2]), "does not end at its|does not decompress")
 
 
 def test_a_stream_that_ends_inside_a_k_record_ends_the_stream() -> None:
     with pytest.raises(EOFError):
-        _decoding(_packed(0, _text(4 * BS))[:-10]).next()
+        _decoding(_packed(0, text_like(4 * BS))[:-10]).next()
 
 
 @pytest.mark.parametrize(
     ("stream", "needle"),
     [
-        (_k(0, 4 * BS, zstd.compress(_text(2 * BS))), "does not end at its 131072 bytes"),  # shorter than it says
-        (_k(0, 2 * BS, zstd.compress(_text(4 * BS))), "does not end at its 65536 bytes"),  # longer than it says
-        (_k(0, 2 * BS, zstd.compress(_text(2 * BS)) + b"junk"), "bytes after its frame"),
-        (_k(0, 2 * BS, zstd.compress(_text(2 * BS)) + zstd.compress(_text(BS))), "bytes after its frame"),
+        (_k(0, 4 * BS, zstd.compress(text_like(2 * BS))), "does not end at its 131072 bytes"),  # shorter than it says
+        (_k(0, 2 * BS, zstd.compress(text_like(4 * BS))), "does not end at its 65536 bytes"),  # longer than it says
+        (_k(0, 2 * BS, zstd.compress(text_like(2 * BS)) + b"junk"), "bytes after its frame"),
+        (_k(0, 2 * BS, zstd.compress(text_like(2 * BS)) + zstd.compress(text_like(BS))), "bytes after its frame"),
         (_k(0, BS, b"\x00" * 100), "does not decompress"),  # not zstd at all
     ],
     ids=["short", "long", "trailing", "two-frames", "not-zstd"],
