@@ -74,7 +74,8 @@ def test_a_sample_spares_random_data_the_whole_compression() -> None:
     packer = replica.DataPacker()
     assert not packer._worth_trying(os.urandom(wire.MAX_RUN))
     assert packer._worth_trying(text_like(wire.MAX_RUN))
-    assert packer._worth_trying(os.urandom(BS))  # a short record is compressed whole: its own sample
+    assert not packer._worth_trying(os.urandom(BS))  # a record of one block: a sample of 4 KiB
+    assert packer._worth_trying(os.urandom(8192))  # a record under 16 KiB is compressed whole: its own sample
 
 
 def test_a_short_last_block_and_a_zero_run_between_k_records_decode() -> None:
