@@ -29,9 +29,9 @@ def _packed(first: int, data: bytes) -> bytes:
     return header + payload
 
 
-def _k(first: int, length: int, frame: bytes, hashes: bytes | None = None) -> bytes:
-    count = -(-length // BS)
-    return protocol.COMPRESSED.pack(b"K", first, length, len(frame)) + (hashes or bytes(32) * count) + frame
+def _k(first: int, length: int, frame: bytes) -> bytes:
+    """A K record of `frame` as it is (its hashes do not matter here: the decoder refuses it first)."""
+    return protocol.COMPRESSED.pack(b"K", first, length, len(frame)) + bytes(32) * -(-length // BS) + frame
 
 
 def _decoding(stream: bytes, *, compressed: bool = True, size: int = SIZE) -> protocol.RecordReader:
