@@ -80,8 +80,12 @@ def _answer(home: Home, tools: Tools, request: dict[str, Any], stdin: BinaryIO, 
         if not isinstance(point_id, str) or (base is not None and not isinstance(base, dict)):
             raise _Refused("protocol", "a point request without a point id")
         resume = _resume_at(request.get("resume"))
+        out.packer = replica.DataPacker() if request.get("compress") == replica.COMPRESS else None
         with ExitStack() as stack:
             _send_point(_open_send(home, tools, name, point_id, base, resume, site, stack), stdin, out)
+        if out.packer is not None:
+            log.info("replica.compressed", site=site, host=name, point=point_id, data=out.packer.raw,
+                     sent=out.packer.sent)  # fmt: skip
     elif op == "confirm":  # the DR site published these points: keep its newest from merging
         _confirm(home, request.get("held"), site)
     else:
@@ -243,7 +247,8 @@ def _send_disk(d: _DiskSend, held: HeldHashes, out: _Out) -> int:
 
 
 def _send_data(exported: ExportedImage, first: int, count: int, hashes: bytes, disk: DiskPoint, out: _Out) -> int:
-    """D records of at most MAX_RUN bytes each (the reader's own limit, which the DR site enforces)."""
+    """D records of at most MAX_RUN bytes each (the reader's own limit, which the DR site enforces), or K
+    records (compressed) where the DR site asked for them and they pay."""
     bs = disk.block_size
     per_record = max(wire.MAX_RUN // bs, 1)
     sent = 0
@@ -252,7 +257,10 @@ def _send_data(exported: ExportedImage, first: int, count: int, hashes: bytes, d
         length = min(n * bs, disk.size - start * bs)
         data = exported.read(start * bs, length)
         piece = hashes[(start - first) * HASH_LEN : (start - first + n) * HASH_LEN]
-        out.send(wire.DATA.pack(b"D", start, length) + piece, data)
+        if out.packer is not None:
+            out.send(*out.packer.record(start, length, piece, data))
+        else:
+            out.send(wire.DATA.pack(b"D", start, length) + piece, data)
         sent += length
     return sent
 
@@ -260,6 +268,7 @@ def _send_data(exported: ExportedImage, first: int, count: int, hashes: bytes, d
 class _Out:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
+        self.packer: replica.DataPacker | None = None  # the current point request asked for compression
 
     def send(self, *pieces: bytes) -> None:
         for piece in pieces:

@@ -336,13 +336,15 @@ class _Pull(_Capture):
         kept = self._kept(base)
         self.at = (kept.disk, kept.block) if kept else (0, 0)
         self.draft.kept = kept is not None  # a cut before anything arrives keeps what the last pull kept
-        request: dict[str, object] = {"op": "point", "host": self.host.name, "point": source.id, "base": base}
+        request: dict[str, object] = {"op": "point", "host": self.host.name, "point": source.id, "base": base,
+                                      "compress": replica.COMPRESS}  # fmt: skip
         if kept is not None:
             request["resume"] = {"disk": kept.disk, "block": kept.block}
             log.info("replica.resumed", site=self.site.name, host=self.host.name, point=source.id, disk=kept.disk,
                      block=kept.block)  # fmt: skip
         self._set_deadline(stream, job_deadline(self.host, started, 0))
         stream.write(replica.encode(request))
+        records.accept_compressed()
         hello = self._hello(records, stream)
         self.progress.total = sum(d.size for d in source.disks)
         self._set_deadline(stream, job_deadline(self.host, started, self.progress.total))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,20 @@ from typing import Any
 from appliance.agent import reader as wire
 from appliance.domain.blocks import HASH_LEN, Carry, OldBlock, block_count, block_length, zero_hash
 
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
 _U64 = struct.Struct("<Q")
 _RUN_HEADER = struct.Struct("<QI")
+# Replication only (transfer/replica.py): K u64 block, u32 length, u32 compressed length, then the 32-byte
+# hash of each block, then one zstd frame that decompresses to exactly `length` bytes: a D record's data.
+COMPRESSED = struct.Struct("<cQII")
+_COMPRESSED_HEADER = struct.Struct("<QII")
+# A frame's window need not exceed the largest record it carries (MAX_RUN bytes): a frame that asks the
+# decompressor for a larger window is refused before the decompressor allocates it.
+ZSTD_WINDOW_LOG = (wire.MAX_RUN - 1).bit_length()
 
 # The reader's JSON records are small: a hello names each disk asked for, a failure carries a message, a
 # post hook report at most 2000 characters of output. A larger one is not the reader's.
@@ -196,10 +209,14 @@ class RecordReader:
 
     Block data is handed out as a memoryview into the received chunk when a record lies in one chunk,
     so most bytes are copied once (by the transport) on their way to the disk.
+
+    K records (a D record's data compressed, `unpack_data`) are a replication source's, and are refused
+    unless `accept_compressed` said they were asked for: a host's reader never sends them.
     """
 
     def __init__(self, recv_some: Callable[[], bytes]) -> None:
         self._recv_some = recv_some
+        self._compressed = False
         self._chunk = b""
         self._pos = 0
         self._disk: _DiskCursor | None = None
@@ -216,6 +233,11 @@ class RecordReader:
         self._disk = _DiskCursor(size, block_size)
         self._disk.next_block = from_block
         self._disks.append((size, block_size))
+
+    def accept_compressed(self) -> None:
+        """The peer was asked for compressed data (a replication point request's "compress"): K records
+        are accepted from now on, as D records are."""
+        self._compressed = True
 
     def add_disk(self, size: int, block_size: int) -> None:
         """A disk with no first pass (a tracked point): only later passes, R records, name it."""
@@ -244,6 +266,8 @@ class RecordReader:
         tag = bytes(self.read_exact(1))
         if tag == b"D":
             return self._data()
+        if tag == b"K" and self._compressed:
+            return self._compressed_data()
         if tag == b"Z":
             first, count = _RUN_HEADER.unpack(self.read_exact(_RUN_HEADER.size))
             self._cursor("zero").zero(first, count)
@@ -297,6 +321,16 @@ class RecordReader:
         hashes = bytes(self.read_exact(count * HASH_LEN))
         return DataRun(first, hashes, self.read_exact(length))
 
+    def _compressed_data(self) -> DataRun:
+        """A K record: checked as a D record of its decompressed length, whose bytes are then proven by the
+        same per-block hashes; the compressed bytes are read only once the header is known to be bounded."""
+        first, length, packed = _COMPRESSED_HEADER.unpack(self.read_exact(_COMPRESSED_HEADER.size))
+        if not 0 < length <= wire.MAX_RUN or not 0 < packed < length:
+            raise ProtocolError(f"a compressed data record of {packed} bytes for {length} (at most {wire.MAX_RUN})")
+        count = self._cursor("data").data(first, length)
+        hashes = bytes(self.read_exact(count * HASH_LEN))
+        return DataRun(first, hashes, memoryview(unpack_data(self.read_exact(packed), length)))
+
     def _cursor(self, what: str) -> _DiskCursor:
         if self._disk is None:
             raise ProtocolError(f"a {what} record outside a disk")
@@ -313,6 +347,25 @@ class RecordReader:
         if not isinstance(obj, dict):
             raise ProtocolError(f"a {what} record that is not a JSON object")
         return obj
+
+
+def unpack_data(packed: bytes | memoryview, length: int) -> bytes:
+    """A K record's data: one zstd frame that decompresses to exactly `length` bytes and is followed by
+    nothing. The peer is not trusted: at most `length` bytes (bounded by the caller) are ever produced,
+    whatever the frame claims, and a window larger than a record's is refused before it is allocated.
+
+    :raises ProtocolError: anything else (not zstd, damaged, shorter, longer, trailing bytes).
+    """
+    unpacker = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max: ZSTD_WINDOW_LOG})
+    try:
+        data = unpacker.decompress(packed, max_length=length)
+    except zstd.ZstdError as exc:
+        raise ProtocolError(f"a compressed data record that does not decompress: {printable(str(exc), 80)}") from exc
+    if len(data) != length or not unpacker.eof:  # shorter, cut short, or more to come past `length`
+        raise ProtocolError(f"a compressed data record whose frame does not end at its {length} bytes")
+    if unpacker.unused_data:
+        raise ProtocolError("a compressed data record with bytes after its frame")
+    return data
 
 
 class _DiskCursor:

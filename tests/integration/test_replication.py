@@ -9,12 +9,14 @@ this checkout's appliance on the source's home.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from appliance.bench.replication import text_like
 from appliance.lab import Lab
 from tests.conftest import points_json, run_cli, start_cli
 from tests.integration.sites import Sites, add_site
@@ -156,3 +158,20 @@ def _wait_for(condition, timeout: float = 120) -> None:  # type: ignore[no-untyp
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.5)
+
+
+def test_compressible_changes_cross_the_wire_compressed_and_arrive_proven(sites: Sites) -> None:
+    s, name = sites, sites.host.name
+    assert run_cli(s.source, "backup", name).rc == 0
+    _add_site(s)
+    assert run_cli(s.dr, "replicate", "hq").rc == 0
+    text = text_like(4 << 20, seed=5)
+    with open(s.host.disk, "r+b") as disk:
+        disk.seek(8 << 20)
+        disk.write(text)
+        os.fsync(disk.fileno())
+    assert run_cli(s.source, "backup", name).rc == 0
+    r = run_cli(s.dr, "replicate", "hq")
+    assert r.rc == 0, r.err
+    assert _digests(s.dr, name) == _digests(s.source, name)
+    assert points_json(s.dr, name)[-1]["wire_bytes"] < len(text) // 2  # type: ignore[operator]
