@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from pathlib import Path
 from appliance.bench.capture import KEY_OPTS, _cache, _changed_bytes, _wire
 from appliance.domain.models import format_size
 from appliance.lab import Lab, LabHost
+from appliance.lab.relay import Relay
 
 
 @dataclass
@@ -40,49 +38,6 @@ class Row:
     seconds: float
     wire: int
     note: str = ""
-
-
-class DelayRelay:
-    """127.0.0.1:port -> target, each byte held `one_way` seconds in each direction (RTT = 2 x one_way)."""
-
-    def __init__(self, target: tuple[str, int], one_way: float) -> None:
-        self.target, self.one_way = target, one_way
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for src, dst in ((client, upstream), (upstream, client)):
-                pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
-                threading.Thread(target=self._read, args=(src, pending), daemon=True).start()
-                threading.Thread(target=self._send, args=(dst, pending), daemon=True).start()
-
-    def _read(self, src: socket.socket, pending: queue.Queue[tuple[float, bytes]]) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                pending.put((time.monotonic() + self.one_way, data))
-        pending.put((time.monotonic() + self.one_way, b""))
-
-    def _send(self, dst: socket.socket, pending: queue.Queue[tuple[float, bytes]]) -> None:
-        while True:
-            due, data = pending.get()
-            time.sleep(max(0.0, due - time.monotonic()))
-            try:
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
-                    return
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.server.close()
 
 
 @contextlib.contextmanager
@@ -119,7 +74,7 @@ def run_replication_bench(disk_size: int = 2 << 30, data: float = 0.4, change: f
         _run([*src, "site", "grant", "dr1", "--key", f"{dr_key}.pub", "--authorized-keys",
               str(Path(site.folder) / "authorized_keys")])  # fmt: skip
         (Path(site.folder) / "authorized_keys").open("a").write(lab.key_file.with_suffix(".pub").read_text())
-        relay = DelayRelay((site.address, 22), rtt / 2)
+        relay = Relay((site.address, 22), one_way=rtt / 2)
         _run([*dst, "site", "add", "hq", "--address", f"root@127.0.0.1:{relay.port}", "--key", str(dr_key),
               "--trust-first-use"])  # fmt: skip
         rows = _measured(work, lab, web, site, relay, src, dst, disk_size, change, rate)
@@ -132,7 +87,7 @@ def run_replication_bench(disk_size: int = 2 << 30, data: float = 0.4, change: f
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measured(work: Path, lab: Lab, web: LabHost, site: LabHost, relay: DelayRelay, src: list[str], dst: list[str],
+def _measured(work: Path, lab: Lab, web: LabHost, site: LabHost, relay: Relay, src: list[str], dst: list[str],
               disk_size: int, change: float, rate: str) -> list[Row]:  # fmt: skip
     ssh = ["ssh", "-p", str(relay.port), "-i", str(lab.key_file), *KEY_OPTS, "-c", "aes128-gcm@openssh.com"]
     remote = "root@127.0.0.1"
@@ -168,7 +123,8 @@ def _measured(work: Path, lab: Lab, web: LabHost, site: LabHost, relay: DelayRel
               str(work / "scp.qcow2")])  # fmt: skip
         rows.append(Row("scp of the new qcow2", time.monotonic() - started, _wire(site) - before))
         rows += _text_increment(work, web, site, src, dst, rsync, disk_size, change)
-        rows.append(_cut_at_half(lab, site, src, dst, change, rows[1].wire // 2))
+        per_changed = rows[1].wire / int(rows[1].note)  # what an uncut increment costs a changed byte
+        rows += [_cut_at_half(lab, site, relay, src, dst, change, per_changed, kill) for kill in (False, True)]
     return rows
 
 
@@ -226,22 +182,38 @@ def source_store(src: list[str]) -> Path:
     return Path(src[src.index("--home") + 1]) / "store"
 
 
-def _cut_at_half(lab: Lab, site: LabHost, src: list[str], dst: list[str], change: float, half: int) -> Row:
-    """A replication killed once `half` its bytes (those of the last one) crossed the link, then run again:
-    what the second run sends."""
-    lab.change("web", change, seed=22)
+def _cut_at_half(lab: Lab, site: LabHost, relay: Relay, src: list[str], dst: list[str], change: float,
+                 per_changed: float, kill: bool) -> Row:  # fmt: skip
+    """A replication cut once about half its bytes crossed the link (the link dropped, or the DR appliance
+    killed with SIGKILL), then run again: what the second run sends, and what the two sent beyond one
+    uncut run (the warm row's bytes per changed byte)."""
+    old = Path(tempfile.mkdtemp(dir=source_store(src).parent)) / "before.img"
+    web = lab.host("web")
+    shutil.copyfile(web.disk, old)
+    lab.change("web", change, seed=25 if kill else 22)
+    changed = _changed_bytes(old, web.disk)
+    shutil.rmtree(old.parent)
     _run([*src, "backup", "web"])
-    full = subprocess.Popen([*dst, "replicate", "hq"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    half = int(changed * per_changed / 2)
     before = _wire(site)
-    while full.poll() is None and _wire(site) - before < half:
-        time.sleep(0.05)
-    full.send_signal(signal.SIGKILL)
-    full.wait()
-    cut_at = _wire(site) - before
+    if kill:
+        cut = subprocess.Popen([*dst, "replicate", "hq"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while cut.poll() is None and _wire(site) - before < half:
+            time.sleep(0.02)
+        cut.send_signal(signal.SIGKILL)
+        cut.wait()
+    else:
+        relay.cut_after(half)
+        if subprocess.run([*dst, "replicate", "hq"], capture_output=True, check=False).returncode == 0:
+            raise RuntimeError("the replication was not cut")
+    first = _wire(site) - before
     started, before = time.monotonic(), _wire(site)
     _run([*dst, "replicate", "hq"])
-    return Row("appliance, run again after a cut", time.monotonic() - started, _wire(site) - before,
-               f"cut after {format_size(cut_at)}")  # fmt: skip
+    second = _wire(site) - before
+    resent = max(0, first + second - int(changed * per_changed))
+    how = "DR appliance killed" if kill else "link cut"
+    return Row(f"appliance, run again after a {how}", time.monotonic() - started, second,
+               f"cut after {format_size(first)}; re-sent {format_size(resent)}")  # fmt: skip
 
 
 def _run(argv: list[str]) -> None:
@@ -271,5 +243,6 @@ def _print(rows: list[Row], disk_size: int, data: float, change: float, rate: st
     rsync_z = next(r for r in rows if r.tool == "rsync -z, text-like (warm)")
     print(f"      text-like: wire vs rsync -z     {text.wire / rsync_z.wire:.2f}x  (<= 1x)")
     print(f"      text-like: wire vs changed      {text.wire / int(text.note):.2f}x  (zstd on the wire)")
-    cut = next(r for r in rows if r.tool.startswith("appliance, run again"))
-    print(f"      a resume re-sends             {format_size(cut.wire)}  (<= 1 MiB; points resume whole today)")
+    for cut in (r for r in rows if r.tool.startswith("appliance, run again")):
+        resent = cut.note.rpartition("re-sent ")[2]
+        print(f"      {cut.tool.rpartition('after a ')[2] + ': re-sent':30} {resent}  (<= 1 MiB)")

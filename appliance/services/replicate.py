@@ -452,6 +452,8 @@ class _Pull(_Capture):
             return
         log.info("replica.cut_kept", site=self.site.name, host=self.host.name, point=self.source.id, disk=self.at[0],
                  block=self.at[1], cut=str(cut))  # fmt: skip
+        if isinstance(cut, ApplianceError):
+            cut.hint = f"what arrived is kept: the next run goes on from disk {self.at[0]}, block {self.at[1]}"
 
     def _failure(self, failure: protocol.RemoteFailure) -> Exception:
         if failure.code in ("no-hashes", "no-point"):  # merged away meanwhile, or too old to send as an increment

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Replication over a link that breaks: cut at random bytes, the DR appliance killed at spread-out moments,
 two pulls of one host at once. The DR site reaches the source site through a relay of the tests' own
-(tests/integration/relay.py) that can cut the link at a chosen byte; everything else is as in
+(appliance/lab/relay.py) that can cut the link at a chosen byte; everything else is as in
 test_replication.py (two homes, the source's real sshd and granted key).
 
 A pull that was cut goes on from the last block it kept (`chains.Partial`): the bytes of all the runs
@@ -22,23 +22,23 @@ import pytest
 
 from appliance.agent import reader as wire
 from appliance.lab import Lab
+from appliance.lab.relay import Relay
 from appliance.services.replicate import CHECKPOINT_BYTES
 from tests.conftest import points_json, run_cli, start_cli
 from tests.integration.helpers import host_add
-from tests.integration.relay import CuttingRelay
 from tests.integration.sites import Sites, add_site, digests
 
 SESSION = 256 << 10  # what one run costs besides the point: SSH's handshake, the catalog, the hashes sent
 
 
 @pytest.fixture
-def relay(sites: Sites) -> Iterator[CuttingRelay]:
-    r = CuttingRelay((sites.site.address, 22))
+def relay(sites: Sites) -> Iterator[Relay]:
+    r = Relay((sites.site.address, 22))
     yield r
     r.close()
 
 
-def _replicated_once(s: Sites, relay: CuttingRelay) -> None:
+def _replicated_once(s: Sites, relay: Relay) -> None:
     """The host's first point backed up and replicated whole through the relay (not cut)."""
     assert run_cli(s.source, "backup", s.host.name).rc == 0
     add_site(s, address=f"root@127.0.0.1:{relay.port}")
@@ -46,7 +46,7 @@ def _replicated_once(s: Sites, relay: CuttingRelay) -> None:
     assert r.rc == 0, r.err
 
 
-def _pulled(s: Sites, relay: CuttingRelay, held_before: list[tuple[str, str]] | None = None) -> int:
+def _pulled(s: Sites, relay: Relay, held_before: list[tuple[str, str]] | None = None) -> int:
     """A `replicate` that finishes: the DR site then holds the source's points (after `held_before`, its
     points of an older chain) and `verify` passes there. Returns the bytes it took from the source."""
     before = relay.downstream
@@ -64,7 +64,7 @@ def _partial(s: Sites) -> Path:
 
 def test_a_pull_cut_at_random_bytes_goes_on_from_the_last_block_it_kept(
     sites: Sites,
-    relay: CuttingRelay,
+    relay: Relay,
     lab: Lab,
 ) -> None:
     s, name = sites, sites.host.name
@@ -75,7 +75,7 @@ def test_a_pull_cut_at_random_bytes_goes_on_from_the_last_block_it_kept(
     rng = random.Random(seed)
     before, runs = relay.downstream, 0
     for _ in range(3):
-        at = rng.randrange(64 << 10, written // 4)
+        at = rng.randrange(3 * wire.MAX_RUN // 2, written // 4)  # at least one record arrives whole
         relay.cut_after(at)
         r = run_cli(s.dr, "replicate", "hq")
         runs += 1
@@ -92,7 +92,7 @@ def test_a_pull_cut_at_random_bytes_goes_on_from_the_last_block_it_kept(
 
 def test_the_dr_appliance_killed_at_spread_out_moments_keeps_its_chain_and_the_next_run_goes_on(
     sites: Sites,
-    relay: CuttingRelay,
+    relay: Relay,
     lab: Lab,
 ) -> None:
     """Killed before anything was kept, right after a block was kept, and again in the run that went on
@@ -119,7 +119,7 @@ def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(s
     """While a pull crawls over a slow link: a second pull of the host refuses (one transfer of a host at a
     time); at the source the host's backups go on, and the point being sent is held from merging."""
     s, name = sites, sites.host.name
-    slow = CuttingRelay((s.site.address, 22), delay_per_chunk=0.06)
+    slow = Relay((s.site.address, 22), per_chunk=0.06)
     try:
         _replicated_once(s, slow)
         lab.change(name, 0.3, seed=13)
@@ -149,7 +149,7 @@ def test_a_slow_pull_refuses_a_second_one_and_holds_up_no_backup_at_the_source(s
 
 def test_a_full_dr_store_publishes_nothing_and_the_next_run_goes_on_once_there_is_room(
     sites: Sites,
-    relay: CuttingRelay,
+    relay: Relay,
     lab: Lab,
 ) -> None:
     s, name = sites, sites.host.name
@@ -170,7 +170,7 @@ def test_a_full_dr_store_publishes_nothing_and_the_next_run_goes_on_once_there_i
 
 def test_a_source_chain_started_anew_is_pulled_on_top_of_what_the_dr_site_holds(
     sites: Sites,
-    relay: CuttingRelay,
+    relay: Relay,
     lab: Lab,
 ) -> None:
     """The source's host removed with its points and added again (a new base): the DR site keeps every
@@ -189,7 +189,7 @@ def test_a_source_chain_started_anew_is_pulled_on_top_of_what_the_dr_site_holds(
 
 def test_a_point_the_source_cannot_send_any_more_is_skipped_and_the_next_one_pulled(
     sites: Sites,
-    relay: CuttingRelay,
+    relay: Relay,
     lab: Lab,
 ) -> None:
     s, name = sites, sites.host.name
