@@ -89,3 +89,20 @@ def replication_bench(
     from appliance.bench.replication import run_replication_bench
 
     run_replication_bench(parse_size(disk_size), data, change / 100.0, rate, rtt / 1000.0)
+
+
+@app.command("replication-lag")
+def replication_lag_bench(
+    hosts: Annotated[int, typer.Option("--hosts", min=1, max=50, help="Lab hosts backed up and replicated")] = 10,
+    disk_size: Annotated[str, typer.Option("--disk-size", help="Each host's disk")] = "512M",
+    data: Annotated[float, typer.Option("--data", help="Fraction of each disk holding data")] = 0.4,
+    change: Annotated[float, typer.Option("--change", help="Percent of each disk changed every interval")] = 1.0,
+    interval: Annotated[float, typer.Option("--interval", min=10, help="The DR daemon's --every, in seconds")] = 90,
+    cycles: Annotated[int, typer.Option("--cycles", min=1, help="Runs of the daemon measured")] = 5,
+    rate: Annotated[str, typer.Option("--rate", help="The link's rate, as tc takes it")] = "100mbit",
+    rtt: Annotated[float, typer.Option("--rtt", help="The link's round-trip time in milliseconds")] = 30.0,
+) -> None:
+    """The lag the DR daemon sustains for many hosts at its interval over a shaped link, against rsync."""
+    from appliance.bench.replication_lag import run_replication_lag_bench
+
+    run_replication_lag_bench(hosts, parse_size(disk_size), data, change / 100.0, interval, cycles, rate, rtt / 1000)
