@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import IO
 
 from appliance.bench.capture import KEY_OPTS, _wire
-from appliance.bench.replication import DelayRelay, _run, shaped
+from appliance.bench.replication import _run, shaped
 from appliance.domain.models import Point, format_size
 from appliance.lab import Lab, LabHost
+from appliance.lab.relay import Relay
 from appliance.store import catalog
 from appliance.store.layout import Home
 
@@ -181,7 +182,7 @@ def run_replication_lag_bench(hosts: int = 10, disk_size: int = 512 << 20, data:
         _run([*src, "site", "grant", "dr1", "--key", f"{dr_key}.pub", "--authorized-keys", str(authorized)])
         with authorized.open("a") as f:  # the lab key gets a shell there: rsync's way in
             f.write(lab.key_file.with_suffix(".pub").read_text())
-        relay = DelayRelay((site.address, 22), rtt / 2)
+        relay = Relay((site.address, 22), one_way=rtt / 2)
         _run([*dst, "site", "add", "hq", "--address", f"root@127.0.0.1:{relay.port}", "--key", str(dr_key),
               "--trust-first-use"])  # fmt: skip
         _run([*dst, "site", "set", "hq", "--every", f"{interval:.0f}s", "--window", ""])
@@ -270,7 +271,7 @@ def _backups(lab: Lab, names: list[str], src: list[str], change: float, cycle: i
     return Cycle(written, time.monotonic() - t0, failed)
 
 
-def _peers(work: Path, lab: Lab, site: LabHost, relay: DelayRelay, names: list[str], src: list[str],
+def _peers(work: Path, lab: Lab, site: LabHost, relay: Relay, names: list[str], src: list[str],
            dst: list[str], change: float) -> list[Row]:  # fmt: skip
     """One more change of every host, carried over the same link (nothing else on it) by `appliance replicate`
     of the site by hand (what the daemon's job runs) and by rsync of the raw images, one after the other."""
