@@ -29,7 +29,7 @@ from appliance.services.backup import back_up
 from appliance.services.consolidate import consolidate
 from appliance.services.failover import verify_boot
 from appliance.services.reader_pool import ReaderPool
-from appliance.services.replicate import replicate
+from appliance.services.replicate import HostReport, replicate
 from appliance.services.verify import verify_chain
 from appliance.store import hosts, schedule, sites
 from appliance.store.layout import Home
@@ -228,6 +228,16 @@ class Scheduler:
             log.error("job.not_recorded", kind=job.kind, host=job.host, error=str(exc))
 
 
+def _replicated(home: Home, tools: Tools, report: HostReport) -> str:
+    """One host of a replication run; its newest pulled point boot-verified here if the host asks for it
+    (`host set NAME --verify-boot` at the DR site): a replicated point must boot here, not only there."""
+    summary = f"{report.host}: {len(report.pulled)} pulled, newest here {report.newest_here or '-'}"
+    if report.pulled and hosts.load(home, report.host).verify_boot:
+        verdict = verify_boot(home, tools, report.host, point_ref=report.pulled[-1].id)
+        summary += f", boot {'ok' if verdict['ok'] else 'FAILED'}"
+    return summary
+
+
 def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = None) -> str:
     """What each kind of job does (the real runner). `readers`: the hosts' readers kept between points."""
     if job.kind == BACKUP:
@@ -242,7 +252,7 @@ def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = Non
         return summary
     if job.kind == REPLICATE:
         reports = replicate(home, tools, job.host, in_window=True)
-        return "; ".join(f"{r.host}: {len(r.pulled)} pulled, newest here {r.newest_here or '-'}" for r in reports)
+        return "; ".join(_replicated(home, tools, r) for r in reports)
     report = consolidate(home, tools, job.host, wait=600.0)
     deferred = f", {len(report.deferred)} deferred (in use)" if report.deferred else ""
     return f"merged {len(report.merged)} points{deferred}"

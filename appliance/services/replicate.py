@@ -49,7 +49,7 @@ log = get_logger(__name__)
 
 # How much a pull receives between two records of what arrived (`chains.Partial`): what a pull killed
 # outright fetches again at most. Each record costs a flush of the overlay and of its hash list.
-CHECKPOINT_BYTES = 4 << 20
+CHECKPOINT_BYTES = 1 << 20
 
 Say = Callable[[str], None]
 

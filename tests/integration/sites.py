@@ -23,9 +23,10 @@ class Sites:
     dr_key: Path
 
 
-def two_sites(make_host, home: Path, tmp_path: Path) -> Sites:  # type: ignore[no-untyped-def]
-    """A host of 64 MiB (40 % data) on the source, the source's sshd, and a DR home with a granted key."""
-    host = make_host(size=64 << 20, data=0.4)
+def two_sites(make_host, home: Path, tmp_path: Path, host: LabHost | None = None) -> Sites:  # type: ignore[no-untyped-def]
+    """A host on the source (`host`, or one of 64 MiB with 40 % data), the source's sshd, and a DR home
+    with a granted key."""
+    host = host or make_host(size=64 << 20, data=0.4)
     site = make_host(size=1 << 20, add=False)
     dr_key = tmp_path / "dr_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dr1", "-f", str(dr_key)], check=True)
