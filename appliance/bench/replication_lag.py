@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -199,7 +200,7 @@ def run_replication_lag_bench(hosts: int = 10, disk_size: int = 512 << 20, data:
         if relay is not None:
             relay.close()
         lab.down()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass
@@ -223,14 +224,17 @@ def _steady_state(lab: Lab, site: LabHost, names: list[str], source: Home, dr: H
                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert daemon.stderr is not None
     log = DaemonLog(daemon.stderr, site)
-    sampler = LagSampler(source, dr, names)
+    sampler = None
     try:
         for k in range(1, cycles):
             # The daemon's next run is due one interval after its last one started; the backups of this cycle
-            # start as long before it as the last cycle's backups took, and never while it still runs.
+            # start twice as long before it as the slowest cycle's backups took (the machine is shared, their
+            # time varies), and never while the last run still goes on.
             if not log.wait(lambda k=k: len(log.jobs) >= k and log.jobs[k - 1].finished is not None, interval * 3):
                 raise RuntimeError(f"the daemon's replication run {k} did not end in {interval * 3:.0f} s")
-            lead = done[-1].backups_seconds + LEAD_MARGIN
+            if sampler is None:  # the steady state: before the first run ends, the DR site holds the first copies
+                sampler = LagSampler(source, dr, names)
+            lead = 2 * max(c.backups_seconds for c in done) + LEAD_MARGIN
             time.sleep(max(0.0, log.jobs[k - 1].started + interval - lead - time.monotonic()))
             done.append(_backups(lab, names, src, change, k))
         log.wait(lambda: len(log.jobs) >= cycles and log.jobs[cycles - 1].finished is not None, interval * 3)
@@ -239,7 +243,8 @@ def _steady_state(lab: Lab, site: LabHost, names: list[str], source: Home, dr: H
         while time.monotonic() < deadline and any(_newest_id(source, n) != _newest_id(dr, n) for n in names):
             time.sleep(SAMPLE_EVERY)
     finally:
-        sampler.stop()
+        if sampler is not None:
+            sampler.stop()
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(timeout=300)
@@ -255,7 +260,8 @@ def _steady_state(lab: Lab, site: LabHost, names: list[str], source: Home, dr: H
         if (str(e["host"]), str(e["point"])) in made
     ]
     errors = [line.strip() for line in log.lines if '"level": "error"' in line or "Traceback" in line]
-    return SteadyState(done, log.jobs, sampler.samples, delays, log.overlaps, daemon.returncode or 0, errors)
+    lag = sampler.samples if sampler else []
+    return SteadyState(done, log.jobs, lag, delays, log.overlaps, daemon.returncode or 0, errors)
 
 
 def _backups(lab: Lab, names: list[str], src: list[str], change: float, cycle: int) -> Cycle:
@@ -325,7 +331,8 @@ def _print(seed: Row, run: SteadyState, peers: list[Row], *, hosts: int, disk_si
           f"mean {format_size(statistics.mean(r.wire for r in full))} on the wire ({len(full)} runs)")  # fmt: skip
     print(f"    the source's {hosts} backups before each run took {backups:.1f} s (mean)")
     if run.lag:
-        print(f"    lag as `appliance replicas` shows it, each host every {SAMPLE_EVERY:.0f} s: "
+        print(f"    lag as `appliance replicas` shows it (newest there - newest here), each host every "
+              f"{SAMPLE_EVERY:.0f} s from the end of the first run: "
               f"max {max(run.lag):.0f} s, mean {statistics.mean(run.lag):.1f} s ({len(run.lag)} samples)")  # fmt: skip
     if run.delays:
         print(f"    each point from made at the source to published here: max {max(run.delays):.1f} s, "

@@ -97,7 +97,7 @@ def replication_lag_bench(
     disk_size: Annotated[str, typer.Option("--disk-size", help="Each host's disk")] = "512M",
     data: Annotated[float, typer.Option("--data", help="Fraction of each disk holding data")] = 0.4,
     change: Annotated[float, typer.Option("--change", help="Percent of each disk changed every interval")] = 1.0,
-    interval: Annotated[float, typer.Option("--interval", min=10, help="The DR daemon's --every, in seconds")] = 90,
+    interval: Annotated[int, typer.Option("--interval", min=10, help="The DR daemon's --every, in seconds")] = 90,
     cycles: Annotated[int, typer.Option("--cycles", min=1, help="Runs of the daemon measured")] = 5,
     rate: Annotated[str, typer.Option("--rate", help="The link's rate, as tc takes it")] = "100mbit",
     rtt: Annotated[float, typer.Option("--rtt", help="The link's round-trip time in milliseconds")] = 30.0,
