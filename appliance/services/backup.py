@@ -147,7 +147,7 @@ def back_up(
             hint=f"`appliance replicate {host.replica_of} {name}` pulls its newest points",
         )
     with chains.open(home, tools.images, name, "backup") as tx:
-        return _record(tx, _Capture(tx, tools, host, progress, pool), "backup")
+        return record_point(tx, Capture(tx, tools, host, progress, pool), "backup")
 
 
 def import_point(tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str, Path, int]], origin: str) -> Point:
@@ -157,7 +157,7 @@ def import_point(tx: ChainTx, tools: Tools, host: Host, sources: list[tuple[str,
     the host's disk order. Only blocks that differ from the newest point are written, exactly as a
     backup would write them.
     """
-    return _record(tx, _Import(tx, tools, host, sources, origin), "failback")
+    return record_point(tx, Import(tx, tools, host, sources, origin), "failback")
 
 
 class _PointWriter(Protocol):
@@ -166,7 +166,7 @@ class _PointWriter(Protocol):
     def run(self, started: float) -> Point: ...
 
 
-def _record(tx: ChainTx, writer: _PointWriter, purpose: str) -> Point:
+def record_point(tx: ChainTx, writer: _PointWriter, purpose: str) -> Point:
     """Write a new point and publish it last in the chain."""
     previous = tx.chain.newest
     log.info("backup.started", host=tx.host, previous=previous.id if previous else None, purpose=purpose)
@@ -178,7 +178,7 @@ def _record(tx: ChainTx, writer: _PointWriter, purpose: str) -> Point:
     return point
 
 
-class _Capture:
+class Capture:
     """One run of the reader on the host and the writes it causes on the appliance."""
 
     def __init__(
@@ -280,7 +280,7 @@ class _Capture:
             sender.start()
         with ExitStack() as stack:
             receivers = [
-                stack.enter_context(_DiskReceiver(self, plan, remote.path))
+                stack.enter_context(DiskReceiver(self, plan, remote.path))
                 for plan, remote in zip(plans, hello.disks, strict=True)
             ]
             for rx in receivers:
@@ -454,7 +454,7 @@ class _Capture:
             self._sender_error = exc
             stream.abort()
 
-    def _first_pass(self, records: protocol.RecordReader, stream: RemoteStream, rx: _DiskReceiver) -> None:
+    def _first_pass(self, records: protocol.RecordReader, stream: RemoteStream, rx: DiskReceiver) -> None:
         """The disk read in full, compared with the previous point: up to its E record, proven by its digest."""
         done_before = self.progress.read
         while True:
@@ -478,10 +478,10 @@ class _Capture:
         self._report(done_before + record.read, stream)
 
     def _later_passes(
-        self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[_DiskReceiver]
+        self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[DiskReceiver]
     ) -> Moment:
         """Blocks written on the host while it read them, read again, up to the moment record."""
-        rx: _DiskReceiver | None = None
+        rx: DiskReceiver | None = None
         while True:
             record = self._next(records, stream)
             if isinstance(record, Repass):
@@ -515,11 +515,11 @@ class _DiskPlan:
     prev_hashes: Path | None
 
 
-class _DiskReceiver:
+class DiskReceiver:
     """One disk of the point being received: its new overlay (exported for writing), its hash list and the
     check of every block against its hash, open from its first pass to the last."""
 
-    def __init__(self, capture: _Capture, plan: _DiskPlan, source: str, *, resume: bool = False) -> None:
+    def __init__(self, capture: Capture, plan: _DiskPlan, source: str, *, resume: bool = False) -> None:
         """`resume`: the overlay and hash list are a kept partial point's, gone on with as they are."""
         self.capture = capture
         self.plan = plan
@@ -529,7 +529,7 @@ class _DiskReceiver:
         self.changed = self.sent = 0
         self._stack = ExitStack()
 
-    def __enter__(self) -> _DiskReceiver:
+    def __enter__(self) -> DiskReceiver:
         plan = self.plan
         self.hashes = HashListWriter(plan.hash_path, plan.prev_hashes, plan.carry, plan.size, plan.block_size,
                                      resume=self.resume)  # fmt: skip
@@ -610,7 +610,7 @@ def _remote_failure(host: str, failure: RemoteFailure) -> ApplianceError:
     return RemoteCommandError(f"{host}: {failure.message}")
 
 
-class _Import(_Capture):
+class Import(Capture):
     """A point from local images instead of a host: same plan, same writes, same publication."""
 
     def __init__(

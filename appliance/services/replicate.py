@@ -37,7 +37,7 @@ from appliance.errors import (
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
-from appliance.services.backup import _Capture, _DiskReceiver, _record, job_deadline
+from appliance.services.backup import Capture, DiskReceiver, job_deadline, record_point
 from appliance.services.hosts import ConfirmKey, pin_host_key
 from appliance.services.reader_session import violation
 from appliance.store import catalog, chains, hosts, schedule, sites
@@ -244,7 +244,7 @@ def _catalog(site: Site, stream: RemoteStream, records: protocol.RecordReader) -
 
 def _replicate_host(home: Home, tools: Tools, site: Site, source: replica.SourceHost, stream: RemoteStream,
                     records: protocol.RecordReader, say: Say, window: Window | None) -> HostReport:  # fmt: skip
-    host = _replica_host(home, site, source)
+    host = replica_host(home, site, source)
     report = HostReport(host.name, newest_there=source.points[-1].id if source.points else None)
     with chains.open(home, tools.images, host.name, "replication") as tx:
         newest = tx.chain.newest
@@ -256,7 +256,8 @@ def _replicate_host(home: Home, tools: Tools, site: Site, source: replica.Source
                 break
             say(f"{host.name}: pulling point {point.id} from {site.name}")
             try:
-                report.pulled.append(_record(tx, _Pull(tx, tools, host, site, point, stream, records), "replication"))
+                pull = _Pull(tx, tools, host, site, point, stream, records)
+                report.pulled.append(record_point(tx, pull, "replication"))
             except _Skipped as exc:  # an older point the source no longer keeps the hashes of: the next one
                 tx.drop_partial()
                 log.info("replica.skipped", site=site.name, host=host.name, point=point.id, reason=str(exc))
@@ -265,7 +266,7 @@ def _replicate_host(home: Home, tools: Tools, site: Site, source: replica.Source
     return report
 
 
-def _replica_host(home: Home, site: Site, source: replica.SourceHost) -> Host:
+def replica_host(home: Home, site: Site, source: replica.SourceHost) -> Host:
     """This appliance's record of a host of the site: created on first sight, its settings kept in step."""
     settings = source.settings
     disks = settings.get("disks")
@@ -312,7 +313,7 @@ class _Skipped(Exception):
     """The source cannot send this point as an increment any more; the next one will do."""
 
 
-class _Pull(_Capture):
+class _Pull(Capture):
     """One point of the source, received as a backup receives one (see the module doc).
 
     A pull cut part-way (the link, the source, this appliance's disk full, this appliance killed) keeps
@@ -355,7 +356,7 @@ class _Pull(_Capture):
             sender = threading.Thread(target=self._send_old_hashes, args=(stream, plans, self.at), daemon=True)
             sender.start()
         with ExitStack() as stack:
-            receivers = [stack.enter_context(_DiskReceiver(self, plan, d.source, resume=kept is not None))
+            receivers = [stack.enter_context(DiskReceiver(self, plan, d.source, resume=kept is not None))
                          for plan, d in zip(plans, source.disks, strict=True)]  # fmt: skip
             self._receive(records, stream, receivers, base)
         if sender is not None:
@@ -387,7 +388,7 @@ class _Pull(_Capture):
         self.tx.drop_partial()
         return None
 
-    def _receive(self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[_DiskReceiver],
+    def _receive(self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[DiskReceiver],
                  base: dict[str, Any] | None) -> None:  # fmt: skip
         """Every disk from `self.at` on, then the source's F record; a cut keeps what arrived (class doc)."""
         try:
@@ -412,7 +413,7 @@ class _Pull(_Capture):
             self._keep_on_cut(receivers, base, exc)
             raise
 
-    def _receive_disk(self, records: protocol.RecordReader, stream: RemoteStream, rx: _DiskReceiver, index: int,
+    def _receive_disk(self, records: protocol.RecordReader, stream: RemoteStream, rx: DiskReceiver, index: int,
                       base: dict[str, Any] | None) -> None:  # fmt: skip
         while True:
             record = self._next(records, stream)
@@ -431,7 +432,7 @@ class _Pull(_Capture):
         self.at = (index + 1, 0)
         self._keep(rx, base)
 
-    def _keep(self, rx: _DiskReceiver, base: dict[str, Any] | None) -> None:
+    def _keep(self, rx: DiskReceiver, base: dict[str, Any] | None) -> None:
         """Record that every block before `self.at` is here (after checking and flushing them)."""
         rx.sync()
         at = chains.Partial(self.source.id, self.site.name, base["id"] if base else None,
@@ -440,7 +441,7 @@ class _Pull(_Capture):
         self.unsynced = 0
         checkpoint("replica.kept")
 
-    def _keep_on_cut(self, receivers: list[_DiskReceiver], base: dict[str, Any] | None, cut: BaseException) -> None:
+    def _keep_on_cut(self, receivers: list[DiskReceiver], base: dict[str, Any] | None, cut: BaseException) -> None:
         """The pull was cut (not by bad data): keep what arrived up to the last record, if it checks out."""
         if self.at == (0, 0):
             return  # nothing arrived

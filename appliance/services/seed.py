@@ -34,8 +34,8 @@ from appliance.domain.models import HOST_NAME, Host, Point, Site, format_size, s
 from appliance.errors import ChainCorruptError, ConfigError, DamagedFileError, StoreFullError
 from appliance.log import get_logger
 from appliance.ports import Tools
-from appliance.services.backup import _Import, _record
-from appliance.services.replicate import _replica_host
+from appliance.services.backup import Import, record_point
+from appliance.services.replicate import replica_host
 from appliance.store import catalog, chains, hosts, sites
 from appliance.store.catalog import check_point_names, point_doc
 from appliance.store.files import as_type, damaged, fsync_dir, fsync_file, read_json, write_json
@@ -381,12 +381,12 @@ def _check_files(export: Path, manifest: Manifest) -> None:
 def _adopt(home: Home, tools: Tools, site: Site, export: Path, manifest: Manifest) -> Imported:
     settings = {k: v for k, v in manifest.settings.items() if k in replica.SETTINGS}
     created = not hosts.exists(home, manifest.host)
-    host = _replica_host(home, site, replica.SourceHost(manifest.host, settings, ()))
+    host = replica_host(home, site, replica.SourceHost(manifest.host, settings, ()))
     try:
         with chains.open(home, tools.images, host.name, "seed") as tx:
             if tx.chain.points:  # a replication took the host since the check
                 raise ConfigError(f"{host.name} already has points here; a seed starts only a host that has none")
-            point = _record(tx, _Seed(tx, tools, host, site, export, manifest.point), "seed")
+            point = record_point(tx, _Seed(tx, tools, host, site, export, manifest.point), "seed")
     except BaseException:
         if created:  # this appliance is left as it was: no record of a host it holds nothing of
             hosts.remove(home, host.name)
@@ -395,7 +395,7 @@ def _adopt(home: Home, tools: Tools, site: Site, export: Path, manifest: Manifes
     return Imported(host.name, point, site.name)
 
 
-class _Seed(_Import):
+class _Seed(Import):
     """An exported point read into the first overlay of the host's chain, under the source's id and time,
     kept only if every disk adds up to the digest the source recorded."""
 
