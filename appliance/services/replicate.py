@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.domain.blocks import block_count
 from appliance.domain.models import Host, Point, Site, parse_address, slot_name, validate_new_host_name
 from appliance.domain.schedule import REPLICATE, Window, parse_window
 from appliance.errors import (
@@ -380,11 +381,18 @@ class _Pull(Capture):
             return None
         wanted = (self.source.id, self.site.name, base["id"] if base else None, base["digests"] if base else {})
         same = (kept.point, kept.site, kept.base, kept.base_digests) == wanted
-        files = [self.tx.partial_files(kept.point, slot_name(i)) for i in range(len(self.source.disks))]
-        if same and kept.disk <= len(self.source.disks) and all(p.exists() for pair in files for p in pair):
+        disks = self.source.disks
+        files = [self.tx.partial_files(kept.point, slot_name(i)) for i in range(len(disks))]
+        inside = (
+            kept.disk == len(disks)
+            and kept.block == 0
+            or kept.disk < len(disks)
+            and kept.block <= block_count(disks[kept.disk].size, disks[kept.disk].block_size)
+        )
+        if same and inside and all(p.exists() for pair in files for p in pair):
             return kept
-        log.info("replica.partial_dropped", site=self.site.name, host=self.host.name, point=kept.point,
-                 reason="another point or base" if not same else "its files are gone")  # fmt: skip
+        reason = "another point or base" if not same else "past the point's end" if not inside else "its files are gone"
+        log.info("replica.partial_dropped", site=self.site.name, host=self.host.name, point=kept.point, reason=reason)
         self.tx.drop_partial()
         return None
 
