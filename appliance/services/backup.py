@@ -461,6 +461,7 @@ class Capture:
             record = self._next(records, stream)
             if isinstance(record, DataRun | ZeroRun):
                 rx.write(record)
+                self._written(rx, record)
             elif isinstance(record, Progress):
                 self._report(done_before + record.read, stream)
             elif isinstance(record, DiskEnd):
@@ -476,6 +477,9 @@ class Capture:
             )
         rx.first_read = record.read
         self._report(done_before + record.read, stream)
+
+    def _written(self, rx: DiskReceiver, record: DataRun | ZeroRun) -> None:
+        """A record of the first pass is written: nothing to do here (a replication keeps track of it)."""
 
     def _later_passes(
         self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[DiskReceiver]

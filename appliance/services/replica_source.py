@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from appliance.agent import reader as wire
-from appliance.domain.blocks import HASH_LEN, block_count, carry_over, changed_runs, zero_prefix
+from appliance.domain.blocks import HASH_LEN, carry_over, changed_runs, zero_prefix
 from appliance.domain.models import HOST_NAME, DiskPoint, Point
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
@@ -154,8 +154,7 @@ def _open_send(home: Home, tools: Tools, name: str, point_id: str, base: dict[st
         point = next((p for p in tx.chain.points if p.id == point_id and not p.dropping), None)
         if point is None:
             raise _Refused("no-point", f"{name} has no point {point_id[:40]!r} here (merged away, or never taken)")
-        blocks = [block_count(d.size, d.block_size) for d in point.disks]
-        if resume[0] > len(blocks) or resume[0] < len(blocks) and resume[1] > blocks[resume[0]]:
+        if not replica.within(point.disks, resume):
             raise _Refused("protocol", f"a resume at disk {resume[0]} block {resume[1]}, past the point's end")
         if any(not tx.hash_list(point.id, d.slot).exists() for d in point.disks):
             raise _Refused("no-hashes", f"{name}'s point {point.id} has no block hash lists here any more")

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.domain.blocks import block_count
+from appliance.domain.blocks import HASH_LEN, block_count
 from appliance.domain.models import Host, Point, Site, parse_address, slot_name, validate_new_host_name
 from appliance.domain.schedule import REPLICATE, Window, parse_window
 from appliance.errors import (
@@ -44,7 +44,7 @@ from appliance.services.reader_session import violation
 from appliance.store import catalog, chains, hosts, schedule, sites
 from appliance.store.layout import Home
 from appliance.transfer import protocol, replica
-from appliance.transfer.protocol import DataRun, DiskEnd, Finished, Hello, ZeroRun
+from appliance.transfer.protocol import DataRun, Finished, Hello, ZeroRun
 
 log = get_logger(__name__)
 
@@ -329,13 +329,14 @@ class _Pull(Capture):
         self.site, self.source, self.stream, self.records = site, source, stream, records
         self.at = (0, 0)  # (disk, block): every block before it is received, written and checked
         self.unsynced = 0  # bytes written since the last checkpoint
+        self.base: dict[str, Any] | None = None  # this appliance's newest point, as the source names it
 
     def run(self, started: float) -> Point:
         stream, records, source = self.stream, self.records, self.source
         sent, received = stream.bytes_sent, stream.bytes_received
         previous = self.chain.newest
-        base = None if previous is None else replica.point_ref(previous)
-        kept = self._kept(base)
+        self.base = base = None if previous is None else replica.point_ref(previous)
+        kept = self._kept()
         self.at = (kept.disk, kept.block) if kept else (0, 0)
         self.draft.kept = kept is not None  # a cut before anything arrives keeps what the last pull kept
         request: dict[str, object] = {"op": "point", "host": self.host.name, "point": source.id, "base": base,
@@ -359,18 +360,17 @@ class _Pull(Capture):
         with ExitStack() as stack:
             receivers = [stack.enter_context(DiskReceiver(self, plan, d.source, resume=kept is not None))
                          for plan, d in zip(plans, source.disks, strict=True)]  # fmt: skip
-            self._receive(records, stream, receivers, base)
+            self._receive(records, stream, receivers)
         if sender is not None:
             self._join_sender(sender, stream)
         disks = [rx.finish(0) for rx in receivers]
-        origin = f"replica of {self.site.name}" + (f" ({source.extra['origin']})" if source.extra.get("origin") else "")
         return Point(
             id=source.id, created=source.created, seconds=time.monotonic() - started, disks=tuple(disks),
             wire_bytes=stream.bytes_sent - sent + stream.bytes_received - received, consistency=source.consistency,
-            extra={"origin": origin, "site": self.site.name},
+            extra=replica.origin("replica of", self.site.name, source),
         )  # fmt: skip
 
-    def _kept(self, base: dict[str, Any] | None) -> chains.Partial | None:
+    def _kept(self) -> chains.Partial | None:
         """The partial point a cut pull kept, if this pull can go on with it; else it is dropped."""
         try:
             kept = self.tx.partial_point()
@@ -379,37 +379,50 @@ class _Pull(Capture):
         if kept is None:
             self.tx.drop_partial()  # a damaged record, if any: its files go
             return None
-        wanted = (self.source.id, self.site.name, base["id"] if base else None, base["digests"] if base else {})
-        same = (kept.point, kept.site, kept.base, kept.base_digests) == wanted
-        disks = self.source.disks
-        files = [self.tx.partial_files(kept.point, slot_name(i)) for i in range(len(disks))]
-        inside = (
-            kept.disk == len(disks)
-            and kept.block == 0
-            or kept.disk < len(disks)
-            and kept.block <= block_count(disks[kept.disk].size, disks[kept.disk].block_size)
-        )
-        if same and inside and all(p.exists() for pair in files for p in pair):
+        same = replace(kept, disk=0, block=0) == self._partial((0, 0))
+        inside = replica.within(self.source.disks, (kept.disk, kept.block))
+        if same and inside and self._files_whole(kept.point):
             return kept
         reason = "another point or base" if not same else "past the point's end" if not inside else "its files are gone"
         log.info("replica.partial_dropped", site=self.site.name, host=self.host.name, point=kept.point, reason=reason)
         self.tx.drop_partial()
         return None
 
-    def _receive(self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[DiskReceiver],
-                 base: dict[str, Any] | None) -> None:  # fmt: skip
-        """Every disk from `self.at` on, then the source's F record; a cut keeps what arrived (class doc)."""
+    def _files_whole(self, point_id: str) -> bool:
+        """Each disk's image and hash list of a partial point are there, the list as long as the disk."""
+        for d in self.source.disks:
+            image, hashes = self.tx.partial_files(point_id, d.slot)
+            if not image.exists() or not hashes.exists():
+                return False
+            if hashes.stat().st_size != block_count(d.size, d.block_size) * HASH_LEN:
+                return False
+        return True
+
+    def _partial(self, at: tuple[int, int]) -> chains.Partial:
+        """This pull's point, written on this appliance's newest point (`self.base`) up to `at`."""
+        base = self.base
+        return chains.Partial(self.source.id, self.site.name, base["id"] if base else None,
+                              dict(base["digests"]) if base else {}, *at)  # fmt: skip
+
+    def _receive(self, records: protocol.RecordReader, stream: RemoteStream, receivers: list[DiskReceiver]) -> None:
+        """Every disk from `self.at` on (the capture's own first pass), then the source's F record; a cut keeps
+        what arrived (class doc)."""
         try:
             for index, (rx, disk) in enumerate(zip(receivers, self.source.disks, strict=True)):
                 if index >= self.at[0]:
-                    records.start_disk(disk.size, disk.block_size, self.at[1] if index == self.at[0] else 0)
-                    self._receive_disk(records, stream, rx, index, base)
+                    start = self.at[1] if index == self.at[0] else 0
+                    self.at = (index, start)
+                    records.start_disk(disk.size, disk.block_size, start)
+                    self._first_pass(records, stream, rx)
                 if rx.hashes.digest() != disk.digest:
                     raise ChainCorruptError(
                         f"{self.host.name} {disk.slot}: point {self.source.id} as received does not match the digest "
                         f"site {self.site.name} recorded for it; it was not recorded here (the next run fetches it "
                         "again)"
                     )
+                if index >= self.at[0]:
+                    self.at = (index + 1, 0)
+                    self._keep(rx)
             if not isinstance(self._next(records, stream), Finished):
                 raise violation(self.host, "a record after the last disk of a replicated point")
             for rx in receivers:
@@ -418,44 +431,31 @@ class _Pull(Capture):
             self.tx.drop_partial()  # what arrived cannot be trusted: the next pull starts afresh
             raise
         except (ApplianceError, OSError) as exc:
-            self._keep_on_cut(receivers, base, exc)
+            self._keep_on_cut(receivers, exc)
             raise
 
-    def _receive_disk(self, records: protocol.RecordReader, stream: RemoteStream, rx: DiskReceiver, index: int,
-                      base: dict[str, Any] | None) -> None:  # fmt: skip
-        while True:
-            record = self._next(records, stream)
-            if isinstance(record, DataRun | ZeroRun):
-                rx.write(record)
-                count = record.count if isinstance(record, ZeroRun) else -(-len(record.data) // rx.plan.block_size)
-                self.at = (index, record.first + count)
-                self.unsynced += len(record.data) if isinstance(record, DataRun) else 0
-                if self.unsynced >= CHECKPOINT_BYTES:
-                    self._keep(rx, base)
-            elif isinstance(record, DiskEnd):
-                break
-            else:
-                raise violation(self.host, f"a {type(record).__name__} record in the middle of {rx.plan.slot}")
-        rx.check.drain()
-        self.at = (index + 1, 0)
-        self._keep(rx, base)
+    def _written(self, rx: DiskReceiver, record: DataRun | ZeroRun) -> None:
+        """Every CHECKPOINT_BYTES of data, what arrived is kept."""
+        count = record.count if isinstance(record, ZeroRun) else -(-len(record.data) // rx.plan.block_size)
+        self.at = (self.at[0], record.first + count)
+        self.unsynced += len(record.data) if isinstance(record, DataRun) else 0
+        if self.unsynced >= CHECKPOINT_BYTES:
+            self._keep(rx)
 
-    def _keep(self, rx: DiskReceiver, base: dict[str, Any] | None) -> None:
+    def _keep(self, rx: DiskReceiver) -> None:
         """Record that every block before `self.at` is here (after checking and flushing them)."""
         rx.sync()
-        at = chains.Partial(self.source.id, self.site.name, base["id"] if base else None,
-                            dict(base["digests"]) if base else {}, *self.at)  # fmt: skip
-        self.tx.keep_partial(self.draft, at)
+        self.tx.keep_partial(self.draft, self._partial(self.at))
         self.unsynced = 0
         checkpoint("replica.kept")
 
-    def _keep_on_cut(self, receivers: list[DiskReceiver], base: dict[str, Any] | None, cut: BaseException) -> None:
+    def _keep_on_cut(self, receivers: list[DiskReceiver], cut: BaseException) -> None:
         """The pull was cut (not by bad data): keep what arrived up to the last record, if it checks out."""
         if self.at == (0, 0):
             return  # nothing arrived
         disk = min(self.at[0], len(receivers) - 1)
         try:
-            self._keep(receivers[disk], base)
+            self._keep(receivers[disk])
         except (ApplianceError, OSError) as exc:  # the blocks since the last checkpoint are fetched again
             log.warning("replica.keep_failed", site=self.site.name, host=self.host.name, error=str(exc))
             return

@@ -419,6 +419,5 @@ class _Seed(Import):
                     "nothing was imported",
                     hint="export the host again on the source",
                 )
-        origin = f"seed from {self.site.name}" + (f" ({source.extra['origin']})" if source.extra.get("origin") else "")
         return dataclasses.replace(read, wire_bytes=0, consistency=source.consistency,
-                                   extra={"origin": origin, "site": self.site.name})  # fmt: skip
+                                   extra=replica.origin("seed from", self.site.name, source))  # fmt: skip

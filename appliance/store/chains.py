@@ -224,8 +224,9 @@ class ChainTx:
         partial_point = self._partial_or_none()
         if partial_point is not None:
             for folder in (f for f in self.dir.iterdir() if f.is_dir()):
-                for f in folder.glob(f".{partial_point.point}.*.part"):
-                    f.unlink()
+                for f in folder.iterdir():
+                    if _of_partial(f.name, partial_point.point):
+                        f.unlink()
         (self.dir / PARTIAL).unlink(missing_ok=True)
         for draft in self._drafts:
             draft.kept = False
@@ -329,7 +330,7 @@ class ChainTx:
         for folder in (f for f in self.dir.iterdir() if f.is_dir()):
             for f in folder.iterdir():
                 relative = f"{folder.name}/{f.name}"
-                if kept and f.name.startswith(f".{kept}.") and f.name.endswith(".part"):
+                if kept and _of_partial(f.name, kept):
                     continue
                 if _is_leftover(relative, published, needed):
                     doomed.append(f)
@@ -378,6 +379,11 @@ class ChainTx:
         self._drafts = []
 
 
+def _of_partial(name: str, point_id: str) -> bool:
+    """Whether a file in a slot folder is one of the `.part` files of point `point_id` (see NewPoint.disk)."""
+    return name.startswith(f".{point_id}.") and name.endswith(".part")
+
+
 def _is_leftover(relative: str, published: set[str], needed_hashes: set[str]) -> bool:
     """Partial files, files an unfinished publication renamed, hash lists nothing compares to any more."""
     name = relative.rpartition("/")[2]
@@ -415,30 +421,35 @@ def _live_sends(folder: Path) -> dict[str, str]:
     """Point id -> "sending to site X" for every send whose process still holds its pin."""
     live = {}
     for pin in folder.glob("*.pin") if folder.exists() else []:
-        with contextlib.suppress(OSError, ValueError):
-            fd = os.open(pin, os.O_RDONLY)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    continue  # nobody holds it: a dead send's
-                except BlockingIOError:
-                    doc = json.loads(os.pread(fd, 4096, 0))
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            doc = _held_pin(pin)
+            if doc is not None:
                 live[str(doc["point"])] = f"sending to site {doc['site']}"
-            finally:
-                os.close(fd)
     return live
+
+
+def _held_pin(pin: Path) -> dict[str, object] | None:
+    """What a send's pin says, while its process holds it; None once nobody does (the send died)."""
+    fd = os.open(pin, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            doc = json.loads(os.pread(fd, 4096, 0))
+            return doc if isinstance(doc, dict) else {}
+    finally:
+        os.close(fd)
 
 
 def _remove_dead_sends(folder: Path, images: ImageTool) -> None:
     """The pins and exports of sends whose process died (killed: no cleanup of their own)."""
     for pin in folder.glob("*.pin"):
-        fd = os.open(pin, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # alive
-        finally:
-            os.close(fd)
+            if _held_pin(pin) is not None:
+                continue  # alive
+        except ValueError:
+            continue  # held, but its record is being written: alive
         exports = folder / pin.stem
         for entry in exports.iterdir() if exports.is_dir() else []:
             images.unmount_stale(entry)

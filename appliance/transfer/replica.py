@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent import reader as wire
-from appliance.domain.models import HOST_NAME, Point
+from appliance.domain.blocks import block_count
+from appliance.domain.models import HOST_NAME, DiskPoint, Point
 from appliance.errors import DamagedFileError
 from appliance.store.catalog import check_point_names, point_doc
 from appliance.store.files import as_type
@@ -111,6 +112,22 @@ class SourceHost:
 def point_ref(point: Point) -> dict[str, Any]:
     """A point as the other site names it: its id and each disk's digest (same id, same content)."""
     return {"id": point.id, "digests": {d.slot: d.digest for d in point.disks}}
+
+
+def within(disks: Sequence[DiskPoint], at: tuple[int, int]) -> bool:
+    """Whether (disk, block) is a place in a point's disks a pull may go on from: a block of a disk (or the
+    end of one), or the end of the last."""
+    disk, block = at
+    if disk == len(disks):
+        return block == 0
+    return 0 <= disk < len(disks) and 0 <= block <= block_count(disks[disk].size, disks[disk].block_size)
+
+
+def origin(kind: str, site: str, source: Point) -> dict[str, object]:
+    """The `extra` of a point that came from another site (`kind`: "replica of", "seed from"), naming where
+    the source had it from in turn."""
+    was = f" ({source.extra['origin']})" if source.extra.get("origin") else ""
+    return {"origin": f"{kind} {site}{was}", "site": site}
 
 
 def catalog_doc(hosts: Sequence[tuple[str, dict[str, Any], Sequence[Point]]]) -> dict[str, Any]:
