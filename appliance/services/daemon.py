@@ -232,10 +232,15 @@ def _replicated(home: Home, tools: Tools, report: HostReport) -> str:
     """One host of a replication run; its newest pulled point boot-verified here if the host asks for it
     (`host set NAME --verify-boot` at the DR site): a replicated point must boot here, not only there."""
     summary = f"{report.host}: {len(report.pulled)} pulled, newest here {report.newest_here or '-'}"
-    if report.pulled and hosts.load(home, report.host).verify_boot:
-        verdict = verify_boot(home, tools, report.host, point_ref=report.pulled[-1].id)
-        summary += f", boot {'ok' if verdict['ok'] else 'FAILED'}"
-    return summary
+    return summary + (_boot_checked(home, tools, report.host, report.pulled[-1].id) if report.pulled else "")
+
+
+def _boot_checked(home: Home, tools: Tools, host: str, point_id: str) -> str:
+    """A new point of `host` booted in isolation if the host asks for it, as a job's summary says it."""
+    if not hosts.load(home, host).verify_boot:
+        return ""
+    verdict = verify_boot(home, tools, host, point_ref=point_id)
+    return f", boot {'ok' if verdict['ok'] else 'FAILED'}"
 
 
 def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = None) -> str:
@@ -246,10 +251,7 @@ def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = Non
         summary = f"point {point.id}, changed {point.changed_bytes} B, verified {'ok' if checks[0].ok else 'FAILED'}"
         if not checks[0].ok:
             raise ApplianceError(f"{summary}: {checks[0].summary}")
-        if hosts.load(home, job.host).verify_boot:
-            verdict = verify_boot(home, tools, job.host, point_ref=point.id)
-            summary += f", boot {'ok' if verdict['ok'] else 'FAILED'}"
-        return summary
+        return summary + _boot_checked(home, tools, job.host, point.id)
     if job.kind == REPLICATE:
         reports = replicate(home, tools, job.host, in_window=True)
         return "; ".join(_replicated(home, tools, r) for r in reports)

@@ -17,10 +17,12 @@ from typing import Any
 from appliance.agent import reader as wire
 from appliance.domain.blocks import HASH_LEN, Carry, OldBlock, block_count, block_length, zero_hash
 
+# zstd, for replication's compressed records (here and in transfer/replica.py): the standard library's from
+# Python 3.14 on, its backport before.
 if sys.version_info >= (3, 14):
-    from compression import zstd
+    from compression import zstd as zstd
 else:
-    from backports import zstd
+    from backports import zstd as zstd
 
 _U64 = struct.Struct("<Q")
 _RUN_HEADER = struct.Struct("<QI")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,7 @@ from appliance.domain.models import HOST_NAME, DiskPoint, Point
 from appliance.errors import DamagedFileError
 from appliance.store.catalog import check_point_names, point_doc
 from appliance.store.files import as_type
-from appliance.transfer.protocol import COMPRESSED, MAX_MESSAGE, ZSTD_WINDOW_LOG, ProtocolError, printable
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
+from appliance.transfer.protocol import COMPRESSED, MAX_MESSAGE, ZSTD_WINDOW_LOG, ProtocolError, printable, zstd
 
 PROTOCOL = 1
 MAX_REQUEST = 1 << 16
