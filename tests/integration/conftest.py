@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.lab import Lab, LabHost
+from appliance.lab.objectstore import ObjectStore, start_object_store
 from tests.conftest import require, run_cli
 from tests.integration.helpers import host_add
 from tests.integration.sites import Sites, two_sites
@@ -91,6 +92,14 @@ def make_host(lab: Lab, home: Path) -> Iterator[MakeHost]:
     yield make
     for name in created:
         lab.remove(name)
+
+
+@pytest.fixture(scope="session")
+def object_store(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """A real S3 server (SeaweedFS) in a lab namespace of this worker's own, started once per worker."""
+    store = start_object_store(lab, tmp_path_factory.mktemp("s3"), name=f"s3x{_RUN}")
+    yield store
+    store.stop()
 
 
 @pytest.fixture(scope="session")
