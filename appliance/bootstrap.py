@@ -9,7 +9,7 @@ from pathlib import Path
 from appliance.adapters.images import QemuImages
 from appliance.adapters.libvirt_host import LibvirtHypervisor
 from appliance.adapters.ssh import ParamikoShell
-from appliance.ports import Tools
+from appliance.ports import BucketAccess, ObjectStorage, Tools
 from appliance.store.layout import Home
 
 DEFAULT_HOME = "/var/lib/appliance"
@@ -26,4 +26,11 @@ def tools(home: Home) -> Tools:
     # makes KVM fail on purpose to test the fallback to TCG on a machine where KVM works.
     emulator = os.environ.get("APPLIANCE_QEMU_EMULATOR") or None
     hypervisor = LibvirtHypervisor(uri, emulator=emulator)
-    return Tools(remote=ParamikoShell(home.root), images=QemuImages(), hypervisor=hypervisor)
+    return Tools(remote=ParamikoShell(home.root), images=QemuImages(), hypervisor=hypervisor, buckets=_bucket)
+
+
+def _bucket(access: BucketAccess) -> ObjectStorage:
+    """boto3 is imported only by commands that reach a bucket (it adds half a second to every start)."""
+    from appliance.adapters.s3 import S3Bucket
+
+    return S3Bucket(access)

@@ -24,6 +24,14 @@ and an exit status; everything below raises them, always chaining the root cause
      |    +-- ProtocolViolationError     27  the host sent what the reader never sends, or a disk beyond its limit
      +-- ImageToolError                  30  qemu-img / qemu-storage-daemon failed
      +-- LabError                        40
+ +-- HypervisorError                 50
+ +-- FailoverError                   51
+ +-- CloudError                      60  the cloud copy (S3)
+      +-- CloudAccessError           61  wrong credentials, endpoint or bucket
+      +-- CloudLockError             62  the bucket does not enforce Object Lock as asked
+      +-- CloudObjectError           63  an object missing, or damaged (its name in the message)
+      +-- CloudKeyError              64  a key file that is not this store's
+      +-- CloudFullError             65  the bucket is full or its quota is reached
 """
 
 from __future__ import annotations
@@ -150,3 +158,34 @@ class HypervisorError(ApplianceError):
 
 class FailoverError(ApplianceError):
     exit_code = 51
+
+
+class CloudError(ApplianceError):
+    """The cloud copy: the bucket answered with an error, or holds what the appliance did not write."""
+
+    exit_code = 60
+
+
+class CloudAccessError(CloudError):
+    exit_code = 61
+    default_hint = "check the endpoint, the bucket's name and the credentials file (`cloud add` or `cloud attach`)"
+
+
+class CloudLockError(CloudError):
+    exit_code = 62
+    default_hint = "create the bucket with Object Lock enabled (it cannot be turned on for a bucket's old objects)"
+
+
+class CloudObjectError(CloudError):
+    exit_code = 63
+    default_hint = "`appliance cloud verify STORE --deep` names every missing or damaged object"
+
+
+class CloudKeyError(CloudError):
+    exit_code = 64
+    default_hint = "use the key file `cloud key export` wrote for this bucket"
+
+
+class CloudFullError(CloudError):
+    exit_code = 65
+    default_hint = "raise the bucket's quota or let the bucket's retention drop points; what was sent is kept"

@@ -7,9 +7,10 @@ Services depend on these Protocols only; `appliance.bootstrap` hands them the re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -116,9 +117,60 @@ class Hypervisor(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class BucketAccess:
+    """Where a cloud store's bucket is and the credentials for it (the secret never in a repr or a log)."""
+
+    endpoint: str
+    bucket: str
+    region: str
+    access_key: str
+    secret_key: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectLock:
+    mode: str  # "COMPLIANCE" or "GOVERNANCE"
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    version: str | None  # the newest version that is not a deletion (None: a bucket without versioning)
+    size: int
+    modified: datetime
+    hidden: bool = False  # the key's newest entry is a delete marker: a version the appliance reads is behind it
+
+
+class ObjectStorage(Protocol):
+    """One S3 bucket. Errors are CloudAccessError (credentials, endpoint, bucket), CloudObjectError (a key
+    or version missing), CloudFullError, CloudLockError (a lock refused), or CloudError.
+
+    `requests` counts each request made, by operation (benchmarks report it: S3 bills per request)."""
+
+    requests: dict[str, int]
+
+    def put(self, key: str, data: bytes, lock: ObjectLock | None = None) -> str | None: ...  # -> version id
+    def get(self, key: str, version: str | None = None, start: int = 0, end: int | None = None) -> bytes: ...
+    def get_tail(self, key: str, version: str | None, length: int) -> bytes: ...
+    def listing(self, prefix: str) -> list[StoredObject]: ...
+    def versions(self, key: str) -> list[str]: ...  # every version of the key, deletions' markers included
+    def delete(self, key: str, version: str | None) -> None: ...
+    def lock_of(self, key: str, version: str | None) -> ObjectLock | None: ...
+    def extend_lock(self, key: str, version: str | None, lock: ObjectLock) -> None: ...
+    def abort_uploads(self) -> int: ...  # multipart uploads left by a cut upload: aborted; returns how many
+
+
+@dataclass(frozen=True, slots=True)
 class Tools:
     """What the use cases are given to reach the outside world."""
 
     remote: RemoteShell
     images: ImageTool
     hypervisor: Hypervisor
+    buckets: Callable[[BucketAccess], ObjectStorage] | None = None  # None: no S3 client here (unit tests)
+
+    def bucket(self, access: BucketAccess) -> ObjectStorage:
+        if self.buckets is None:
+            raise RuntimeError("no object storage client was wired")
+        return self.buckets(access)

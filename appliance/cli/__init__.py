@@ -19,6 +19,7 @@ import typer
 from appliance import __version__, log
 from appliance.cli import backup as backup_cmds
 from appliance.cli import bench as bench_cmds
+from appliance.cli import cloud as cloud_cmds
 from appliance.cli import consolidate as consolidate_cmds
 from appliance.cli import daemon as daemon_cmds
 from appliance.cli import failback as failback_cmds
@@ -45,6 +46,7 @@ backup_cmds.register(app)
 consolidate_cmds.register(app)
 daemon_cmds.register(app)
 site_cmds.register(app)
+cloud_cmds.register(app)
 
 
 def _version(value: bool) -> None:

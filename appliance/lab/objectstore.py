@@ -88,8 +88,8 @@ class ObjectStore:
         `retries` is 0 by default so a test sees the server's first answer, not a retried one. The client is
         typed Any: botocore builds its methods at run time and ships no types.
         """
-        import boto3  # type: ignore[import-untyped]  # dev only: the appliance itself does not need it
-        from botocore.config import Config  # type: ignore[import-untyped]
+        import boto3
+        from botocore.config import Config
 
         config = Config(
             region_name=REGION,

@@ -48,7 +48,7 @@ from appliance.errors import ChainCorruptError, DamagedFileError
 from appliance.faults import checkpoint
 from appliance.log import get_logger
 from appliance.ports import ImageTool
-from appliance.store import catalog, recovery, sites
+from appliance.store import catalog, cloud, recovery, sites
 from appliance.store.files import fsync_dir, fsync_file, full_disk_as_store_full, read_as, write_atomic, write_json
 from appliance.store.layout import Home, hashes_file, partial, point_file
 from appliance.store.lock import HostLock
@@ -148,7 +148,7 @@ class ChainTx:
         against them), and points being sent to one now (`sending`): point id -> why. Older points may
         still be merged into them."""
         holds, _ = sites.replication_holds(self.home, self.host)
-        holds = {**holds, **_live_sends(self.home.sends_dir(self.host))}
+        holds = {**holds, **cloud.cloud_holds(self.home, self.host), **_live_sends(self.home.sends_dir(self.host))}
         return {k: v for k, v in holds.items() if k in self.chain.ids()}
 
     def needed_hash_lists(self) -> set[str]:

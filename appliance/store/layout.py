@@ -14,6 +14,8 @@ $APPLIANCE_HOME/
   sites/<site>.json             another appliance this one replicates from (keys/site-<site>: its key)
   granted/<site>.json           a DR site granted `serve-replica` here, and the newest point of each host
                                 it confirmed holding (kept from merging, with the hash lists after it)
+  cloud/<store>/                a cloud store (S3 bucket) this appliance pushes points to: its record,
+                                credentials and key (0600), and an index of what the bucket holds
   schedule.json, accel.json     what the scheduler last ran; what failover learnt of KVM here
   run/                          sockets and FUSE export files of running jobs
 
@@ -103,6 +105,14 @@ class Home:
 
     def site_key_file(self, name: str) -> Path:
         return self.keys_dir / f"site-{validate_host_name(name)}"
+
+    @property
+    def clouds_dir(self) -> Path:
+        return self.root / "cloud"
+
+    def cloud_dir(self, name: str) -> Path:
+        """cloud/<store>/: a cloud store's record, secrets and index (store/cloud.py)."""
+        return self.clouds_dir / validate_host_name(name)
 
     @property
     def accel_file(self) -> Path:

@@ -1,0 +1,215 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The cloud copy against a real S3 server that enforces Object Lock (SeaweedFS, appliance/lab/objectstore.py):
+push, restore, attach from a fresh home with the key file, refusals, tampering, and a push killed mid-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.lab import Lab, LabHost
+from appliance.lab.objectstore import ObjectStore
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def _bucket(store: ObjectStore, *, lock: bool) -> str:
+    name = f"b{secrets.token_hex(5)}"
+    store.create_bucket(name, lock=lock)
+    return name
+
+
+def _add(home: Path, store: ObjectStore, bucket: str, creds: Path, *extra: str, name: str = "b2") -> None:
+    r = run_cli(home, "cloud", "add", name, "--endpoint", store.endpoint, "--bucket", bucket, "--credentials-file",
+                str(creds), *extra)  # fmt: skip
+    assert r.rc == 0, r.err
+
+
+def _push(home: Path, *args: str) -> str:
+    r = run_cli(home, "cloud", "push", "b2", *args)
+    assert r.rc == 0, r.err
+    return r.out
+
+
+def _backup(home: Path, host: LabHost) -> None:
+    r = run_cli(home, "backup", host.name)
+    assert r.rc == 0, r.err
+
+
+def test_push_restore_and_attach_from_a_fresh_home(make_host, home: Path, tmp_path: Path,
+                                                    object_store: ObjectStore, lab: Lab) -> None:  # fmt: skip
+    host = make_host(size=64 << 20, data=0.4)
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    _add(home, object_store, _bucket(object_store, lock=True), creds, "--lock-days", "1")
+    _backup(home, host)
+    first = _push(home)
+    assert "pushed point" in first, first
+    changed = lab.change(host.name, 0.01, seed=7)
+    _backup(home, host)
+    second = _push(home, host.name)
+    sent = float(second.split(" MiB sent")[0].rsplit(" ", 1)[1]) * (1 << 20)
+    assert sent <= 1.2 * changed + 64 * 1024, second  # the changed blocks (sealed, some compress) and a manifest
+    assert "already in the bucket" in _push(home)
+
+    restored = tmp_path / "restored.raw"
+    r = run_cli(home, "cloud", "restore", "b2", host.name, "--to", str(restored))
+    assert r.rc == 0, r.err
+    assert restored.read_bytes() == Path(host.disk).read_bytes()
+
+    key = run_cli(home, "cloud", "key", "export", "b2")
+    assert key.rc == 0 and len(key.err.split(":\n")[1].split()) == 24, key.err  # the words, on stderr only
+    key_file = tmp_path / "b2.key"
+    key_file.write_text(key.out)
+    fresh = tmp_path / "fresh-home"
+    fresh.mkdir()
+    r = run_cli(fresh, "cloud", "attach", "--key-file", str(key_file), "--credentials-file", str(creds))
+    assert r.rc == 0 and "2 point(s)" in r.out, r.err
+    listed = json.loads(run_cli(fresh, "cloud", "points", "b2", host.name, "--json").out)
+    assert len(listed) == 2 and all(p["lock"]["mode"] == "COMPLIANCE" for p in listed)
+    r = run_cli(fresh, "cloud", "verify", "b2", "--deep")
+    assert r.rc == 0, r.err
+    again = tmp_path / "again.raw"
+    r = run_cli(fresh, "cloud", "restore", "b2", host.name, "--to", str(again), "--point", listed[0]["point"])
+    assert r.rc == 0, r.err
+
+    # The appliance's own credentials cannot delete a locked object: the server refuses.
+    client = object_store.client(object_store.appliance)
+    bucket = json.loads(key.out)["bucket"]
+    pack = next(v for v in client.list_object_versions(Bucket=bucket, Prefix="data/")["Versions"])
+    with pytest.raises(Exception) as refused:
+        client.delete_object(Bucket=bucket, Key=pack["Key"], VersionId=pack["VersionId"])
+    assert "AccessDenied" in str(refused.value)
+    # A delete without a version only hides it behind a marker: the appliance still reads the locked version.
+    client.delete_object(Bucket=bucket, Key=pack["Key"])
+    r = run_cli(fresh, "cloud", "verify", "b2", "--deep")
+    assert r.rc == 1 and "delete marker" in r.err, r.err
+
+
+def test_bad_input_is_one_line(home: Path, tmp_path: Path, object_store: ObjectStore) -> None:
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    plain = _bucket(object_store, lock=False)
+
+    def add(bucket: str, credentials: Path, *extra: str, endpoint: str | None = None) -> tuple[int, str]:
+        r = run_cli(home, "cloud", "add", "b2", "--endpoint", endpoint or object_store.endpoint, "--bucket", bucket,
+                    "--credentials-file", str(credentials), *extra)  # fmt: skip
+        assert "Traceback" not in r.err
+        said = [x for x in r.err.splitlines() if x.strip() and not x.startswith("20")]  # not the log's events
+        return r.rc, said[0] if said else ""
+
+    rc, err = add(plain, creds, "--lock-days", "7")
+    assert rc == 62 and "has no Object Lock" in err, err
+    wrong = tmp_path / "wrong.creds"
+    wrong.write_text(f"{object_store.appliance.access_key}:not-the-secret\n")
+    wrong.chmod(0o600)
+    rc, err = add(plain, wrong)
+    assert rc == 61 and "refused" in err, err
+    rc, err = add(plain, creds, endpoint="http://127.0.0.1:9")
+    assert rc == 61 and "cannot reach" in err, err
+    open_creds = tmp_path / "open.creds"
+    open_creds.write_text(f"{object_store.appliance.access_key}:{object_store.appliance.secret_key}\n")
+    open_creds.chmod(0o644)
+    rc, err = add(plain, open_creds)
+    assert rc == 3 and "chmod 600" in err, err
+    foreign = _bucket(object_store, lock=False)
+    object_store.client(object_store.admin).put_object(Bucket=foreign, Key="someone-else.txt", Body=b"x")
+    rc, err = add(foreign, creds)
+    assert rc == 3 and "not empty" in err, err
+    rc, err = add(plain, creds)
+    assert rc == 0
+    other = tmp_path / "other.key"
+    other.write_text("not a key file\n")
+    r = run_cli(tmp_path, "cloud", "attach", "--key-file", str(other), "--credentials-file", str(creds))
+    assert r.rc == 64 and "Traceback" not in r.err, r.err
+    assert run_cli(home, "cloud", "add", "b2", "--endpoint", object_store.endpoint, "--bucket", plain,
+                   "--credentials-file", str(creds)).rc == 3  # fmt: skip
+    # The secrets are root's alone.
+    for secret in ("credentials", "key"):
+        assert (home / "cloud" / "b2" / secret).stat().st_mode & 0o077 == 0
+
+
+def test_a_damaged_object_is_named_and_refused(make_host, home: Path, tmp_path: Path,
+                                                object_store: ObjectStore) -> None:  # fmt: skip
+    host = make_host(size=16 << 20, data=0.4)
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    bucket = _bucket(object_store, lock=False)
+    _add(home, object_store, bucket, creds)
+    _backup(home, host)
+    _push(home)
+    admin = object_store.client(object_store.admin)
+    pack = admin.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"][0]["Key"]
+    body = bytearray(admin.get_object(Bucket=bucket, Key=pack)["Body"].read())
+    body[100] ^= 0xFF  # one bit of one sealed block
+    admin.put_object(Bucket=bucket, Key=pack, Body=bytes(body))
+    r = run_cli(home, "cloud", "verify", "b2", "--deep")
+    assert r.rc == 60 and pack in r.err and "damaged" in r.err, r.err
+    r = run_cli(home, "cloud", "restore", "b2", host.name, "--to", str(tmp_path / "x.raw"))
+    assert r.rc == 63 and pack in r.err and "Traceback" not in r.err, r.err
+    admin.delete_object(Bucket=bucket, Key=pack)
+    r = run_cli(home, "cloud", "verify", "b2")
+    assert r.rc == 60 and f"object {pack} is missing" in r.err, r.err
+
+
+def test_a_push_killed_at_random_moments_goes_on(make_host, home: Path, tmp_path: Path,
+                                                  object_store: ObjectStore) -> None:  # fmt: skip
+    host = make_host(size=96 << 20, data=0.5)  # ~48 MiB of data: three packs
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    _add(home, object_store, _bucket(object_store, lock=True), creds, "--lock-days", "1")
+    _backup(home, host)
+    rng = random.Random(int(os.environ.get("TEST_SEED", "12")))
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "--log-json", "cloud", "push",
+                                 "b2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+        assert proc.stderr is not None
+        wait_for = rng.randint(0, 1)  # packs put before the kill
+        for line in proc.stderr:
+            if '"cloud.pack_put"' in line:
+                wait_for -= 1
+                if wait_for < 0:
+                    break
+        time.sleep(rng.uniform(0.0, 0.2))
+        proc.kill()
+        finished = proc.wait() == 0
+        kills += not finished
+        if finished:
+            break
+    r = run_cli(home, "--log-json", "cloud", "push", "b2")
+    assert r.rc == 0, r.err
+    listed = json.loads(run_cli(home, "cloud", "points", "b2", "--json").out)
+    assert len(listed) == 1, listed
+    # Each kill left at most the pack it was putting: everything else the killed pushes put was used.
+    s3 = object_store.client(object_store.admin)
+    bucket = json.loads(run_cli(home, "cloud", "key", "export", "b2").out)["bucket"]
+    packs = s3.list_objects_v2(Bucket=bucket, Prefix="data/").get("Contents", [])
+    needed = len({ref[0] for ref in _manifest_packs(home)})
+    assert len(packs) <= needed + kills, (len(packs), needed, kills)
+    r = run_cli(home, "cloud", "verify", "b2", "--deep")
+    assert r.rc == 0, r.err
+    restored = tmp_path / "restored.raw"
+    assert run_cli(home, "cloud", "restore", "b2", host.name, "--to", str(restored)).rc == 0
+    assert restored.read_bytes() == Path(host.disk).read_bytes()
+
+
+def _manifest_packs(home: Path) -> list[list[object]]:
+    """The packs the store's points name (from the appliance's own index of the bucket)."""
+    import sqlite3
+
+    from appliance.store.layout import Home
+    from appliance.transfer.sealed import KeyFile, Sealer, open_manifest
+
+    key = KeyFile.loads((home / "cloud" / "b2" / "key").read_text())
+    sealer = Sealer(key.key, key.store_id)
+    db = sqlite3.connect(Home(home).cloud_dir("b2") / "index.sqlite")
+    out: list[list[object]] = []
+    for (sealed,) in db.execute("SELECT sealed FROM points"):
+        out += [[p.name, p.version] for p in open_manifest(sealer, bytes(sealed)).packs]
+    return out
