@@ -8,6 +8,7 @@ from pathlib import Path
 
 from appliance.adapters.images import QemuImages
 from appliance.adapters.libvirt_host import LibvirtHypervisor
+from appliance.adapters.nbdkit import NbdkitServer
 from appliance.adapters.ssh import ParamikoShell
 from appliance.ports import BucketAccess, ObjectStorage, Tools
 from appliance.store.layout import Home
@@ -26,7 +27,13 @@ def tools(home: Home) -> Tools:
     # makes KVM fail on purpose to test the fallback to TCG on a machine where KVM works.
     emulator = os.environ.get("APPLIANCE_QEMU_EMULATOR") or None
     hypervisor = LibvirtHypervisor(uri, emulator=emulator)
-    return Tools(remote=ParamikoShell(home.root), images=QemuImages(), hypervisor=hypervisor, buckets=_bucket)
+    return Tools(
+        remote=ParamikoShell(home.root),
+        images=QemuImages(),
+        hypervisor=hypervisor,
+        buckets=_bucket,
+        block_server=NbdkitServer(),
+    )
 
 
 def _bucket(access: BucketAccess) -> ObjectStorage:

@@ -70,7 +70,8 @@ class ImageTool(Protocol):
     :raises ImageToolError, ChainCorruptError, StoreFullError:
     """
 
-    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> None: ...
+    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536,
+               backing_format: str = "qcow2") -> None: ...  # fmt: skip
     def info_chain(self, path: Path) -> list[dict[str, Any]]: ...
     def check(self, path: Path) -> dict[str, Any]: ...
     def map_zero_extents(self, path: Path) -> list[tuple[int, int]]: ...
@@ -161,6 +162,15 @@ class ObjectStorage(Protocol):
     def abort_uploads(self) -> int: ...  # multipart uploads left by a cut upload: aborted; returns how many
 
 
+class BlockServer(Protocol):
+    """An NBD server (nbdkit) serving one disk of a cloud point to QEMU over a Unix socket. It runs in a
+    process of its own that outlives the command that started it (the recovery VM reads through it)."""
+
+    def start(self, socket: Path, pidfile: Path, log_file: Path, params: dict[str, str]) -> None: ...
+    def stop(self, pidfile: Path) -> None: ...
+    def running(self, pidfile: Path) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Tools:
     """What the use cases are given to reach the outside world."""
@@ -169,6 +179,7 @@ class Tools:
     images: ImageTool
     hypervisor: Hypervisor
     buckets: Callable[[BucketAccess], ObjectStorage] | None = None  # None: no S3 client here (unit tests)
+    block_server: BlockServer | None = None
 
     def bucket(self, access: BucketAccess) -> ObjectStorage:
         if self.buckets is None:

@@ -10,8 +10,9 @@ from appliance.adapters import qemu_img, qsd
 
 
 class QemuImages:
-    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> None:
-        qemu_img.create(path, size, backing, cluster_size)
+    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536,
+               backing_format: str = "qcow2") -> None:  # fmt: skip
+        qemu_img.create(path, size, backing, cluster_size, backing_format)
 
     def info_chain(self, path: Path) -> list[dict[str, Any]]:
         return qemu_img.info_chain(path)

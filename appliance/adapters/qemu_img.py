@@ -23,10 +23,11 @@ def qcow2_size(size: int) -> int:
     return -(-size // 512) * 512
 
 
-def create_argv(path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> list[str]:
+def create_argv(path: Path, size: int, backing: str | None = None, cluster_size: int = 65536,
+                backing_format: str = "qcow2") -> list[str]:  # fmt: skip
     argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}"]
     if backing is not None:
-        argv += ["-b", backing, "-F", "qcow2"]
+        argv += ["-b", backing, "-F", backing_format]
     return [*argv, str(path), str(qcow2_size(size))]
 
 
@@ -46,10 +47,12 @@ def _fail(exc: CommandFailed, what: str) -> ImageToolError | StoreFullError:
     return ImageToolError(f"{what}: {exc.last_line}")
 
 
-def create(path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> None:
-    """Create a qcow2 image; `backing` is the previous point's file name, relative to `path`'s folder."""
+def create(path: Path, size: int, backing: str | None = None, cluster_size: int = 65536,
+           backing_format: str = "qcow2") -> None:  # fmt: skip
+    """Create a qcow2 image; `backing` is the previous point's file name, relative to `path`'s folder (or
+    an NBD URI, nbd+unix:///?socket=..., of format raw)."""
     try:
-        run(create_argv(path, size, backing, cluster_size), cwd=path.parent)
+        run(create_argv(path, size, backing, cluster_size, backing_format), cwd=path.parent)
     except CommandFailed as exc:
         raise _fail(exc, f"cannot create {path.name}") from exc
 

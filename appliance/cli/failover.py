@@ -33,16 +33,28 @@ def boot(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest to boot")] = 300.0,
     accel: Annotated[str, typer.Option("--accel", help="auto, kvm or tcg")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Boot a point even if it failed verification")] = False,
+    from_store: Annotated[
+        str | None, typer.Option("--from", help="A cloud store: boot its point, fetching blocks as they are read")
+    ] = None,
 ) -> None:
     """Boot a recovery point of HOST as a VM on a disposable overlay, now."""
     st = state(ctx)
-    host = hosts.load(st.home, name)
-    settings = service.settings_for(host, memory=memory, cpus=cpus, network=network, disk_bus=disk_bus)
-    check = BootCheck.parse(boot_check) if boot_check else BootCheck.parse(host.boot_check)
-    vm = service.fail_over(
-        st.home, st.tools, name, point_ref=point, settings=settings, boot_check=check, timeout=timeout,
-        accel=accel, force=force, say=lambda text: typer.echo(text, err=True),
-    )  # fmt: skip
+    say = lambda text: typer.echo(text, err=True)  # noqa: E731
+    if from_store is not None:
+        vm = service.fail_over_from_cloud(st.home, st.tools, name, from_store,
+                                          point_id=None if point == "latest" else point, timeout=timeout,
+                                          boot_check=BootCheck.parse(boot_check) if boot_check else None,
+                                          accel=accel, say=say)  # fmt: skip
+        host = hosts.load(st.home, name)
+        check = BootCheck.parse(boot_check) if boot_check else BootCheck.parse(host.boot_check)
+    else:
+        host = hosts.load(st.home, name)
+        settings = service.settings_for(host, memory=memory, cpus=cpus, network=network, disk_bus=disk_bus)
+        check = BootCheck.parse(boot_check) if boot_check else BootCheck.parse(host.boot_check)
+        vm = service.fail_over(
+            st.home, st.tools, name, point_ref=point, settings=settings, boot_check=check, timeout=timeout,
+            accel=accel, force=force, say=say,
+        )  # fmt: skip
     typer.echo(f"{vm.name} is running point {vm.point} of {name} ({vm.accel.upper()})")
     if check.kind == "console":
         typer.echo(f"console: {service.find_console_line(vm.console_log, check.pattern)}")

@@ -694,20 +694,33 @@ def points(home: Home, tools: Tools, name: str, host: str | None = None) -> list
     return sorted(out, key=lambda p: (p.point.host, p.point.created, p.point.point))
 
 
-def find_point(home: Home, tools: Tools, name: str, host: str, point_id: str | None) -> tuple[Opened, CloudPoint]:
-    """The bucket's point of `host` (its newest when `point_id` is None)."""
+@dataclass(frozen=True, slots=True)
+class Located:
+    opened: Opened
+    point: CloudPoint
+    manifest: str  # its object's key
+    version: str | None
+
+
+def locate(home: Home, tools: Tools, name: str, host: str, point_id: str | None) -> Located:
+    """The bucket's point of `host` (its newest when `point_id` is None), as the bucket lists it now."""
     opened = open_store(home, tools, name)
     with Index(home, name) as index:
         _refresh_points(index, opened.bucket, opened.sealer)
-        listed = [p for p in index.points(host)]
+        listed = index.points(host)
     if point_id is not None:
         listed = [p for p in listed if p.point == point_id]
     if not listed:
-        what = f"point {point_id}" if point_id else "no point"
-        raise PointNotFoundError(f"cloud store {name} holds {what} of {host}" if point_id is None
-                                 else f"cloud store {name} has no {what} of {host}",
-                                 hint=f"`appliance cloud points {name} {host}` lists them")  # fmt: skip
-    return opened, _open_point(opened.sealer, listed[-1].manifest, listed[-1].sealed)
+        what = f"no point {point_id} of {host}" if point_id else f"no point of {host}"
+        raise PointNotFoundError(f"cloud store {name} holds {what}",
+                                 hint=f"`appliance cloud points {name}` lists what it holds")  # fmt: skip
+    chosen = listed[-1]
+    return Located(opened, _open_point(opened.sealer, chosen.manifest, chosen.sealed), chosen.manifest, chosen.version)
+
+
+def find_point(home: Home, tools: Tools, name: str, host: str, point_id: str | None) -> tuple[Opened, CloudPoint]:
+    located = locate(home, tools, name, host, point_id)
+    return located.opened, located.point
 
 
 # -- verify -------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ consolidation must not merge a point that a running VM reads through.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from appliance.domain.accel import (
     EARLY_SECONDS,
@@ -29,11 +31,12 @@ from appliance.domain.accel import (
     stop_failure_reason,
 )
 from appliance.domain.chain import Chain
-from appliance.domain.models import Host, Point
+from appliance.domain.models import Host, HostKey, Point
 from appliance.domain.recovery import BootCheck, DomainSpec, DomainState, Network, RecoveryVm, VmSettings, vm_name
 from appliance.errors import ApplianceError, DamagedFileError, FailoverError, HypervisorError
 from appliance.log import get_logger
-from appliance.ports import Tools
+from appliance.ports import BlockServer, Tools
+from appliance.services import cloud
 from appliance.store import accel as accel_store
 from appliance.store import chains, hosts, recovery
 from appliance.store.files import private_dir
@@ -76,6 +79,101 @@ def fail_over(
     vm, may_fall_back = _start_vm(home, tools, host, point_ref, settings, "failover", accel, force, say)
     check = boot_check or BootCheck.parse(host.boot_check)
     return _await_boot(home, tools, vm, check, started, timeout, may_fall_back, say)
+
+
+def fail_over_from_cloud(
+    home: Home, tools: Tools, name: str, store: str, *, point_id: str | None = None,
+    settings: VmSettings | None = None, boot_check: BootCheck | None = None, timeout: float = 300.0,
+    accel: str = "auto", say: Say = lambda _: None,
+) -> RecoveryVm:  # fmt: skip
+    """Boot a point of `name` from cloud store `store`, without downloading its disks first.
+
+    Each disk is served by an NBD server (nbdkit with appliance/nbdkit_plugin.py) that fetches a block
+    from the bucket the first time the guest reads it and streams the rest in behind, into a local
+    cache; the VM's overlay is backed by that server. The host's record is created from the point's own
+    settings when this appliance does not know the host (a new machine after a disaster).
+    """
+    started = time.monotonic()
+    located = cloud.locate(home, tools, store, name, point_id)
+    point = located.point
+    host = _cloud_host(home, name, store, point.settings)
+    settings = settings or settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)
+    if recovery.load(home, name, "failover") is not None:
+        raise FailoverError(f"{name} already has a recovery VM", hint=f"`appliance failover stop {name}` first")
+    if tools.hypervisor.exists(vm_name(name)):
+        raise FailoverError(f"a libvirt domain named {vm_name(name)} already exists",
+                            hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
+    _refuse_short_of(tools, settings, len(point.disks))
+    folder = private_dir(home.failover_dir(name))
+    private_dir(home.chain_dir(name))
+    with HostLock(home.chain_dir(name) / "lock", name, "failover from cloud", wait=30.0):
+        overlays = _serve_cloud_disks(home, tools, located, folder)
+        choice = _choose_accel(home, tools, accel, say)
+        vm = RecoveryVm(
+            host=name, point=point.point, name=vm_name(name), purpose="failover", started=datetime.now(UTC),
+            accel=choice.accel, settings=settings, console_log=str(folder / "console.log"),
+            overlays=tuple(str(o) for o in overlays),
+        )  # fmt: skip
+        recovery.save(home, vm)
+    say(f"booting {name} point {point.point} from cloud store {store} as VM {vm.name} with "
+        f"{choice.accel.upper()} ({choice.why}); blocks come from the bucket as the guest reads them")  # fmt: skip
+    try:
+        vm = _start_domain(home, tools, vm, choice.may_fall_back, say)
+    except BaseException:
+        _stop_block_servers(tools, folder)
+        recovery.remove(home, name, "failover")
+        raise
+    log.info("failover.started", host=name, point=point.point, vm=vm.name, accel=vm.accel, purpose="failover",
+             cloud=store)  # fmt: skip
+    check = boot_check or BootCheck.parse(host.boot_check)
+    return _await_boot(home, tools, vm, check, started, timeout, choice.may_fall_back and vm.accel == "kvm", say)
+
+
+def _cloud_host(home: Home, name: str, store: str, settings: dict[str, object]) -> Host:
+    """The host's record here, or one made from the point's settings (marked as coming from the store)."""
+    if hosts.exists(home, name):
+        return hosts.load(home, name)
+    disks = settings.get("disks")
+    if not isinstance(disks, list) or not all(isinstance(d, str) for d in disks):
+        raise FailoverError(f"cloud store {store}'s point of {name} does not list its disks")
+    host = Host(name=name, address="", user="root", port=22, key_file="", host_key=HostKey("", "", ""),
+                disks=tuple(disks), replica_of=f"cloud store {store}")  # fmt: skip
+    kept: dict[str, Any] = {k: v for k, v in settings.items()
+                            if k != "disks" and type(v) is type(getattr(host, k, None))}  # fmt: skip
+    host = replace(host, **kept)
+    hosts.save(home, host)
+    return host
+
+
+def _serve_cloud_disks(home: Home, tools: Tools, located: cloud.Located, folder: Path) -> list[Path]:
+    """An NBD server per disk (its socket in a short folder: a Unix socket's path has at most 107 bytes),
+    and a disposable overlay backed by it."""
+    server = _block_server(tools)
+    sockets = private_dir(Path("/run/appliance-nbd"))
+    overlays = []
+    for disk in located.point.disks:
+        socket_path = sockets / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}-{disk.slot}.sock"
+        params = {"home": str(home.root), "store": located.opened.store.name, "manifest": located.manifest,
+                  "version": located.version or "", "slot": disk.slot,
+                  "cache": str(folder / f"{disk.slot}.cache")}  # fmt: skip
+        server.start(socket_path, folder / f"{disk.slot}.nbd.pid", folder / f"{disk.slot}.nbd.log", params)
+        overlay = folder / f"{disk.slot}.qcow2"
+        overlay.unlink(missing_ok=True)
+        tools.images.create(overlay, disk.size, f"nbd+unix:///?socket={socket_path}", backing_format="raw")
+        overlays.append(overlay)
+    return overlays
+
+
+def _block_server(tools: Tools) -> BlockServer:
+    if tools.block_server is None:
+        raise FailoverError("no NBD server is wired on this appliance")
+    return tools.block_server
+
+
+def _stop_block_servers(tools: Tools, folder: Path) -> None:
+    """The NBD servers of a failover from a cloud store (none for a local point)."""
+    for pidfile in folder.glob("disk*.nbd.pid"):
+        _block_server(tools).stop(pidfile)
 
 
 def restart_interrupted(home: Home, tools: Tools, say: Say = lambda _: None) -> list[RecoveryVm]:
@@ -436,6 +534,7 @@ def stop(home: Home, tools: Tools, name: str, *, keep: bool = False, purpose: st
         if vm is None:
             raise FailoverError(f"{name} has no recovery VM", hint="`appliance failover status` lists them")
         tools.hypervisor.remove(vm.name)
+        _stop_block_servers(tools, home.failover_dir(name, purpose))
         if keep:
             vm = replace(vm, state="stopped")
             recovery.save(home, vm)

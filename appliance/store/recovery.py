@@ -39,8 +39,9 @@ def remove(home: Home, host: str, purpose: str = "failover") -> None:
     folder = home.failover_dir(host, purpose)
     if purpose == "failover":
         (folder / RECORD).unlink(missing_ok=True)
-        for f in folder.glob("disk*.qcow2"):
-            f.unlink()
+        for pattern in ("disk*.qcow2", "disk*.cache", "disk*.map", "disk*.nbd.*"):  # a cloud point's NBD cache too
+            for f in folder.glob(pattern):
+                f.unlink()
         (folder / "console.log").unlink(missing_ok=True)
     else:
         shutil.rmtree(folder, ignore_errors=True)

@@ -308,7 +308,8 @@ class FakeImages:
 
     # -- the port --------------------------------------------------------------------------------------
 
-    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536) -> None:
+    def create(self, path: Path, size: int, backing: str | None = None, cluster_size: int = 65536,
+               backing_format: str = "qcow2") -> None:  # fmt: skip
         self.step("create")
         if backing is not None:
             with _opened(path.parent / backing, ImageToolError, writable=False):

@@ -213,3 +213,36 @@ def _manifest_packs(home: Path) -> list[list[object]]:
     for (sealed,) in db.execute("SELECT sealed FROM points"):
         out += [[p.name, p.version] for p in open_manifest(sealer, bytes(sealed)).packs]
     return out
+
+
+@pytest.mark.slow
+def test_failover_from_the_bucket_on_a_new_appliance(make_host, guest_image: Path, home: Path, tmp_path: Path,
+                                                      object_store: ObjectStore) -> None:  # fmt: skip
+    """Push the lab guest, throw the appliance away, attach from a fresh home with the key file, and boot the
+    point from the bucket: the guest prints the point's marker while its blocks stream in."""
+    host = make_host(image=guest_image)
+    assert run_cli(home, "host", "set", host.name, "--boot-check", "console:APPLIANCE-GUEST-UP marker=\\S+",
+                   "--vm-memory", "256").rc == 0  # fmt: skip
+    from appliance.lab import guest
+
+    guest.set_marker(host.disk, "from-the-bucket")
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    _add(home, object_store, _bucket(object_store, lock=True), creds, "--lock-days", "1")
+    _backup(home, host)
+    _push(home)
+    key_file = tmp_path / "b2.key"
+    key_file.write_text(run_cli(home, "cloud", "key", "export", "b2").out)
+    import shutil
+
+    shutil.rmtree(home / "store")  # the local store is gone
+    fresh = tmp_path / "new-appliance"
+    fresh.mkdir()
+    assert run_cli(fresh, "cloud", "attach", "--key-file", str(key_file), "--credentials-file", str(creds)).rc == 0
+    r = run_cli(fresh, "failover", host.name, "--from", "b2", "--accel", "tcg", "--timeout", "180")
+    try:
+        assert r.rc == 0 and "marker=from-the-bucket" in r.out, r.out + r.err
+        assert "RTO:" in r.out
+    finally:
+        stop = run_cli(fresh, "failover", "stop", host.name)
+    assert stop.rc == 0, stop.err
+    assert not list((fresh / "failover" / host.name).glob("disk0.*")), "the overlay, cache and NBD files are gone"
