@@ -20,7 +20,7 @@ from datetime import UTC, datetime, time, timedelta
 
 from appliance.errors import ConfigError
 
-BACKUP, CONSOLIDATE, REPLICATE = "backup", "consolidate", "replicate"
+BACKUP, CONSOLIDATE, REPLICATE, PUSH = "backup", "consolidate", "replicate", "push"
 
 # A last run at most this far in the future is taken as it is: an NTP step of a few seconds back right
 # after a backup must not start the same backup again at once (it would read the whole disk for nothing).
@@ -93,6 +93,7 @@ def due_jobs(
     intervals: Sequence[tuple[str, float]], last_runs: Mapping[tuple[str, str], datetime], now: datetime,
     consolidate_at: time, first_seen: Mapping[str, datetime] | None = None,
     replications: Sequence[tuple[str, float, Window | None]] = (),
+    pushes: Sequence[tuple[str, float, Window | None]] = (),
 ) -> list[Job]:  # fmt: skip
     """Every scheduled job with the time it is due, soonest first (ties: backups first, then by host).
 
@@ -106,10 +107,11 @@ def due_jobs(
             jobs.append(Job(BACKUP, host, _backup_due(last_runs.get((BACKUP, host)), interval, now)))
         last, seen = last_runs.get((CONSOLIDATE, host)), (first_seen or {}).get(host, now)
         jobs.append(Job(CONSOLIDATE, host, _consolidation_due(last, consolidate_at, seen, now)))
-    for site, interval, window in replications:  # a site's replication: at its interval, inside its window
-        if interval > 0:
-            due = _backup_due(last_runs.get((REPLICATE, site)), interval, now)
-            jobs.append(Job(REPLICATE, site, window.next_open(due) if window and due < _FAR else due))
+    for kind, timed in ((REPLICATE, replications), (PUSH, pushes)):  # a site's replication, a cloud store's push:
+        for name, interval, window in timed:  # at its interval, inside its window
+            if interval > 0:
+                due = _backup_due(last_runs.get((kind, name)), interval, now)
+                jobs.append(Job(kind, name, window.next_open(due) if window and due < _FAR else due))
     return sorted(jobs, key=lambda j: (j.due, j.kind != BACKUP, j.host))
 
 

@@ -364,14 +364,16 @@ class Pace:
         self.sent += size
 
 
-def push(home: Home, tools: Tools, name: str, only: str | None = None, say: Say = lambda _: None) -> list[PushReport]:
-    """Send each host's newest point the bucket lacks; then apply the bucket's retention."""
+def push(home: Home, tools: Tools, name: str, only: str | None = None, say: Say = lambda _: None,
+         wait: float = 0.0) -> list[PushReport]:  # fmt: skip
+    """Send each host's newest point the bucket lacks; then apply the bucket's retention. `wait`: seconds
+    to wait for another push to the store to end (the daemon's pushes after two hosts' points queue)."""
     opened = open_store(home, tools, name)
     names = [only] if only else [h.name for h in hosts.load_all(home)[0]]
     if only and not hosts.exists(home, only):
         raise HostNotFoundError(f"no host named {only!r}")
     reports = []
-    with records.locked(home, name, "push"), Index(home, name) as index:
+    with records.locked(home, name, "push", wait), Index(home, name) as index:
         aborted = opened.bucket.abort_uploads()
         if aborted:
             log.info("cloud.uploads_aborted", store=name, count=aborted)

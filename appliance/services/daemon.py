@@ -21,16 +21,18 @@ from datetime import UTC, datetime
 from datetime import time as time_of_day
 from typing import Protocol
 
-from appliance.domain.schedule import BACKUP, REPLICATE, Job, Window, due_jobs, jobs_to_start, parse_window
+from appliance.domain.schedule import BACKUP, PUSH, REPLICATE, Job, Window, due_jobs, jobs_to_start, parse_window
 from appliance.errors import ApplianceError, DamagedFileError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.backup import back_up
+from appliance.services.cloud import push
 from appliance.services.consolidate import consolidate
 from appliance.services.failover import verify_boot
 from appliance.services.reader_pool import ReaderPool
 from appliance.services.replicate import HostReport, replicate
 from appliance.services.verify import verify_chain
+from appliance.store import cloud as cloud_records
 from appliance.store import hosts, schedule, sites
 from appliance.store.layout import Home
 
@@ -41,6 +43,7 @@ log = get_logger(__name__)
 # Each job is mostly waiting on the network, the host and child processes, so a few side by side cost
 # the appliance little; more would split its disk and network between more streams for no gain.
 DEFAULT_JOBS = 4
+PUSH_WAIT = 3600.0  # seconds a push after a point waits for another host's push to the same store
 
 
 class Clock(Protocol):
@@ -84,12 +87,25 @@ def read_replications(home: Home) -> list[tuple[str, float, Window | None]]:
     return out
 
 
+def read_pushes(home: Home) -> list[tuple[str, float, Window | None]]:
+    """Each cloud store's push interval and window (0: it is pushed to after each new point instead)."""
+    out = []
+    for name in cloud_records.names(home):
+        try:
+            store = cloud_records.load(home, name)
+            out.append((name, store.interval, parse_window(store.window)))
+        except ApplianceError as exc:
+            log.error("daemon.cloud_unreadable", store=name, error=exc.message)
+    return out
+
+
 def upcoming(home: Home, history: Mapping[tuple[str, str], schedule.Outcome], now: datetime,
              consolidate_at: time_of_day) -> Plan:  # fmt: skip
     """What `appliance schedule` shows: every job with when it is due."""
     intervals, unreadable = read_intervals(home)
     last = {key: o.started for key, o in history.items()}
-    return Plan(due_jobs(intervals, last, now, consolidate_at, replications=read_replications(home)), unreadable)
+    return Plan(due_jobs(intervals, last, now, consolidate_at, replications=read_replications(home),
+                         pushes=read_pushes(home)), unreadable)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -161,7 +177,8 @@ class Scheduler:
         last = {key: o.started for key, o in self._history().items()}
         with self._lock:  # what this process started is known even if its record could not be written
             last.update(self._started)
-        return due_jobs(intervals, last, now, self.consolidate_at, self._first_seen, read_replications(self.home))
+        return due_jobs(intervals, last, now, self.consolidate_at, self._first_seen, read_replications(self.home),
+                        read_pushes(self.home))  # fmt: skip
 
     def _report_unreadable(self, unreadable: dict[str, str]) -> None:
         """Log each damaged host record once (and once more if it changes), and when it reads again."""
@@ -251,10 +268,28 @@ def run_job(home: Home, tools: Tools, job: Job, readers: ReaderPool | None = Non
         summary = f"point {point.id}, changed {point.changed_bytes} B, verified {'ok' if checks[0].ok else 'FAILED'}"
         if not checks[0].ok:
             raise ApplianceError(f"{summary}: {checks[0].summary}")
-        return summary + _boot_checked(home, tools, job.host, point.id)
+        return summary + _boot_checked(home, tools, job.host, point.id) + _pushed_after(home, tools, job.host)
+    if job.kind == PUSH:
+        return "; ".join(f"{r.host} {r.state} {r.point or ''}".strip() for r in push(home, tools, job.host))
     if job.kind == REPLICATE:
         reports = replicate(home, tools, job.host, in_window=True)
         return "; ".join(_replicated(home, tools, r) for r in reports)
     report = consolidate(home, tools, job.host, wait=600.0)
     deferred = f", {len(report.deferred)} deferred (in use)" if report.deferred else ""
     return f"merged {len(report.merged)} points{deferred}"
+
+
+def _pushed_after(home: Home, tools: Tools, host: str, now: datetime | None = None) -> str:
+    """A new point goes to each cloud store pushed to after each point (no interval), inside its window.
+    A push that fails is said in the summary and retried after the next point: the backup stands."""
+    said = []
+    for name, interval, window in read_pushes(home):
+        if interval > 0 or (window is not None and not window.is_open(now or datetime.now(UTC))):
+            continue
+        try:
+            reports = push(home, tools, name, only=host, wait=PUSH_WAIT)
+            said.append(f"pushed to {name}" if reports and reports[0].state == "sent" else f"{name} current")
+        except ApplianceError as exc:
+            log.error("daemon.push_failed", store=name, host=host, error=exc.message)
+            said.append(f"push to {name} FAILED ({exc.message})")
+    return "".join(f", {s}" for s in said)

@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -128,17 +129,23 @@ def credentials(home: Home, name: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def locked(home: Home, name: str, what: str) -> Iterator[None]:
-    """The store's one push or prune at a time (a second one is refused, not queued)."""
+def locked(home: Home, name: str, what: str, wait: float = 0.0) -> Iterator[None]:
+    """The store's one push or prune at a time: a second one waits up to `wait` seconds, then is refused."""
     path = home.cloud_dir(name) / "lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ChainLockedError(f"cloud store {name} is busy (a push or prune is under way); {what} not started",
-                                   hint="wait for it to end; the daemon pushes again at its next turn",
-                                   ) from exc  # fmt: skip
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() >= deadline:
+                    raise ChainLockedError(
+                        f"cloud store {name} is busy (a push or prune is under way); {what} not started",
+                        hint="wait for it to end; the daemon pushes again at its next turn",
+                    ) from exc
+                time.sleep(0.5)
         yield
     finally:
         os.close(fd)

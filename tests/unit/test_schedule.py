@@ -331,6 +331,29 @@ def test_a_site_is_replicated_at_its_interval_but_only_inside_its_window(monkeyp
     ]
 
 
+def test_a_cloud_store_with_an_interval_is_pushed_to_inside_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.domain.schedule import PUSH, parse_window
+
+    monkeypatch.setenv("TZ", "UTC")
+    systime.tzset()
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    stores = [("b2", 3600.0, parse_window("19:00-07:00")), ("after-each-point", 0.0, None)]
+    jobs = [j for j in due_jobs([], {}, now, time(2, 0), pushes=stores) if j.kind == PUSH]
+    assert [(j.host, j.due) for j in jobs] == [("b2", datetime(2026, 11, 26, 19, 0, tzinfo=UTC))]
+
+
+def test_uploads_are_paced_to_the_bandwidth_limit() -> None:
+    from appliance.services.cloud import Pace
+
+    clock = [0.0]
+    slept: list[float] = []
+    pace = Pace(1000, clock=lambda: clock[0], sleep=lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    for _ in range(4):
+        pace(2000)
+    assert clock[0] == pytest.approx(6.0)  # 8000 bytes at 1000/s: the last put starts at 6 s and takes 2 s
+    assert Pace(0)(10**9) is None  # no limit: no wait
+
+
 def test_a_throttled_receive_takes_no_more_than_its_rate() -> None:
     from appliance.services.replicate import Throttle
 
@@ -345,3 +368,35 @@ def test_a_throttled_receive_takes_no_more_than_its_rate() -> None:
     for _ in range(20):
         throttle()
     assert throttle.received == 20_000 and abs(clock[0] - 1.9) < 1e-9  # the 20th kB starts at 1.9 s
+
+
+def test_a_new_point_goes_to_each_store_pushed_to_after_each_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.errors import ChainLockedError
+    from appliance.services import daemon
+    from appliance.services.cloud import PushReport
+    from appliance.store import cloud as cloud_records
+    from appliance.store.layout import Home
+
+    home = Home(tmp_path).ensure()
+    for name, interval, window in (("b2", 0.0, ""), ("nightly", 3600.0, ""), ("closed", 0.0, "03:00-03:01")):
+        cloud_records.save(home, cloud_records.CloudStore(name=name, store_id="s", endpoint="e", bucket="b",
+                                                          region="r", interval=interval, window=window))  # fmt: skip
+    calls: list[tuple[str, str | None]] = []
+
+    def fake_push(home: Home, tools: Any, name: str, only: str | None = None, **_: Any) -> list[PushReport]:
+        calls.append((name, only))
+        if name == "closed":
+            raise ChainLockedError("busy")
+        return [PushReport(str(only), "p1")]
+
+    monkeypatch.setattr(daemon, "push", fake_push)
+    at = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    assert daemon._pushed_after(home, None, "web1", now=at) == ", pushed to b2"  # type: ignore[arg-type]
+    assert calls == [("b2", "web1")]
+    inside = datetime(2026, 11, 26, 3, 0, 30, tzinfo=UTC)
+    monkeypatch.setenv("TZ", "UTC")
+    systime.tzset()
+    said = daemon._pushed_after(home, None, "web1", now=inside)  # type: ignore[arg-type]
+    assert "push to closed FAILED (busy)" in said and "pushed to b2" in said
