@@ -6,7 +6,8 @@ serves this to QEMU).
 The cache is a sparse file the disk's size, and a map of the blocks it holds (one byte a block, written
 whole and renamed into place every few seconds and at the end): an NBD server started again for the same
 VM finds what was fetched. A read the guest makes waits only for its own blocks and READ_AHEAD after
-them (a boot reads files in order); the stream fetches MAX_SPAN at a time, whole stretches of packs.
+them (a boot reads files in order). The guest comes first: while its reads miss the cache the stream
+pauses (a slow link is then all the guest's), and the stream fetches only STREAM_SPAN at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 
 from appliance.domain.cloud import ZERO
 from appliance.log import get_logger
-from appliance.services.cloud_reader import MAX_SPAN, DiskReader
+from appliance.services.cloud_reader import DiskReader
 
 log = get_logger(__name__)
 
 READ_AHEAD = 32  # blocks fetched past a read that missed the cache (1 MiB of 32 KiB blocks)
 MAP_EVERY = 5.0  # seconds between writes of the cache's map
+STREAM_SPAN = 2 << 20  # bytes the stream fetches at once: a guest's read never waits long behind one
+DEMAND_QUIET = 1.0  # the stream pauses until the guest's reads have missed the cache for this long
 
 
 class CachedDisk:
@@ -41,6 +44,7 @@ class CachedDisk:
         self.streamed = threading.Event()
         self.stopping = threading.Event()
         self.fetched_on_read = 0  # blocks a read waited for
+        self._last_miss = 0.0  # time.monotonic() of the guest's last read that missed the cache
 
     def _load_map(self) -> bytearray:
         total = self.reader.total
@@ -59,6 +63,7 @@ class CachedDisk:
         first, last = offset // self.block_size, (offset + length - 1) // self.block_size
         missing = [b for b in range(first, last + 1) if not self.held[b]]
         if missing:
+            self._last_miss = time.monotonic()
             end = min(self.reader.total, last + 1 + READ_AHEAD)
             ahead = [b for b in range(last + 1, end) if not self.held[b]]
             self._fetch(missing[0], (ahead or missing)[-1] - missing[0] + 1)
@@ -75,10 +80,12 @@ class CachedDisk:
     def stream(self) -> None:
         """Fetch every block not yet held, in the order the packs hold them (the background thread)."""
         started = time.monotonic()
-        span = max(1, MAX_SPAN // self.block_size)
+        span = max(1, STREAM_SPAN // self.block_size)
         try:
             for first, count, _pack, _entry in self.reader.map.stretches():
                 for start in range(first, first + count, span):
+                    while time.monotonic() - self._last_miss < DEMAND_QUIET and not self.stopping.is_set():
+                        time.sleep(0.05)
                     if self.stopping.is_set():
                         return
                     n = min(span, first + count - start)
