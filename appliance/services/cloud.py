@@ -901,7 +901,12 @@ def _prune(opened: Opened, index: Index, dry_run: bool) -> list[str]:
     for p in index.points():
         needed |= {ref.name for ref in _open_point(opened.sealer, p.manifest, p.sealed).packs}
     freed = 0
-    for ref, until, _ in index.packs():
+    known = {ref.name: (ref, until) for ref, until, _ in index.packs()}
+    for o in opened.bucket.listing("data/"):  # a pack a killed push put but never recorded is here too
+        if o.key not in known:
+            lock = opened.bucket.lock_of(o.key, o.version) if opened.store.lock_days else None
+            known[o.key] = (PackRef(o.key, o.version, o.size), lock.until if lock else None)
+    for ref, until in known.values():
         if ref.name in needed or (until is not None and until > now):
             continue
         if not dry_run:

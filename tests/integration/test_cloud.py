@@ -17,7 +17,7 @@ import pytest
 
 from appliance.lab import Lab, LabHost
 from appliance.lab.objectstore import ObjectStore
-from tests.conftest import run_cli
+from tests.conftest import points_json, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +246,70 @@ def test_failover_from_the_bucket_on_a_new_appliance(make_host, guest_image: Pat
         stop = run_cli(fresh, "failover", "stop", host.name)
     assert stop.rc == 0, stop.err
     assert not list((fresh / "failover" / host.name).glob("disk0.*")), "the overlay, cache and NBD files are gone"
+
+
+def test_the_buckets_retention_drops_old_points_and_what_only_they_needed(
+    make_host, home: Path, tmp_path: Path, object_store: ObjectStore, lab: Lab
+) -> None:  # type: ignore[no-untyped-def]
+    host = make_host(size=32 << 20, data=0.4)
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    bucket = _bucket(object_store, lock=False)
+    _add(home, object_store, bucket, creds, "--keep-last", "1")
+    s3 = object_store.client(object_store.admin)
+    _backup(home, host)
+    _push(home)
+    for seed in (1, 2):
+        lab.change(host.name, 0.05, seed=seed)
+        _backup(home, host)
+        out = _push(home)
+    listed = json.loads(run_cli(home, "cloud", "points", "b2", "--json").out)
+    assert [p["point"] for p in listed] == [points_json(home, host.name)[-1]["id"]], out
+    assert "dropped" in out, out
+    packs = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="data/").get("Contents", [])}
+    assert packs == {ref[0] for ref in _manifest_packs(home)}  # nothing kept that no point needs
+    # A pack that a killed push put and never recorded, which no point names, is collected too.
+    s3.put_object(Bucket=bucket, Key=f"data/{secrets.token_hex(16)}", Body=os.urandom(1 << 20))
+    r = run_cli(home, "cloud", "prune", "b2")
+    assert r.rc == 0 and "freed 1.0 MiB" in r.out, r.out + r.err
+    packs = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="data/").get("Contents", [])}
+    assert packs == {ref[0] for ref in _manifest_packs(home)}
+    restored = tmp_path / "restored.raw"
+    assert run_cli(home, "cloud", "restore", "b2", host.name, "--to", str(restored)).rc == 0
+    assert restored.read_bytes() == Path(host.disk).read_bytes()
+    # Locally, the newest point the bucket holds is kept from merging until a newer one is there.
+    assert run_cli(home, "host", "set", host.name, "--keep-last", "1").rc == 0
+    r = run_cli(home, "consolidate", host.name, "--dry-run")
+    assert "held: the newest point in cloud store b2" in r.out, r.out
+
+
+def test_locks_are_kept_and_extended_on_what_newer_points_still_need(
+    make_host, home: Path, tmp_path: Path, object_store: ObjectStore, lab: Lab
+) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+    from datetime import UTC, datetime, timedelta
+
+    host = make_host(size=16 << 20, data=0.4)
+    creds = object_store.appliance.write(tmp_path / "app.creds")
+    bucket = _bucket(object_store, lock=True)
+    _add(home, object_store, bucket, creds, "--lock-days", "3", "--keep-last", "1")
+    _backup(home, host)
+    _push(home)
+    base = {ref[0] for ref in _manifest_packs(home)}
+    # A year on, as far as the appliance knows: the base's locks end within the day.
+    db = sqlite3.connect(home / "cloud" / "b2" / "index.sqlite")
+    soon = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    db.execute("UPDATE packs SET lock_until = ?", (soon,))
+    db.commit()
+    db.close()
+    lab.change(host.name, 0.01, seed=9)
+    _backup(home, host)
+    out = _push(home)
+    assert f"{len(base)} lock(s) extended" in out, out
+    s3 = object_store.client(object_store.appliance)
+    for name in base:  # the base the new point still needs is locked at least 3 days from now
+        version = s3.list_object_versions(Bucket=bucket, Prefix=name)["Versions"][0]["VersionId"]
+        until = s3.get_object_retention(Bucket=bucket, Key=name, VersionId=version)["Retention"]["RetainUntilDate"]
+        assert until >= datetime.now(UTC) + timedelta(days=3)
+    # The first point is past the policy but still locked: kept, and said so.
+    assert "kept until its lock ends" in out, out
+    assert len(json.loads(run_cli(home, "cloud", "points", "b2", "--json").out)) == 2
