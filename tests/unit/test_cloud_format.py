@@ -157,3 +157,29 @@ def test_credentials_files(tmp_path: Path) -> None:
     line.write_text("AK:SK\n")
     line.chmod(0o600)
     assert cloud.read_credentials(line) == ("AK", "SK")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "op", "error"),
+    [
+        ("QuotaExceeded", 403, "put_object", "CloudFullError"),
+        ("InsufficientStorage", 507, "put_object", "CloudFullError"),
+        ("NoSuchKey", 404, "get_object", "CloudObjectError"),
+        ("NoSuchBucket", 404, "get_object", "CloudAccessError"),
+        ("SignatureDoesNotMatch", 403, "list_object_versions", "CloudAccessError"),
+        ("AccessDenied", 403, "delete_object", "CloudLockError"),
+        ("InvalidRequest", 400, "put_object", "CloudLockError"),
+        ("SlowDown", 503, "put_object", "CloudError"),  # what is left after boto3's own retries
+    ],
+)
+def test_s3_errors_become_the_appliances(code: str, status: int, op: str, error: str) -> None:
+    from botocore.exceptions import ClientError
+
+    from appliance.adapters.s3 import S3Bucket
+    from appliance.ports import BucketAccess
+
+    bucket = S3Bucket(BucketAccess("http://127.0.0.1:9", "b", "us-east-1", "AK", "SK"))
+    exc = ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+    made = bucket._error(op, "data/x", exc)
+    assert type(made).__name__ == error
+    assert "SK" not in str(made) and "SK" not in repr(bucket.access)  # the secret is never said
