@@ -253,11 +253,23 @@ def restore(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The store")],
     host: Annotated[str, typer.Argument(help="The host")],
-    to: Annotated[Path, typer.Option("--to", help="A file or block device to write the disk to (raw)")],
+    to: Annotated[Path | None, typer.Option("--to", help="A file or block device to write the disk to (raw)")] = None,
+    to_store: Annotated[
+        bool, typer.Option("--to-store", help="Into this appliance's chain of the host, as its newest point")
+    ] = False,
     point: Annotated[str | None, typer.Option("--point", help="The point [default: the newest]")] = None,
 ) -> None:
-    """Write a point's disk from the bucket to a file or a device, checked against the point's digest."""
+    """Write a point from the bucket to a file or a device, or into the local chain; checked against its digest.
+
+    Onto repaired hardware: `failover HOST --from STORE`, then `failback HOST --to ...` (the VM's disk over SSH)."""
     st = state(ctx)
+    if (to is None) == (not to_store):
+        raise ConfigError("restore needs one of --to PATH or --to-store")
+    if to_store:
+        made = cloud.restore_to_store(st.home, st.tools, name, host, point, say=typer.echo)
+        typer.echo(f"restored {host}'s point {made.id} into this appliance's chain, digest checked")
+        return
+    assert to is not None
     done, fetched = cloud.restore(st.home, st.tools, name, host, point, to, say=typer.echo)
     typer.echo(f"restored {host}'s point {done.point} to {to} ({size(fetched)} fetched), digest checked")
 

@@ -19,6 +19,7 @@ import configparser
 import dataclasses
 import hashlib
 import json
+import os
 import secrets
 import time
 import uuid
@@ -42,7 +43,7 @@ from appliance.domain.cloud import (
     lock_until,
     needs_extension,
 )
-from appliance.domain.models import DiskPoint, Host, Point, validate_new_host_name
+from appliance.domain.models import DiskPoint, Host, HostKey, Point, validate_new_host_name
 from appliance.domain.retention import DROP, RetentionPolicy, plan
 from appliance.errors import (
     CloudError,
@@ -55,6 +56,7 @@ from appliance.errors import (
 )
 from appliance.log import get_logger
 from appliance.ports import BucketAccess, ExportedImage, ObjectLock, ObjectStorage, Tools
+from appliance.services.backup import Import, record_point
 from appliance.services.cloud_reader import DiskReader, PackHeaders, fetch_header
 from appliance.store import catalog, chains, hosts
 from appliance.store import cloud as records
@@ -837,28 +839,91 @@ def restore(home: Home, tools: Tools, name: str, host: str, point_id: str | None
 
 
 def _write_disk(reader: DiskReader, path: Path) -> None:
-    """Blocks in order, checked as a whole against the point's digest before the restore says it is done."""
+    """To a file (sparse: zero blocks are not written) or a block device (every block)."""
     is_device = path.exists() and path.is_block_device()
-    digest = hashlib.sha256()
-    step = 256
     try:
         with open(path, "r+b" if is_device else "wb") as out:
             if not is_device:
                 out.truncate(reader.disk.size)
-            for first in range(0, reader.total, step):
-                for b, data in reader.blocks(first, step):
-                    zero = reader.map.get(b)[0] == ZERO
-                    digest.update(zero_hash(len(data)) if zero else hashlib.sha256(data).digest())
-                    if not zero or is_device:
-                        out.seek(b * reader.disk.block_size)
-                        out.write(data)
+
+            def write(offset: int, data: bytes) -> None:
+                out.seek(offset)
+                out.write(data)
+
+            _copy_checked(reader, write, zeroes=is_device)
             out.flush()
+            os.fsync(out.fileno())
     except OSError as exc:
         raise ConfigError(f"cannot write the restore to {path} ({exc.strerror})") from exc
+
+
+def _copy_checked(reader: DiskReader, write: Callable[[int, bytes], None], *, zeroes: bool) -> None:
+    """Every block in order through `write`, checked as a whole against the point's digest: a restore is
+    done only when what it wrote is the point, byte for byte."""
+    digest = hashlib.sha256()
+    step = 256
+    for first in range(0, reader.total, step):
+        for b, data in reader.blocks(first, step):
+            zero = reader.map.get(b)[0] == ZERO
+            digest.update(zero_hash(len(data)) if zero else hashlib.sha256(data).digest())
+            if not zero or zeroes:
+                write(b * reader.disk.block_size, data)
     if digest.hexdigest() != reader.disk.digest:
         raise CloudObjectError(f"the restored {reader.disk.slot} of {reader.point.host} does not make the point's "
                                "digest",
                                hint="`appliance cloud verify STORE --deep` names the damaged object")  # fmt: skip
+
+
+def restore_to_store(home: Home, tools: Tools, name: str, host_name: str, point_id: str | None,
+                     say: Say = lambda _: None) -> Point:  # fmt: skip
+    """Bring a bucket's point back as the newest point of the host's local chain (a new appliance after a
+    disaster: backups go on from it, incremental, and it fails over locally). The disks are written through
+    QEMU into a scratch qcow2 and checked against the point's digest, then taken in as a backup takes a
+    point in: only the blocks that differ from the chain's newest point are written."""
+    located = locate(home, tools, name, host_name, point_id)
+    point = located.point
+    host = cloud_host(home, host_name, name, point.settings)
+    headers = PackHeaders(located.opened.bucket, located.opened.sealer)
+    with chains.open(home, tools.images, host_name, "cloud restore", wait=60.0) as tx:
+        if any(p.id == point.point for p in tx.chain.points):
+            raise ConfigError(f"{host_name} already has point {point.point} here")
+        sources = []
+        for index, disk in enumerate(point.disks):
+            scratch = tx.run_dir / f"cloud-{disk.slot}.qcow2"
+            scratch.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tools.images.create(scratch, disk.size)
+            reader = DiskReader(located.opened.bucket, located.opened.sealer, point, disk, headers)
+            with tools.images.export(scratch, tx.run_dir, writable=True) as exported:
+                _copy_checked(reader, exported.write, zeroes=False)
+                exported.flush()
+            say(f"{disk.slot}: {_mib(reader.fetched_bytes)} fetched, digest checked")
+            source = host.disks[index] if index < len(host.disks) else disk.slot
+            sources.append((source, scratch, disk.size))
+        made = record_point(tx, Import(tx, tools, host, sources, f"cloud store {name}",
+                                       point=(point.point, point.created)), "cloud restore")  # fmt: skip
+        for scratch_file in (s[1] for s in sources):
+            scratch_file.unlink(missing_ok=True)
+    if [d.digest for d in made.disks] != [d.digest for d in point.disks]:
+        raise CloudObjectError(f"{host_name}'s restored point {made.id} does not read back as the bucket's")
+    log.info("cloud.restored_to_store", store=name, host=host_name, point=made.id)
+    return made
+
+
+def cloud_host(home: Home, name: str, store: str, settings: dict[str, object]) -> Host:
+    """The host's record here, or one made from a cloud point's settings (marked as coming from the store:
+    `host set NAME --address ... --key ...` makes it a host this appliance backs up again)."""
+    if hosts.exists(home, name):
+        return hosts.load(home, name)
+    disks = settings.get("disks")
+    if not isinstance(disks, list) or not all(isinstance(d, str) for d in disks):
+        raise CloudObjectError(f"cloud store {store}'s point of {name} does not list its disks")
+    host = Host(name=name, address="", user="root", port=22, key_file="", host_key=HostKey("", "", ""),
+                disks=tuple(disks), replica_of=f"cloud store {store}")  # fmt: skip
+    kept: dict[str, Any] = {k: v for k, v in settings.items()
+                            if k != "disks" and type(v) is type(getattr(host, k, None))}  # fmt: skip
+    host = dataclasses.replace(host, **kept)
+    hosts.save(home, host)
+    return host
 
 
 # -- the bucket's retention ---------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from appliance.domain.accel import (
     EARLY_SECONDS,
@@ -31,7 +30,7 @@ from appliance.domain.accel import (
     stop_failure_reason,
 )
 from appliance.domain.chain import Chain
-from appliance.domain.models import Host, HostKey, Point
+from appliance.domain.models import Host, Point
 from appliance.domain.recovery import BootCheck, DomainSpec, DomainState, Network, RecoveryVm, VmSettings, vm_name
 from appliance.errors import ApplianceError, DamagedFileError, FailoverError, HypervisorError
 from appliance.log import get_logger
@@ -96,7 +95,7 @@ def fail_over_from_cloud(
     started = time.monotonic()
     located = cloud.locate(home, tools, store, name, point_id)
     point = located.point
-    host = _cloud_host(home, name, store, point.settings)
+    host = cloud.cloud_host(home, name, store, point.settings)
     settings = settings or settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)
     if recovery.load(home, name, "failover") is not None:
         raise FailoverError(f"{name} already has a recovery VM", hint=f"`appliance failover stop {name}` first")
@@ -127,22 +126,6 @@ def fail_over_from_cloud(
              cloud=store)  # fmt: skip
     check = boot_check or BootCheck.parse(host.boot_check)
     return _await_boot(home, tools, vm, check, started, timeout, choice.may_fall_back and vm.accel == "kvm", say)
-
-
-def _cloud_host(home: Home, name: str, store: str, settings: dict[str, object]) -> Host:
-    """The host's record here, or one made from the point's settings (marked as coming from the store)."""
-    if hosts.exists(home, name):
-        return hosts.load(home, name)
-    disks = settings.get("disks")
-    if not isinstance(disks, list) or not all(isinstance(d, str) for d in disks):
-        raise FailoverError(f"cloud store {store}'s point of {name} does not list its disks")
-    host = Host(name=name, address="", user="root", port=22, key_file="", host_key=HostKey("", "", ""),
-                disks=tuple(disks), replica_of=f"cloud store {store}")  # fmt: skip
-    kept: dict[str, Any] = {k: v for k, v in settings.items()
-                            if k != "disks" and type(v) is type(getattr(host, k, None))}  # fmt: skip
-    host = replace(host, **kept)
-    hosts.save(home, host)
-    return host
 
 
 def _serve_cloud_disks(home: Home, tools: Tools, located: cloud.Located, folder: Path) -> list[Path]:

@@ -80,6 +80,14 @@ def test_push_restore_and_attach_from_a_fresh_home(make_host, home: Path, tmp_pa
     again = tmp_path / "again.raw"
     r = run_cli(fresh, "cloud", "restore", "b2", host.name, "--to", str(again), "--point", listed[0]["point"])
     assert r.rc == 0, r.err
+    # Into the new appliance's own chain: the host's points are local again, and verify there.
+    r = run_cli(fresh, "cloud", "restore", "b2", host.name, "--to-store")
+    assert r.rc == 0, r.err
+    local = points_json(fresh, host.name)
+    assert [(p["id"], p["disks"][0]["digest"]) for p in local] == [
+        (listed[1]["point"], listed[1]["disks"][0]["digest"])
+    ]
+    assert run_cli(fresh, "verify", host.name).rc == 0
 
     # The appliance's own credentials cannot delete a locked object: the server refuses.
     client = object_store.client(object_store.appliance)
