@@ -11,8 +11,10 @@ the appliance reads. This module turns S3's error codes into the appliance's err
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -133,28 +135,28 @@ class S3Bucket:
 
     def _call(self, op: str, key: str, **kwargs: Any) -> dict[str, Any]:
         self._count(op)
-        try:
+        with self._errors(op, key):
             answer: dict[str, Any] = getattr(self._s3, op)(Bucket=self.access.bucket, **kwargs)
+        return answer
+
+    def _pages(self, op: str, prefix: str) -> Iterator[dict[str, Any]]:
+        paginator = self._s3.get_paginator(op)
+        with self._errors(op, prefix):
+            for page in paginator.paginate(Bucket=self.access.bucket, Prefix=prefix):
+                self._count(op)
+                yield page
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str) -> Iterator[None]:
+        """boto3's exceptions as the appliance's errors, naming the object (or the bucket)."""
+        try:
+            yield
         except botocore.exceptions.ClientError as exc:
             raise self._error(op, key, exc) from exc
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
             raise CloudAccessError(f"cannot reach the S3 endpoint {self.access.endpoint} ({exc})") from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
             raise CloudError(f"S3 {op} of {key or self.access.bucket} failed: {exc}") from exc
-        return answer
-
-    def _pages(self, op: str, prefix: str) -> Any:
-        paginator = self._s3.get_paginator(op)
-        try:
-            for page in paginator.paginate(Bucket=self.access.bucket, Prefix=prefix):
-                self._count(op)
-                yield page
-        except botocore.exceptions.ClientError as exc:
-            raise self._error(op, prefix, exc) from exc
-        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
-            raise CloudAccessError(f"cannot reach the S3 endpoint {self.access.endpoint} ({exc})") from exc
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise CloudError(f"S3 {op} of {prefix or self.access.bucket} failed: {exc}") from exc
 
     def _read_body(self, answer: dict[str, Any], key: str) -> bytes:
         try:

@@ -7,8 +7,11 @@ consolidation thins the chain to the two newest points. Offsite, a second applia
 APPLIANCE_HOME, the DR site) reaches this one only over SSH, through the sshd of a lab namespace that
 plays the source site, with a key this one granted (before the first backup) nothing but
 `serve-replica`; it pulls the points, verifies them and boots the newest there, showing its marker.
-Last, the VM fails back to a repaired server (another lab host, blank) and that disk boots with what
-the VM wrote. A run tears down the one before (VMs, hosts, the DR home, key and grant, namespaces).
+Then the points go to an S3 bucket with Object Lock (the lab's SeaweedFS), and a third appliance, on
+"a new machine" with only the key file and the bucket's credentials, boots the newest one from the
+bucket. Last, the VM fails back to a repaired server (another lab host, blank) and that disk boots
+with what the VM wrote. A run tears down the one before (VMs, hosts, the DR and new homes, key and
+grant, the bucket, namespaces).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ REPAIRED = "repaired"
 SOURCE_SITE = "hq"  # the lab host whose sshd the DR site reaches this appliance through
 DR_SITE = "dr1"
 BOOT_CHECK = "console:APPLIANCE-GUEST-UP"
+CLOUD = "b2"  # the cloud store: the lab's SeaweedFS stands in for Backblaze B2, Wasabi or AWS S3
 
 
 def _step(shown: list[str], argv: list[str]) -> str:
@@ -73,6 +77,11 @@ def _dr_key(home: Path) -> Path:
     return home / "lab" / f"{DR_SITE}_key"
 
 
+def _new_home(home: Path) -> Path:
+    """The appliance on a new machine after the office and the DR site are lost: nothing but the cloud."""
+    return home / "lab" / "new-home"
+
+
 def run_demo(home: Path) -> None:
     lab = Lab(home / "lab")
     _tear_down(home, lab)
@@ -82,6 +91,7 @@ def run_demo(home: Path) -> None:
     _first_failover(home)
     _consolidation(home)
     _offsite(home, lab)
+    _cloud(home, lab)
     _failback(home, lab, h.disk)
     print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
           f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip
@@ -95,6 +105,12 @@ def _tear_down(home: Path, lab: Lab) -> None:
     if (dr_home / "hosts" / f"{HOST}.json").exists():
         _quiet(dr_home, "failover", "stop", HOST, check=False)
     shutil.rmtree(dr_home, ignore_errors=True)
+    if (_new_home(home) / "hosts" / f"{HOST}.json").exists():
+        _quiet(_new_home(home), "failover", "stop", HOST, check=False)
+    shutil.rmtree(_new_home(home), ignore_errors=True)
+    if (home / "cloud" / CLOUD).exists():
+        _quiet(home, "cloud", "remove", CLOUD, check=False)
+    shutil.rmtree(home / "lab" / "s3", ignore_errors=True)
     dr_key.unlink(missing_ok=True)
     dr_key.with_name(f"{dr_key.name}.pub").unlink(missing_ok=True)
     if (home / "hosts" / f"{HOST}.json").exists():
@@ -176,6 +192,37 @@ def _offsite(home: Path, lab: Lab) -> None:
     print("\nThe server room burns. Boot the newest replicated point (Wednesday's) at the DR site:", flush=True)
     _at_dr(dr_home, "failover", HOST)
     _at_dr(dr_home, "failover", "stop", HOST)
+
+
+def _cloud(home: Path, lab: Lab) -> None:
+    """Push to an S3 bucket with Object Lock, then, on a new machine with only the key file and the
+    bucket's credentials, boot the newest point straight from the bucket."""
+    from appliance.lab.objectstore import start_object_store
+
+    print("\nThe cloud copy: a bucket with Object Lock (the lab's S3 server, SeaweedFS, stands in for B2 or AWS).",
+          flush=True)  # fmt: skip
+    store = start_object_store(lab, home / "lab" / "s3", name="s3")
+    try:
+        store.create_bucket("acme-dr", lock=True)
+        creds = store.appliance.write(home / "lab" / f"{CLOUD}.creds")
+        _appliance(home, "cloud", "add", CLOUD, "--endpoint", store.endpoint, "--bucket", "acme-dr",
+                   "--credentials-file", str(creds), "--lock-days", "1")  # fmt: skip
+        _appliance(home, "cloud", "push", CLOUD)
+        _appliance(home, "cloud", "points", CLOUD)
+        key = home / "lab" / f"{CLOUD}.key"
+        key.touch(mode=0o600)
+        key.write_text(_quiet(home, "cloud", "key", "export", CLOUD))
+        print(f"\n$ appliance cloud key export {CLOUD} > {key}   (keep it away from the appliance)", flush=True)
+        print("\nThe office and the DR site are lost. A new machine, the key file and the bucket's credentials:",
+              flush=True)  # fmt: skip
+        new = _new_home(home)
+        new.mkdir(parents=True, exist_ok=True)
+        _at_dr(new, "cloud", "attach", "--key-file", str(key), "--credentials-file", str(creds))
+        _at_dr(new, "cloud", "verify", CLOUD, "--deep")
+        _at_dr(new, "failover", HOST, "--from", CLOUD)
+        _at_dr(new, "failover", "stop", HOST)
+    finally:
+        store.stop()
 
 
 def _failback(home: Path, lab: Lab, disk: str) -> None:

@@ -232,13 +232,7 @@ def key_text_from_words(
     key = key_from_words(words)
     key_id, secret = read_credentials(credentials)
     storage = tools.bucket(BucketAccess(endpoint, bucket, region, key_id, secret))
-    try:
-        config = json.loads(storage.get(CONFIG))
-    except CloudObjectError as exc:
-        raise CloudKeyError(f"bucket {bucket} holds no appliance cloud store") from exc
-    except ValueError as exc:
-        raise CloudObjectError(f"object {CONFIG} of bucket {bucket} is damaged ({exc})") from exc
-    store_id = str(config.get("store", "")) if isinstance(config, dict) else ""
+    store_id = str(_config(storage, bucket).get("store", ""))
     return KeyFile(store_id, key, name or "cloud", endpoint, bucket, region).dumps()
 
 
@@ -272,14 +266,22 @@ def attach(home: Home, tools: Tools, *, key_text: str, credentials: Path, name: 
     return store, count
 
 
-def _read_config(storage: ObjectStorage, key: KeyFile) -> dict[str, Any]:
+def _config(storage: ObjectStorage, bucket: str) -> dict[str, Any]:
+    """The bucket's config object: which store it holds (plain JSON: the store's id is no secret)."""
     try:
         config = json.loads(storage.get(CONFIG))
     except CloudObjectError as exc:
-        raise CloudKeyError(f"bucket {key.bucket} holds no appliance cloud store") from exc
+        raise CloudKeyError(f"bucket {bucket} holds no appliance cloud store") from exc
     except ValueError as exc:
-        raise CloudObjectError(f"object {CONFIG} of bucket {key.bucket} is damaged ({exc})") from exc
-    if not isinstance(config, dict) or config.get("store") != key.store_id:
+        raise CloudObjectError(f"object {CONFIG} of bucket {bucket} is damaged ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CloudObjectError(f"object {CONFIG} of bucket {bucket} is damaged (not a JSON object)")
+    return config
+
+
+def _read_config(storage: ObjectStorage, key: KeyFile) -> dict[str, Any]:
+    config = _config(storage, key.bucket)
+    if config.get("store") != key.store_id:
         raise CloudKeyError(f"the key file is for store {key.store_id}, bucket {key.bucket} holds another store")
     if not Sealer(key.key, key.store_id).checks(str(config.get("key_check", ""))):
         raise CloudKeyError(f"the key file does not open bucket {key.bucket}'s store: not its key")

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from datetime import time as time_of_day
 from typing import Protocol
 
+from appliance.domain.models import Site
 from appliance.domain.schedule import BACKUP, PUSH, REPLICATE, Job, Window, due_jobs, jobs_to_start, parse_window
 from appliance.errors import ApplianceError, DamagedFileError
 from appliance.log import get_logger
@@ -34,6 +35,7 @@ from appliance.services.replicate import HostReport, replicate
 from appliance.services.verify import verify_chain
 from appliance.store import cloud as cloud_records
 from appliance.store import hosts, schedule, sites
+from appliance.store.cloud import CloudStore
 from appliance.store.layout import Home
 
 log = get_logger(__name__)
@@ -77,25 +79,24 @@ def read_intervals(home: Home) -> tuple[list[tuple[str, float]], dict[str, str]]
 
 def read_replications(home: Home) -> list[tuple[str, float, Window | None]]:
     """Each site's replication interval and window (a site whose record does not read is left out)."""
-    out = []
-    for name in sites.names(home):
-        try:
-            site = sites.load(home, name)
-            out.append((name, site.interval, parse_window(site.window)))
-        except ApplianceError as exc:
-            log.error("daemon.site_unreadable", site=name, error=exc.message)
-    return out
+    return _timed(sites.names(home), lambda name: sites.load(home, name), "site")
 
 
 def read_pushes(home: Home) -> list[tuple[str, float, Window | None]]:
     """Each cloud store's push interval and window (0: it is pushed to after each new point instead)."""
+    return _timed(cloud_records.names(home), lambda name: cloud_records.load(home, name), "cloud store")
+
+
+def _timed(
+    names: list[str], load: Callable[[str], Site | CloudStore], what: str
+) -> list[tuple[str, float, Window | None]]:
     out = []
-    for name in cloud_records.names(home):
+    for name in names:
         try:
-            store = cloud_records.load(home, name)
-            out.append((name, store.interval, parse_window(store.window)))
+            record = load(name)
+            out.append((name, record.interval, parse_window(record.window)))
         except ApplianceError as exc:
-            log.error("daemon.cloud_unreadable", store=name, error=exc.message)
+            log.error("daemon.record_unreadable", kind=what, name=name, error=exc.message)
     return out
 
 
