@@ -75,7 +75,11 @@ def fail_over(
     started = time.monotonic()
     host = hosts.load(home, name)
     settings = settings or settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)
-    vm, may_fall_back = _start_vm(home, tools, host, point_ref, settings, "failover", accel, force, say)
+    source = recovery.cloud_source(home, name)
+    if source is not None:
+        vm, may_fall_back = _resume_cloud_vm(home, tools, host, source, accel, say)
+    else:
+        vm, may_fall_back = _start_vm(home, tools, host, point_ref, settings, "failover", accel, force, say)
     check = boot_check or BootCheck.parse(host.boot_check)
     return _await_boot(home, tools, vm, check, started, timeout, may_fall_back, say)
 
@@ -98,7 +102,9 @@ def fail_over_from_cloud(
     host = cloud.cloud_host(home, name, store, point.settings)
     settings = settings or settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)
     if recovery.load(home, name, "failover") is not None:
-        raise FailoverError(f"{name} already has a recovery VM", hint=f"`appliance failover stop {name}` first")
+        raise FailoverError(f"{name} already has a recovery VM",
+                            hint=f"`appliance failover {name}` starts it again on its writes; "
+                            f"`appliance failover stop {name}` removes it")  # fmt: skip
     if tools.hypervisor.exists(vm_name(name)):
         raise FailoverError(f"a libvirt domain named {vm_name(name)} already exists",
                             hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
@@ -106,7 +112,7 @@ def fail_over_from_cloud(
     folder = private_dir(home.failover_dir(name))
     private_dir(home.chain_dir(name))
     with HostLock(home.chain_dir(name) / "lock", name, "failover from cloud", wait=30.0):
-        overlays = _serve_cloud_disks(home, tools, located, folder)
+        overlays = _serve_cloud_disks(home, tools, name, located, folder)
         choice = _choose_accel(home, tools, accel, say)
         vm = RecoveryVm(
             host=name, point=point.point, name=vm_name(name), purpose="failover", started=datetime.now(UTC),
@@ -128,23 +134,60 @@ def fail_over_from_cloud(
     return _await_boot(home, tools, vm, check, started, timeout, choice.may_fall_back and vm.accel == "kvm", say)
 
 
-def _serve_cloud_disks(home: Home, tools: Tools, located: cloud.Located, folder: Path) -> list[Path]:
-    """An NBD server per disk (its socket in a short folder: a Unix socket's path has at most 107 bytes),
-    and a disposable overlay backed by it."""
-    server = _block_server(tools)
-    sockets = private_dir(Path("/run/appliance-nbd"))
+def _serve_cloud_disks(home: Home, tools: Tools, host: str, located: cloud.Located, folder: Path) -> list[Path]:
+    """An NBD server per disk, and a disposable overlay backed by it; what they serve is recorded, so that
+    the VM can be started again on its overlays (and its cache) after `failover stop --keep` or a reboot."""
+    source = {"store": located.opened.store.name, "manifest": located.manifest, "version": located.version or "",
+              "point": located.point.point}  # fmt: skip
+    recovery.save_cloud_source(home, host, source)
     overlays = []
     for disk in located.point.disks:
-        socket_path = sockets / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}-{disk.slot}.sock"
-        params = {"home": str(home.root), "store": located.opened.store.name, "manifest": located.manifest,
-                  "version": located.version or "", "slot": disk.slot,
-                  "cache": str(folder / f"{disk.slot}.cache")}  # fmt: skip
-        server.start(socket_path, folder / f"{disk.slot}.nbd.pid", folder / f"{disk.slot}.nbd.log", params)
+        socket_path = _serve_cloud_disk(home, tools, folder, source, disk.slot)
         overlay = folder / f"{disk.slot}.qcow2"
         overlay.unlink(missing_ok=True)
         tools.images.create(overlay, disk.size, f"nbd+unix:///?socket={socket_path}", backing_format="raw")
         overlays.append(overlay)
     return overlays
+
+
+def _serve_cloud_disk(home: Home, tools: Tools, folder: Path, source: dict[str, str], slot: str) -> Path:
+    """Start the NBD server of one disk unless it runs; its socket (in a short folder: a Unix socket's path
+    has at most 107 bytes) is named after the failover's folder, so the overlay's backing stays valid."""
+    server = _block_server(tools)
+    socket_path = private_dir(Path("/run/appliance-nbd")) / (
+        f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}-{slot}.sock"
+    )
+    pidfile = folder / f"{slot}.nbd.pid"
+    if not server.running(pidfile):
+        params = {"home": str(home.root), "store": source["store"], "manifest": source["manifest"],
+                  "version": source["version"], "slot": slot, "cache": str(folder / f"{slot}.cache")}  # fmt: skip
+        server.start(socket_path, pidfile, folder / f"{slot}.nbd.log", params)
+    return socket_path
+
+
+def _resume_cloud_vm(home: Home, tools: Tools, host: Host, source: dict[str, str], accel: str,
+                     say: Say) -> tuple[RecoveryVm, bool]:  # fmt: skip
+    """A recovery VM booted from a cloud store, started again on its own overlays: its NBD servers first
+    (their caches kept what was fetched)."""
+    with HostLock(home.chain_dir(host.name) / "lock", host.name, "failover from cloud", wait=30.0):
+        kept = _kept_vm(home, tools, host.name, "failover")
+        if kept is None:
+            boot = f"appliance failover {host.name} --from {source['store']}"
+            raise FailoverError(f"{host.name} has no recovery VM to start again", hint=f"`{boot}` boots one")
+        folder = home.failover_dir(host.name)
+        for overlay in kept.overlays:
+            _serve_cloud_disk(home, tools, folder, source, Path(overlay).stem)
+        choice = _choose_accel(home, tools, accel, say)
+        vm = replace(kept, accel=choice.accel, state="running", vnc="")
+        recovery.save(home, vm)
+    say(f"resuming {vm.name} on its kept writes: point {vm.point} from cloud store {source['store']}, first "
+        f"started {_ago(vm.started)} ago; with {choice.accel.upper()} ({choice.why})")  # fmt: skip
+    try:
+        vm = _start_domain(home, tools, vm, choice.may_fall_back, say)
+    except BaseException:
+        recovery.save(home, kept)
+        raise
+    return vm, choice.may_fall_back and vm.accel == "kvm"
 
 
 def _block_server(tools: Tools) -> BlockServer:
@@ -186,7 +229,11 @@ def restart_interrupted(home: Home, tools: Tools, say: Say = lambda _: None) -> 
 
 def _restart(home: Home, tools: Tools, host: Host, say: Say) -> RecoveryVm:
     settings = settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)  # the VM keeps its own
-    vm, may_fall_back = _start_vm(home, tools, host, "latest", settings, "failover", "auto", False, say)
+    source = recovery.cloud_source(home, host.name)
+    if source is not None:
+        vm, may_fall_back = _resume_cloud_vm(home, tools, host, source, "auto", say)
+    else:
+        vm, may_fall_back = _start_vm(home, tools, host, "latest", settings, "failover", "auto", False, say)
     if may_fall_back:
         vm = _watch_first_seconds(home, tools, vm, say)
     log.info("failover.restarted", host=vm.host, vm=vm.name, point=vm.point, accel=vm.accel)

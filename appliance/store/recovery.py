@@ -15,12 +15,28 @@ from appliance.store.files import damaged, private_dir, read_as, write_json
 from appliance.store.layout import Home
 
 RECORD = "vm.json"
+CLOUD_SOURCE = "cloud.json"  # a VM booted from a cloud store: which store and manifest its NBD servers serve
 PURPOSES = ("failover", "verify")
 
 
 def save(home: Home, vm: RecoveryVm) -> None:
     folder = private_dir(home.failover_dir(vm.host, vm.purpose))
     write_json(folder / RECORD, _doc(vm))
+
+
+def save_cloud_source(home: Home, host: str, source: dict[str, str]) -> None:
+    write_json(private_dir(home.failover_dir(host)) / CLOUD_SOURCE, source)
+
+
+def cloud_source(home: Home, host: str) -> dict[str, str] | None:
+    """What the NBD servers of `host`'s recovery VM serve, when it was booted from a cloud store."""
+    path = home.failover_dir(host) / CLOUD_SOURCE
+    if not path.exists():
+        return None
+    doc = read_as(path, dict)
+    if not all(isinstance(v, str) for v in doc.values()):
+        raise damaged(path, "it is not a cloud store's point")
+    return {str(k): str(v) for k, v in doc.items()}
 
 
 def load(home: Home, host: str, purpose: str = "failover") -> RecoveryVm | None:
@@ -39,6 +55,7 @@ def remove(home: Home, host: str, purpose: str = "failover") -> None:
     folder = home.failover_dir(host, purpose)
     if purpose == "failover":
         (folder / RECORD).unlink(missing_ok=True)
+        (folder / CLOUD_SOURCE).unlink(missing_ok=True)
         for pattern in ("disk*.qcow2", "disk*.cache", "disk*.map", "disk*.nbd.*"):  # a cloud point's NBD cache too
             for f in folder.glob(pattern):
                 f.unlink()

@@ -250,6 +250,12 @@ def test_failover_from_the_bucket_on_a_new_appliance(make_host, guest_image: Pat
     try:
         assert r.rc == 0 and "marker=from-the-bucket" in r.out, r.out + r.err
         assert "RTO:" in r.out
+        # Stopped with its writes kept (or the appliance rebooted): it starts again on its overlay, its NBD
+        # server started again on the cache it had.
+        assert run_cli(fresh, "failover", "stop", host.name, "--keep").rc == 0
+        assert not list((fresh / "failover" / host.name).glob("*.nbd.pid"))
+        r = run_cli(fresh, "failover", host.name, "--accel", "tcg", "--timeout", "180")
+        assert r.rc == 0 and "resuming" in r.err and "marker=from-the-bucket" in r.out, r.out + r.err
     finally:
         stop = run_cli(fresh, "failover", "stop", host.name)
     assert stop.rc == 0, stop.err
