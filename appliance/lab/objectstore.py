@@ -82,31 +82,8 @@ class ObjectStore:
         return self.folder / "weed.log"
 
     def client(self, who: S3Credentials, *, retries: int = 0) -> Any:
-        """A boto3 S3 client as `who`: path-style (bucket names never need DNS) and checksums only when an
-        operation requires them (newer botocore sends CRC trailers by default, which not every server takes).
-
-        `retries` is 0 by default so a test sees the server's first answer, not a retried one. The client is
-        typed Any: botocore builds its methods at run time and ships no types.
-        """
-        import boto3
-        from botocore.config import Config
-
-        config = Config(
-            region_name=REGION,
-            s3={"addressing_style": "path"},
-            retries={"total_max_attempts": retries + 1, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=who.access_key,
-            aws_secret_access_key=who.secret_key,
-            config=config,
-        )
+        """A boto3 S3 client as `who` (s3_client)."""
+        return s3_client(self.endpoint, who, retries=retries)
 
     def create_bucket(self, name: str, *, lock: bool) -> None:
         """Create bucket `name` as admin; `lock` enables object lock (and with it versioning), which S3 allows
@@ -123,6 +100,34 @@ class ObjectStore:
         if self.process.poll() is None:
             _kill_group(self.process)
         log.info("lab.objectstore_down", host=self.host.name)
+
+
+def s3_client(endpoint: str, who: S3Credentials, *, retries: int = 0) -> Any:
+    """A boto3 S3 client of a lab server as `who`: path-style (bucket names never need DNS) and checksums only
+    when an operation requires them (newer botocore sends CRC trailers by default, which not every server takes).
+
+    `retries` is 0 by default so a test sees the server's first answer, not a retried one. The client is
+    typed Any: botocore builds its methods at run time and ships no types.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        region_name=REGION,
+        s3={"addressing_style": "path"},
+        retries={"total_max_attempts": retries + 1, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=who.access_key,
+        aws_secret_access_key=who.secret_key,
+        config=config,
+    )
 
 
 def weed_binary() -> Path:
