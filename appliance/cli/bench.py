@@ -106,3 +106,17 @@ def replication_lag_bench(
     from appliance.bench.replication_lag import run_replication_lag_bench
 
     run_replication_lag_bench(hosts, parse_size(disk_size), data, change / 100.0, interval, cycles, rate, rtt / 1000)
+
+
+@app.command("cloud")
+def cloud_bench(
+    disk_size: Annotated[str, typer.Option("--disk-size")] = "2G",
+    data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
+    change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before the increment")] = 1.0,
+    rate: Annotated[str, typer.Option("--rate", help="The S3 server's link rate, as tc takes it")] = "100mbit",
+) -> None:
+    """Cloud push of a point and an increment against rclone over a shaped link to SeaweedFS; the RTO of a
+    failover from the bucket against the local one and a download-then-boot."""
+    from appliance.bench.cloud import run_cloud_bench
+
+    run_cloud_bench(parse_size(disk_size), data, change / 100.0, rate)
