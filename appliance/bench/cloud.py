@@ -276,11 +276,11 @@ def _rtos(work: Path, home: Path, fresh: Path, s3: ObjectStore, creds: Path, dow
     restored = work / "restored.raw"
     started, before = time.monotonic(), _wire(s3.host)
     _run([*new, "cloud", "restore", STORE, HOST, "--to", str(restored)])
-    download = Rto("    cloud restore to a raw file", time.monotonic() - started, _wire(s3.host) - before)
+    fetched = Rto("    cloud restore to a raw file", time.monotonic() - started, _wire(s3.host) - before)
     boot = boot_until_up(restored, "raw", timeout=300.0, accel=accel)
     restored.unlink()
-    rtos += [download, Rto("    qemu boot of the restored raw", boot, 0),
-             Rto("(c) download + boot", download.seconds + boot, download.wire)]  # fmt: skip
+    rtos += [fetched, Rto("    qemu boot of the restored raw", boot, 0),
+             Rto("(c) download + boot", fetched.seconds + boot, fetched.wire)]  # fmt: skip
     return rtos
 
 
