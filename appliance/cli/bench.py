@@ -114,9 +114,15 @@ def cloud_bench(
     data: Annotated[float, typer.Option("--data", help="Fraction of the disk holding data")] = 0.4,
     change: Annotated[float, typer.Option("--change", help="Percent of the disk changed before the increment")] = 1.0,
     rate: Annotated[str, typer.Option("--rate", help="The S3 server's link rate, as tc takes it")] = "100mbit",
+    rto_only: Annotated[
+        bool, typer.Option("--rto-only", help="Only the RTO, e.g. --disk-size 64G --data 0.125 (8 GiB)")
+    ] = False,
 ) -> None:
     """Cloud push of a point and an increment against rclone over a shaped link to SeaweedFS; the RTO of a
     failover from the bucket against the local one and a download-then-boot."""
-    from appliance.bench.cloud import run_cloud_bench
+    from appliance.bench.cloud import run_cloud_bench, run_cloud_rto_bench
 
+    if rto_only:
+        run_cloud_rto_bench(parse_size(disk_size), data, rate)
+        return
     run_cloud_bench(parse_size(disk_size), data, change / 100.0, rate)
