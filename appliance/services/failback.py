@@ -36,7 +36,7 @@ from pathlib import Path
 from appliance.agent import writer as wire
 from appliance.agent import writer_source
 from appliance.domain.blocks import HASH_LEN, DiskDigest
-from appliance.domain.models import Host, HostKey, Point, parse_address
+from appliance.domain.models import DiskPoint, Host, HostKey, Point, parse_address, slot_name
 from appliance.domain.recovery import RecoveryVm, target_dev
 from appliance.errors import (
     ApplianceError,
@@ -51,6 +51,7 @@ from appliance.faults import checkpoint, fault
 from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import import_point
+from appliance.services.failover import stop_block_servers
 from appliance.services.hosts import ConfirmKey, pin_host_key
 from appliance.services.image_reader import Chunk, read_chunks
 from appliance.services.pipeline import copy_changes
@@ -143,7 +144,7 @@ def fail_back(
         if vm is None:
             raise FailoverError(f"{name} has no recovery VM to fail back",
                                 hint="`appliance failover status` lists them")  # fmt: skip
-        point = tx.chain.find(vm.point)
+        point = _vm_point(tx, tools, host, vm)
         target = _target(home, tools, host, point, to, mapping, key, fingerprint, trust_first_use, confirm)
         progress = Progress(name, f"{target.host.target} {' '.join(target.disks)}")
         records.clear_cutover(home, name)
@@ -152,6 +153,22 @@ def fail_back(
             return _run(tx, tools, host, vm, point, target, progress, options, started, say)
         finally:
             records.remove_work(home, name)
+
+
+def _vm_point(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm) -> Point:
+    """The point the VM was booted from: in the chain, or (a VM booted from a cloud store) as its overlays
+    and the host's record describe it: what failback needs of it is each disk's path, size and block size."""
+    cloud = recovery.cloud_source(tx.home, host.name)
+    if cloud is None:
+        return tx.chain.find(vm.point)
+    sizes = [int(n) for n in cloud.get("sizes", "").split()]
+    if len(sizes) != len(vm.overlays) or len(host.disks) != len(vm.overlays):
+        raise FailoverError(f"{host.name}'s recovery VM from cloud store {cloud.get('store')} does not list its disks")
+    disks = tuple(
+        DiskPoint(slot=slot_name(i), source=source, file="", size=size, block_size=host.block_size, digest="")
+        for i, (source, size) in enumerate(zip(host.disks, sizes, strict=True))
+    )  # fmt: skip
+    return Point(id=vm.point, created=vm.started, seconds=0.0, disks=disks)
 
 
 def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, target: Target, progress: Progress,
@@ -174,6 +191,7 @@ def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, ta
         )  # fmt: skip
         copier.cross_check(new_point)
         tools.hypervisor.remove(vm.name)
+        stop_block_servers(tools, home.failover_dir(name))  # a VM booted from a cloud store: its NBD servers
         recovery.remove(home, name)
         progress.point = new_point.id
         progress.phase = "done"

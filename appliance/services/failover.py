@@ -125,7 +125,7 @@ def fail_over_from_cloud(
     try:
         vm = _start_domain(home, tools, vm, choice.may_fall_back, say)
     except BaseException:
-        _stop_block_servers(tools, folder)
+        stop_block_servers(tools, folder)
         recovery.remove(home, name, "failover")
         raise
     log.info("failover.started", host=name, point=point.point, vm=vm.name, accel=vm.accel, purpose="failover",
@@ -138,7 +138,7 @@ def _serve_cloud_disks(home: Home, tools: Tools, host: str, located: cloud.Locat
     """An NBD server per disk, and a disposable overlay backed by it; what they serve is recorded, so that
     the VM can be started again on its overlays (and its cache) after `failover stop --keep` or a reboot."""
     source = {"store": located.opened.store.name, "manifest": located.manifest, "version": located.version or "",
-              "point": located.point.point}  # fmt: skip
+              "point": located.point.point, "sizes": " ".join(str(d.size) for d in located.point.disks)}  # fmt: skip
     recovery.save_cloud_source(home, host, source)
     overlays = []
     for disk in located.point.disks:
@@ -196,7 +196,7 @@ def _block_server(tools: Tools) -> BlockServer:
     return tools.block_server
 
 
-def _stop_block_servers(tools: Tools, folder: Path) -> None:
+def stop_block_servers(tools: Tools, folder: Path) -> None:
     """The NBD servers of a failover from a cloud store (none for a local point)."""
     for pidfile in folder.glob("disk*.nbd.pid"):
         _block_server(tools).stop(pidfile)
@@ -564,7 +564,7 @@ def stop(home: Home, tools: Tools, name: str, *, keep: bool = False, purpose: st
         if vm is None:
             raise FailoverError(f"{name} has no recovery VM", hint="`appliance failover status` lists them")
         tools.hypervisor.remove(vm.name)
-        _stop_block_servers(tools, home.failover_dir(name, purpose))
+        stop_block_servers(tools, home.failover_dir(name, purpose))
         if keep:
             vm = replace(vm, state="stopped")
             recovery.save(home, vm)

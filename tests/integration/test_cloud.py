@@ -18,6 +18,7 @@ import pytest
 from appliance.lab import Lab, LabHost
 from appliance.lab.objectstore import ObjectStore
 from tests.conftest import points_json, run_cli
+from tests.integration.test_failback import _boots_with
 
 pytestmark = pytest.mark.integration
 
@@ -133,6 +134,12 @@ def test_bad_input_is_one_line(home: Path, tmp_path: Path, object_store: ObjectS
     assert rc == 3 and "not empty" in err, err
     rc, err = add(plain, creds)
     assert rc == 0
+    another = tmp_path / "another-store.key"  # a key file of another store, for this bucket
+    from appliance.transfer.sealed import KeyFile, new_key
+
+    another.write_text(KeyFile("0" * 32, new_key(), "b2", object_store.endpoint, plain, "us-east-1").dumps())
+    r = run_cli(tmp_path / "elsewhere", "cloud", "attach", "--key-file", str(another), "--credentials-file", str(creds))
+    assert r.rc == 64 and "another store" in r.err and "Traceback" not in r.err, r.err
     other = tmp_path / "other.key"
     other.write_text("not a key file\n")
     r = run_cli(tmp_path, "cloud", "attach", "--key-file", str(other), "--credentials-file", str(creds))
@@ -225,7 +232,7 @@ def _manifest_packs(home: Path) -> list[list[object]]:
 
 @pytest.mark.slow
 def test_failover_from_the_bucket_on_a_new_appliance(make_host, guest_image: Path, home: Path, tmp_path: Path,
-                                                      object_store: ObjectStore) -> None:  # fmt: skip
+                                                      object_store: ObjectStore, lab: Lab) -> None:  # fmt: skip
     """Push the lab guest, throw the appliance away, attach from a fresh home with the key file, and boot the
     point from the bucket: the guest prints the point's marker while its blocks stream in."""
     host = make_host(image=guest_image)
@@ -256,10 +263,17 @@ def test_failover_from_the_bucket_on_a_new_appliance(make_host, guest_image: Pat
         assert not list((fresh / "failover" / host.name).glob("*.nbd.pid"))
         r = run_cli(fresh, "failover", host.name, "--accel", "tcg", "--timeout", "180")
         assert r.rc == 0 and "resuming" in r.err and "marker=from-the-bucket" in r.out, r.out + r.err
+        # Onto repaired hardware over SSH, as any failback: the VM's disk (its reads still served from the
+        # bucket's cache) goes to a blank disk, which then boots as the point.
+        repaired = make_host(size=1 << 30, data=0.0, add=False)
+        r = run_cli(fresh, "failback", host.name, "--to", f"root@{repaired.address}", "--disk",
+                    f"{host.disk}={repaired.disk}", "--trust-first-use", "--key", str(lab.key_file))  # fmt: skip
+        assert r.rc == 0, r.out + r.err
     finally:
-        stop = run_cli(fresh, "failover", "stop", host.name)
-    assert stop.rc == 0, stop.err
+        run_cli(fresh, "failover", "stop", host.name)
     assert not list((fresh / "failover" / host.name).glob("disk0.*")), "the overlay, cache and NBD files are gone"
+    assert not list(Path("/run/appliance-nbd").glob("*")) or not any((fresh / "failover" / host.name).glob("*.nbd.pid"))
+    _boots_with(repaired.disk, "from-the-bucket")
 
 
 def test_the_buckets_retention_drops_old_points_and_what_only_they_needed(
