@@ -34,6 +34,7 @@ with the one it ended up with, and the same 512 MiB.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ from appliance.adapters.s3 import S3Bucket
 from appliance.bench.capture import _wire
 from appliance.bench.replication import shaped
 from appliance.domain.models import format_size
-from appliance.lab import Lab, disks, guest
+from appliance.lab import Lab, LabHost, disks, guest
 from appliance.lab.boot import boot_until_up
 from appliance.lab.objectstore import ObjectStore, start_object_store
 from appliance.ports import BucketAccess, ObjectStorage
@@ -86,32 +88,44 @@ class Rto:
     note: str = ""
 
 
-def run_cloud_bench(disk_size: int = 2 << 30, data: float = 0.4, change: float = 0.01,
-                    rate: str = "100mbit") -> tuple[list[Row], list[Rto]]:  # fmt: skip
-    work = Path(tempfile.mkdtemp(prefix="bench-cloud-", dir="/var/tmp"))
+@dataclass
+class _Bench:
+    work: Path
+    lab: Lab
+    home: Path  # the source appliance
+    fresh: Path  # the appliance on a new machine
+    s3: ObjectStore
+    creds: Path
+    bucket: str
+    disk: Path  # the host's disk
+
+    @property
+    def app(self) -> list[str]:
+        return [sys.executable, "-m", "appliance", "--home", str(self.home)]
+
+
+@contextlib.contextmanager
+def _bench(prefix: str, disk_size: int, fill: Callable[[Lab, LabHost], object]) -> Iterator[_Bench]:
+    """The lab guest grown to `disk_size` (`fill` writes its data), an S3 server with a locked bucket, the host
+    added to a home and backed up once, `cloud add` of the bucket; everything removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     lab = Lab(work / "lab")
     home, fresh = work / "home", work / "fresh"
-    app = [sys.executable, "-m", "appliance", "--home", str(home)]
     s3: ObjectStore | None = None
     try:
         web = lab.up([HOST], disk_size=disk_size, with_guest=True)[0]
-        lab.change(HOST, data, marker="first", seed=1)
+        fill(lab, web)
         s3 = start_object_store(lab, work / "s3", name="s3")
-        bucket = f"bench-{secrets.token_hex(4)}"
-        s3.create_bucket(bucket, lock=True)
-        creds = s3.appliance.write(work / "appliance.creds")
-        _run([*app, "host", "add", HOST, "--address", f"root@{web.address}", "--disk", web.disk, "--key",
+        b = _Bench(work, lab, home, fresh, s3, s3.appliance.write(work / "appliance.creds"),
+                   f"bench-{secrets.token_hex(4)}", Path(web.disk))  # fmt: skip
+        s3.create_bucket(b.bucket, lock=True)
+        _run([*b.app, "host", "add", HOST, "--address", f"root@{web.address}", "--disk", web.disk, "--key",
               str(lab.key_file), "--trust-first-use"])  # fmt: skip
-        _run([*app, "host", "set", HOST, "--boot-check", BOOT_CHECK, "--vm-memory", MEMORY])
-        _run([*app, "backup", HOST])
-        _run([*app, "cloud", "add", STORE, "--endpoint", s3.endpoint, "--bucket", bucket, "--credentials-file",
-              str(creds), "--lock-days", "1"])  # fmt: skip
-        with shaped(s3.host, rate):
-            rows = _pushes(lab, home, s3, change)
-            rows += _peers(work, home, s3, bucket, Path(web.disk))
-            rtos = _rtos(work, home, fresh, s3, creds)
-        _print(rows, rtos, disk_size, data, change, rate, _changed(home))
-        return rows, rtos
+        _run([*b.app, "host", "set", HOST, "--boot-check", BOOT_CHECK, "--vm-memory", MEMORY])
+        _run([*b.app, "backup", HOST])
+        _run([*b.app, "cloud", "add", STORE, "--endpoint", s3.endpoint, "--bucket", b.bucket, "--credentials-file",
+              str(b.creds), "--lock-days", "1"])  # fmt: skip
+        yield b
     finally:
         for h in (home, fresh):
             if (h / "hosts" / f"{HOST}.json").exists():
@@ -121,6 +135,17 @@ def run_cloud_bench(disk_size: int = 2 << 30, data: float = 0.4, change: float =
             s3.stop()
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_cloud_bench(disk_size: int = 2 << 30, data: float = 0.4, change: float = 0.01,
+                    rate: str = "100mbit") -> tuple[list[Row], list[Rto]]:  # fmt: skip
+    with _bench("bench-cloud-", disk_size, lambda lab, _: lab.change(HOST, data, marker="first", seed=1)) as b:
+        with shaped(b.s3.host, rate):
+            rows = _pushes(b.lab, b.home, b.s3, change)
+            rows += _peers(b.work, b.home, b.s3, b.bucket, b.disk)
+            rtos = _rtos(b.work, b.home, b.fresh, b.s3, b.creds)
+        _print(rows, rtos, disk_size, data, change, rate, _changed(b.home))
+        return rows, rtos
 
 
 def run_cloud_rto_bench(disk_size: int = 64 << 30, data: float = 0.125, rate: str = "100mbit") -> list[Rto]:
@@ -129,38 +154,25 @@ def run_cloud_rto_bench(disk_size: int = 64 << 30, data: float = 0.125, rate: st
     link (a first push of 8 GiB at 100 Mbit/s would take a quarter of an hour and is not what is measured),
     then (a) and (b) over the shaped link. A download before the boot is not run: at the link's rate it
     takes at least the data's size over the rate, printed as (c)'s floor."""
-    work = Path(tempfile.mkdtemp(prefix="bench-cloud-rto-", dir="/var/tmp"))
-    lab = Lab(work / "lab")
-    home, fresh = work / "home", work / "fresh"
-    app = [sys.executable, "-m", "appliance", "--home", str(home)]
-    s3: ObjectStore | None = None
-    try:
-        web = lab.up([HOST], disk_size=disk_size, with_guest=True)[0]
-        files = max(1, round(disk_size * data / (1 << 30)))
+    files = max(1, round(disk_size * data / (1 << 30)))
+
+    def fill(_: Lab, web: LabHost) -> None:
         for i in range(files):
             guest.write_file(web.disk, f"/data-{i}.bin", disks.noise(1 << 30, seed=100 + i))
         guest.set_marker(web.disk, "large")
-        s3 = start_object_store(lab, work / "s3", name="s3")
-        bucket = f"bench-{secrets.token_hex(4)}"
-        s3.create_bucket(bucket, lock=True)
-        creds = s3.appliance.write(work / "appliance.creds")
-        _run([*app, "host", "add", HOST, "--address", f"root@{web.address}", "--disk", web.disk, "--key",
-              str(lab.key_file), "--trust-first-use"])  # fmt: skip
-        _run([*app, "host", "set", HOST, "--boot-check", BOOT_CHECK, "--vm-memory", MEMORY])
-        started = time.monotonic()
-        _run([*app, "backup", HOST])
-        backed_up = time.monotonic() - started
-        _run([*app, "cloud", "add", STORE, "--endpoint", s3.endpoint, "--bucket", bucket, "--credentials-file",
-              str(creds), "--lock-days", "1"])  # fmt: skip
-        push = _push(home, s3, "appliance cloud push (unshaped)")
-        with shaped(s3.host, rate):
-            rtos = _rtos(work, home, fresh, s3, creds, download=False)
+
+    started = time.monotonic()
+    with _bench("bench-cloud-rto-", disk_size, fill) as b:
+        prepared = time.monotonic() - started
+        push = _push(b.home, b.s3, "appliance cloud push (unshaped)")
+        with shaped(b.s3.host, rate):
+            rtos = _rtos(b.work, b.home, b.fresh, b.s3, b.creds, download=False)
         stored = files << 30
         floor = stored * 8 / _bits_per_second(rate)
         rtos.append(Rto("(c) download first, at least", floor, stored, f"{format_size(stored)} at {rate}"))
         print(f"\ncloud RTO: the lab guest on a {format_size(disk_size)} disk holding {files} GiB of random data; "
-              f"backup {backed_up:.0f} s, push {push.seconds:.0f} s ({format_size(push.objects)}, {push.requests} "
-              f"requests, unshaped); SeaweedFS, link {rate} (tc tbf)\n")  # fmt: skip
+              f"lab, backup and cloud add {prepared:.0f} s, push {push.seconds:.0f} s ({format_size(push.objects)}, "
+              f"{push.requests} requests, unshaped); SeaweedFS, link {rate} (tc tbf)\n")  # fmt: skip
         print(f"    {'RTO (the guest UP on its console)':40} {'seconds':>8} {'wire':>11}  note")
         for t in rtos:
             print(f"    {t.path:40} {t.seconds:8.1f} {format_size(t.wire):>11}  {t.note}")
@@ -168,15 +180,6 @@ def run_cloud_rto_bench(disk_size: int = 64 << 30, data: float = 0.125, rate: st
         local = next(t for t in rtos if t.path.startswith("(a)"))
         print(f"\n    failover --from the bucket vs local     {remote.seconds - local.seconds:+.1f} s  (<= +10 s)")
         return rtos
-    finally:
-        for h in (home, fresh):
-            if (h / "hosts" / f"{HOST}.json").exists():
-                subprocess.run([sys.executable, "-m", "appliance", "--home", str(h), "failover", "stop", HOST],
-                               capture_output=True, check=False)  # fmt: skip
-        if s3 is not None:
-            s3.stop()
-        lab.down()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _bits_per_second(rate: str) -> float:
