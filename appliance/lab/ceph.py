@@ -251,6 +251,9 @@ osd memory target = 1073741824
 rgw data = {f}/rgw
 rgw frontends = beast endpoint={address}:{store.port}
 rgw enable usage log = false
+# Quotas checked against fresh bucket stats (the default caches them for 10 minutes): a lab bucket fills now.
+rgw bucket quota ttl = 0
+rgw user quota bucket sync interval = 0
 """)
 
 
