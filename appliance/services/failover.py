@@ -154,9 +154,7 @@ def _serve_cloud_disk(home: Home, tools: Tools, folder: Path, source: dict[str, 
     """Start the NBD server of one disk unless it runs; its socket (in a short folder: a Unix socket's path
     has at most 107 bytes) is named after the failover's folder, so the overlay's backing stays valid."""
     server = _block_server(tools)
-    socket_path = private_dir(Path("/run/appliance-nbd")) / (
-        f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}-{slot}.sock"
-    )
+    socket_path = _nbd_socket(folder, slot)
     pidfile = folder / f"{slot}.nbd.pid"
     if not server.running(pidfile):
         params = {"home": str(home.root), "store": source["store"], "manifest": source["manifest"],
@@ -197,9 +195,17 @@ def _block_server(tools: Tools) -> BlockServer:
 
 
 def stop_block_servers(tools: Tools, folder: Path) -> None:
-    """The NBD servers of a failover from a cloud store (none for a local point)."""
+    """The NBD servers of a failover from a cloud store (none for a local point), and their sockets."""
     for pidfile in folder.glob("disk*.nbd.pid"):
         _block_server(tools).stop(pidfile)
+        _nbd_socket(folder, pidfile.name.split(".")[0]).unlink(missing_ok=True)
+
+
+def _nbd_socket(folder: Path, slot: str) -> Path:
+    """In a short folder of its own (a Unix socket's path has at most 107 bytes), named after the failover's."""
+    return (
+        private_dir(Path("/run/appliance-nbd")) / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}-{slot}.sock"
+    )
 
 
 def restart_interrupted(home: Home, tools: Tools, say: Say = lambda _: None) -> list[RecoveryVm]:
