@@ -32,7 +32,7 @@ from typing import Any
 
 from mnemonic import Mnemonic
 
-from appliance.domain.blocks import HASH_LEN, block_count, block_length, is_zero_hash, zero_hash
+from appliance.domain.blocks import HASH_LEN, DiskDigest, block_count, block_length, is_zero_hash, zero_hash
 from appliance.domain.cloud import (
     PACK_TARGET,
     ZERO,
@@ -58,6 +58,7 @@ from appliance.log import get_logger
 from appliance.ports import BucketAccess, ExportedImage, ObjectLock, ObjectStorage, Tools
 from appliance.services.backup import Import, record_point
 from appliance.services.cloud_reader import DiskReader, PackHeaders, fetch_header
+from appliance.services.pipeline import Pace
 from appliance.store import catalog, chains, hosts
 from appliance.store import cloud as records
 from appliance.store.cloud import CloudStore, Index, IndexedPoint
@@ -156,7 +157,7 @@ def add(home: Home, tools: Tools, *, name: str, endpoint: str, bucket: str, regi
     config = {"format": "appliance-cloud", "version": 1, "store": store.store_id, "created": _now().isoformat(),
               "lock_days": lock_days, "lock_mode": lock_mode, "key_check": sealer.key_check()}  # fmt: skip
     storage.put(CONFIG, json.dumps(config, indent=1).encode(), _lock(store, _now()))
-    records.write_secret(home, name, "credentials", json.dumps({"access_key": key_id, "secret_key": secret}))
+    records.write_credentials(home, name, key_id, secret)
     records.write_secret(home, name, "key", key.dumps())
     records.save(home, store)
     log.info("cloud.added", store=name, endpoint=endpoint, bucket=bucket, lock_days=lock_days, lock_mode=lock_mode)
@@ -210,10 +211,10 @@ def key_words(key: bytes) -> str:
 
 
 def key_from_words(words: str) -> bytes:
-    m = Mnemonic("english")
-    if not m.check(" ".join(words.split())):
+    m, words = Mnemonic("english"), " ".join(words.split())
+    if not m.check(words):
         raise CloudKeyError("those words are not a cloud store key (a word is wrong or missing)")
-    return bytes(m.to_entropy(" ".join(words.split())))
+    return bytes(m.to_entropy(words))
 
 
 def key_text_from_words(
@@ -256,7 +257,7 @@ def attach(home: Home, tools: Tools, *, key_text: str, credentials: Path, name: 
     store = CloudStore(name=name, store_id=key.store_id, endpoint=key.endpoint, bucket=key.bucket, region=key.region,
                        lock_days=int(config.get("lock_days", 0)),
                        lock_mode=str(config.get("lock_mode", "COMPLIANCE")))  # fmt: skip
-    records.write_secret(home, name, "credentials", json.dumps({"access_key": key_id, "secret_key": secret}))
+    records.write_credentials(home, name, key_id, secret)
     records.write_secret(home, name, "key", key.dumps())
     records.save(home, store)
     with Index(home, name) as index:
@@ -346,28 +347,6 @@ class PushReport:
     seconds: float = 0.0
 
 
-@dataclass
-class Pace:
-    """Uploads at no more than `rate` bytes a second on average (0: no limit): it sleeps before a put that
-    would go ahead of the rate."""
-
-    rate: int
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
-    started: float | None = None
-    sent: int = 0
-
-    def __call__(self, size: int) -> None:
-        if self.rate <= 0:
-            return
-        if self.started is None:
-            self.started = self.clock()
-        ahead = self.sent / self.rate - (self.clock() - self.started)
-        if ahead > 0:
-            self.sleep(ahead)
-        self.sent += size
-
-
 def push(home: Home, tools: Tools, name: str, only: str | None = None, say: Say = lambda _: None,
          wait: float = 0.0) -> list[PushReport]:  # fmt: skip
     """Send each host's newest point the bucket lacks; then apply the bucket's retention. `wait`: seconds
@@ -435,8 +414,9 @@ def _push_host(home: Home, tools: Tools, opened: Opened, index: Index, host_name
     disks = [
         CloudDisk(d.slot, d.size, d.block_size, d.digest, m.runs()) for d, m in zip(point.disks, maps, strict=True)
     ]
+    consistency = point.consistency.label if point.consistency else ""
     cloud_point = CloudPoint(host=host_name, point=point.id, created=point.created, pushed=_now(),
-                             settings=_settings(host), consistency=point.consistency.label if point.consistency else "",
+                             settings=replica.settings_of(host), consistency=consistency,
                              packs=tuple(sender.packs), disks=tuple(disks))  # fmt: skip
     _put_manifest(opened, index, cloud_point, report)
     report.extended = _extend_locks(opened, index, cloud_point)
@@ -449,10 +429,6 @@ def _push_host(home: Home, tools: Tools, opened: Opened, index: Index, host_name
 def _same(sealer: Sealer, indexed: IndexedPoint, point: Point) -> bool:
     pushed = open_manifest(sealer, indexed.sealed)
     return [d.digest for d in pushed.disks] == [d.digest for d in point.disks]
-
-
-def _settings(host: Host) -> dict[str, object]:
-    return {k: v for k, v in dataclasses.asdict(host).items() if k in replica.SETTINGS}
 
 
 @dataclass
@@ -685,7 +661,6 @@ def points(home: Home, tools: Tools, name: str, host: str | None = None) -> list
     """The bucket's points (of `host`), read from the bucket itself, with each manifest's lock."""
     opened = open_store(home, tools, name)
     out = []
-    cached = {}
     with Index(home, name) as index:
         cached = {p.manifest: p for p in index.points()}
     for o in opened.bucket.listing("points/"):
@@ -722,11 +697,6 @@ def locate(home: Home, tools: Tools, name: str, host: str, point_id: str | None)
                                  hint=f"`appliance cloud points {name}` lists what it holds")  # fmt: skip
     chosen = listed[-1]
     return Located(opened, _open_point(opened.sealer, chosen.manifest, chosen.sealed), chosen.manifest, chosen.version)
-
-
-def find_point(home: Home, tools: Tools, name: str, host: str, point_id: str | None) -> tuple[Opened, CloudPoint]:
-    located = locate(home, tools, name, host, point_id)
-    return located.opened, located.point
 
 
 # -- verify -------------------------------------------------------------------------------------------------
@@ -809,16 +779,10 @@ def _check_point(opened: Opened, point: CloudPoint, data: dict[str, Any], header
 
 
 def _deep_digest(reader: DiskReader, report: VerifyReport) -> str:
-    digest = hashlib.sha256()
-    step = 256
-    for first in range(0, reader.total, step):
-        for b, data in reader.blocks(first, step):
-            if reader.map.get(b)[0] == ZERO:
-                digest.update(zero_hash(reader.length(b)))
-            else:
-                digest.update(hashlib.sha256(data).digest())
-                report.blocks += 1
-    return digest.hexdigest()
+    def count(_: int, __: bytes, zero: bool) -> None:
+        report.blocks += not zero
+
+    return _each_block(reader, count)
 
 
 # -- restore ------------------------------------------------------------------------------------------------
@@ -828,7 +792,8 @@ def restore(home: Home, tools: Tools, name: str, host: str, point_id: str | None
             say: Say = lambda _: None) -> tuple[CloudPoint, int]:  # fmt: skip
     """Write a point's first disk (or each disk, to TARGET.N for disk N > 0) as raw bytes to a file or a
     block device; returns the point and the bytes fetched. Zero blocks are written only to a device."""
-    opened, point = find_point(home, tools, name, host, point_id)
+    located = locate(home, tools, name, host, point_id)
+    opened, point = located.opened, located.point
     headers = PackHeaders(opened.bucket, opened.sealer)
     fetched = 0
     for i, disk in enumerate(point.disks):
@@ -862,18 +827,28 @@ def _write_disk(reader: DiskReader, path: Path) -> None:
 def _copy_checked(reader: DiskReader, write: Callable[[int, bytes], None], *, zeroes: bool) -> None:
     """Every block in order through `write`, checked as a whole against the point's digest: a restore is
     done only when what it wrote is the point, byte for byte."""
-    digest = hashlib.sha256()
+
+    def take(block: int, data: bytes, zero: bool) -> None:
+        if not zero or zeroes:
+            write(block * reader.disk.block_size, data)
+
+    if _each_block(reader, take) != reader.disk.digest:
+        raise CloudObjectError(f"the restored {reader.disk.slot} of {reader.point.host} does not make the point's "
+                               "digest",
+                               hint="`appliance cloud verify STORE --deep` names the damaged object")  # fmt: skip
+
+
+def _each_block(reader: DiskReader, take: Callable[[int, bytes, bool], None]) -> str:
+    """Every block of the disk in order to `take(block, bytes, reads as zeroes)`; returns the disk's digest
+    over what was read (domain/blocks.py: the digest `appliance verify` checks)."""
+    digest = DiskDigest()
     step = 256
     for first in range(0, reader.total, step):
         for b, data in reader.blocks(first, step):
             zero = reader.map.get(b)[0] == ZERO
-            digest.update(zero_hash(len(data)) if zero else hashlib.sha256(data).digest())
-            if not zero or zeroes:
-                write(b * reader.disk.block_size, data)
-    if digest.hexdigest() != reader.disk.digest:
-        raise CloudObjectError(f"the restored {reader.disk.slot} of {reader.point.host} does not make the point's "
-                               "digest",
-                               hint="`appliance cloud verify STORE --deep` names the damaged object")  # fmt: skip
+            digest.add(zero_hash(len(data)) if zero else hashlib.sha256(data).digest())
+            take(b, data, zero)
+    return digest.hexdigest()
 
 
 def restore_to_store(home: Home, tools: Tools, name: str, host_name: str, point_id: str | None,
@@ -921,9 +896,7 @@ def cloud_host(home: Home, name: str, store: str, settings: dict[str, object]) -
         raise CloudObjectError(f"cloud store {store}'s point of {name} does not list its disks")
     host = Host(name=name, address="", user="root", port=22, key_file="", host_key=HostKey("", "", ""),
                 disks=tuple(disks), replica_of=f"cloud store {store}")  # fmt: skip
-    kept: dict[str, Any] = {k: v for k, v in settings.items()
-                            if k != "disks" and type(v) is type(getattr(host, k, None))}  # fmt: skip
-    host = dataclasses.replace(host, **kept)
+    host = replica.with_settings(host, settings)
     hosts.save(home, host)
     return host
 

@@ -105,9 +105,7 @@ def fail_over_from_cloud(
         raise FailoverError(f"{name} already has a recovery VM",
                             hint=f"`appliance failover {name}` starts it again on its writes; "
                             f"`appliance failover stop {name}` removes it")  # fmt: skip
-    if tools.hypervisor.exists(vm_name(name)):
-        raise FailoverError(f"a libvirt domain named {vm_name(name)} already exists",
-                            hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
+    _refuse_leftover_domain(tools, name, "failover")
     _refuse_short_of(tools, settings, len(point.disks))
     folder = private_dir(home.failover_dir(name))
     private_dir(home.chain_dir(name))
@@ -334,10 +332,7 @@ def _refuse_other_point(chain: Chain, kept: RecoveryVm, point_ref: str) -> None:
 
 def _refuse_unfit(home: Home, tools: Tools, host: Host, point: Point, settings: VmSettings, purpose: str,
                   force: bool) -> None:  # fmt: skip
-    hv = tools.hypervisor
-    if hv.exists(vm_name(host.name, purpose)):
-        raise FailoverError(f"a libvirt domain named {vm_name(host.name, purpose)} already exists",
-                            hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
+    _refuse_leftover_domain(tools, host.name, purpose)
     if point.dropping:
         raise FailoverError(f"point {point.id} is being merged away by consolidation", hint="choose another point")
     v = point.verification
@@ -353,6 +348,12 @@ def _refuse_unfit(home: Home, tools: Tools, host: Host, point: Point, settings: 
             hint="choose another point with --point, or boot it anyway with --force",
         )
     _refuse_short_of(tools, settings, len(point.disks))
+
+
+def _refuse_leftover_domain(tools: Tools, host: str, purpose: str) -> None:
+    if tools.hypervisor.exists(vm_name(host, purpose)):
+        raise FailoverError(f"a libvirt domain named {vm_name(host, purpose)} already exists",
+                            hint="remove it with virsh (undefine) if it is a leftover")  # fmt: skip
 
 
 def _refuse_short_of(tools: Tools, settings: VmSettings, disks: int) -> None:

@@ -13,6 +13,7 @@ at another site is one more source and sink.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,3 +123,29 @@ class OverlaySink:
     def put_zeroes(self, offset: int, length: int, first: int, count: int) -> None:
         self.exported.zero(offset, length)
         self.hashes.set_zero(first, count)
+
+
+@dataclass
+class Pace:
+    """At no more than `rate` bytes a second on average (0: no limit): `wait` sleeps while what was counted
+    is ahead of the rate. A replication's receive (replicate.Throttle) and a push's puts share it."""
+
+    rate: int
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    started: float | None = None
+    sent: int = 0
+
+    def wait(self) -> None:
+        if self.rate <= 0:
+            return
+        if self.started is None:
+            self.started = self.clock()
+        ahead = self.sent / self.rate - (self.clock() - self.started)
+        if ahead > 0:
+            self.sleep(ahead)
+
+    def __call__(self, size: int) -> None:
+        """Wait for the rate, then count `size` bytes about to go."""
+        self.wait()
+        self.sent += size

@@ -12,7 +12,6 @@ kept from merging), and it names hosts and points only as the catalog lists them
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -118,7 +117,7 @@ def _catalog(home: Home) -> dict[str, Any]:
     for host in hosts.load_all(home)[0]:
         if host.replica_of:
             continue  # a replica here is not this site's to pass on
-        settings = {k: v for k, v in dataclasses.asdict(host).items() if k in replica.SETTINGS}
+        settings = replica.settings_of(host)
         chain = catalog.load(home.chain_dir(host.name), host.name)
         listed.append((host.name, settings, [p for p in chain.points if not p.dropping]))
     return replica.catalog_doc(listed)

@@ -40,6 +40,7 @@ from appliance.log import get_logger
 from appliance.ports import RemoteStream, Tools
 from appliance.services.backup import Capture, DiskReceiver, job_deadline, record_point
 from appliance.services.hosts import ConfirmKey, pin_host_key
+from appliance.services.pipeline import Pace
 from appliance.services.reader_session import violation
 from appliance.store import catalog, chains, hosts, schedule, sites
 from appliance.store.layout import Home
@@ -283,8 +284,7 @@ def replica_host(home: Home, site: Site, source: replica.SourceHost) -> Host:
     else:
         host = Host(name=source.name, address=site.address, user=site.user, port=site.port, key_file=site.key_file,
                     host_key=site.host_key, disks=tuple(disks), replica_of=site.name)  # fmt: skip
-    kept = {k: v for k, v in settings.items() if k != "disks" and type(v) is type(getattr(host, k))}
-    updated = replace(host, disks=tuple(disks), **kept)
+    updated = replica.with_settings(replace(host, disks=tuple(disks)), settings)
     hosts.save(home, updated)
     return updated
 
@@ -295,18 +295,17 @@ class Throttle:
 
     def __init__(self, recv_some: Callable[[], bytes], rate: int, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
-        self.recv_some, self.rate, self.clock, self.sleep = recv_some, rate, clock, sleep
-        self.started: float | None = None
-        self.received = 0
+        self.recv_some = recv_some
+        self.pace = Pace(rate, clock, sleep)
+
+    @property
+    def received(self) -> int:
+        return self.pace.sent
 
     def __call__(self) -> bytes:
-        if self.started is None:
-            self.started = self.clock()
-        ahead = self.received / self.rate - (self.clock() - self.started)
-        if ahead > 0:
-            self.sleep(ahead)
+        self.pace.wait()
         data = self.recv_some()
-        self.received += len(data)
+        self.pace.sent += len(data)
         return data
 
 

@@ -157,7 +157,7 @@ def export_host(home: Home, tools: Tools, name: str, target: Path, *, force: boo
                         f"{name}: the block hash list of point {point.id} ({disk.slot}) does not add up to its digest",
                         hint=f"run `appliance verify {name} --repair` to rebuild it from the point",
                     )
-            settings = {k: v for k, v in dataclasses.asdict(host).items() if k in replica.SETTINGS}
+            settings = replica.settings_of(host)
             write_json(staging / MANIFEST, {
                 "format": FORMAT, "host": name, "exported": datetime.now(UTC).isoformat(), "settings": settings,
                 "point": point_doc(point), "files": {f: {"size": d.size, "sha256": d.sha256} for f, d in files.items()},

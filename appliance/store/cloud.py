@@ -113,6 +113,10 @@ def read_secret(home: Home, name: str, which: str) -> str:
         raise ConfigError(f"cloud store {name}'s {which} cannot be read ({exc.strerror})") from exc
 
 
+def write_credentials(home: Home, name: str, access_key: str, secret_key: str) -> None:
+    write_secret(home, name, "credentials", json.dumps({"access_key": access_key, "secret_key": secret_key}))
+
+
 def credentials(home: Home, name: str) -> tuple[str, str]:
     path = home.cloud_dir(name) / "credentials"
     doc = json.loads(read_secret(home, name, "credentials") or "null")

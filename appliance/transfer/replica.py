@@ -28,6 +28,7 @@ on one session, until the DR closes it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from typing import Any
 
 from appliance.agent import reader as wire
 from appliance.domain.blocks import block_count
-from appliance.domain.models import HOST_NAME, DiskPoint, Point
+from appliance.domain.models import HOST_NAME, DiskPoint, Host, Point
 from appliance.errors import DamagedFileError
 from appliance.store.catalog import check_point_names, point_doc
 from appliance.store.files import as_type
@@ -50,6 +51,19 @@ _U32 = struct.Struct("<I")
 # What a DR site needs of a host to run its points: its disks and its recovery VM's shape, nothing else
 # (no address, key, hooks or schedule: those are the source site's business).
 SETTINGS = ("disks", "block_size", "vm_memory_mib", "vm_cpus", "vm_network", "vm_disk_bus", "boot_check")
+
+
+def settings_of(host: Host) -> dict[str, Any]:
+    """The host's SETTINGS, as a DR site, a seed export and a cloud manifest carry them."""
+    return {k: v for k, v in dataclasses.asdict(host).items() if k in SETTINGS}
+
+
+def with_settings(host: Host, settings: dict[str, Any]) -> Host:
+    """`host` with the settings another appliance recorded (a value of another type than the field's is
+    left out: a newer appliance's record cannot break this one's)."""
+    kept: dict[str, Any] = {k: v for k, v in settings.items()
+                            if k != "disks" and type(v) is type(getattr(host, k, None))}  # fmt: skip
+    return dataclasses.replace(host, **kept)
 
 
 # A record is sent compressed only when zstd shrinks it to 90 % or less: below that, the DR site's time to

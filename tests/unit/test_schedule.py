@@ -343,7 +343,7 @@ def test_a_cloud_store_with_an_interval_is_pushed_to_inside_its_window(monkeypat
 
 
 def test_uploads_are_paced_to_the_bandwidth_limit() -> None:
-    from appliance.services.cloud import Pace
+    from appliance.services.pipeline import Pace
 
     clock = [0.0]
     slept: list[float] = []
