@@ -34,7 +34,7 @@ from appliance.services.reader_pool import ReaderPool
 from appliance.services.replicate import HostReport, replicate
 from appliance.services.verify import verify_chain
 from appliance.store import cloud as cloud_records
-from appliance.store import hosts, schedule, sites
+from appliance.store import hosts, journal, schedule, sites
 from appliance.store.cloud import CloudStore
 from appliance.store.layout import Home
 
@@ -242,6 +242,7 @@ class Scheduler:
         (log.info if ok else log.error)("job.finished", kind=job.kind, host=job.host, ok=ok, message=message)
         try:
             schedule.record(self.home, schedule.Outcome(job.kind, job.host, started, round(seconds, 2), ok, message))
+            journal.append(self.home, journal.Entry(job.kind, job.host, started, round(seconds, 2), ok, message))
         except Exception as exc:  # the disk is full, say: the scheduler still knows when the job ran
             log.error("job.not_recorded", kind=job.kind, host=job.host, error=str(exc))
 

@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Every job the appliance ran, newest last (`jobs.jsonl`): the console's job history, a host's last errors,
+and what the alerts count ("a backup failed twice in a row").
+
+One JSON line per finished job, appended with O_APPEND (a line is written whole, so the daemon, the console
+and a CLI command may append at once). A line that does not read (a crash mid-append, a hand edit) is
+skipped: the journal is a history, nothing is lost with one entry. It is cut to its newest KEEP entries
+once it holds twice as many.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from appliance.store.files import full_disk_as_store_full, write_atomic
+from appliance.store.layout import Home
+
+NAME = "jobs.jsonl"
+KEEP = 2000
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A finished job. `origin`: schedule (the daemon), console (a user's button) or cli."""
+
+    kind: str
+    host: str
+    started: datetime
+    seconds: float
+    ok: bool
+    message: str
+    origin: str = "schedule"
+    user: str = ""
+
+
+def path(home: Home) -> Path:
+    return home.root / NAME
+
+
+def append(home: Home, entry: Entry) -> None:
+    """Add one finished job. :raises StoreFullError: no room for the line."""
+    line = (json.dumps({**asdict(entry), "started": entry.started.isoformat()}, sort_keys=True) + "\n").encode()
+    target = path(home)
+    with _lock, full_disk_as_store_full("the job history"):
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line)
+            if os.fstat(fd).st_size > 2 * KEEP * 256:
+                _cut(target)
+        finally:
+            os.close(fd)
+
+
+def _cut(target: Path) -> None:
+    """Keep the newest KEEP entries (called with the journal's lock held)."""
+    entries = target.read_bytes().splitlines(keepends=True)
+    if len(entries) > 2 * KEEP:
+        write_atomic(target, b"".join(entries[-KEEP:]))
+
+
+def load(home: Home, host: str | None = None, kind: str | None = None, limit: int = KEEP) -> list[Entry]:
+    """Finished jobs, oldest first (the newest `limit`), of one host and kind if given."""
+    try:
+        raw = path(home).read_bytes()
+    except FileNotFoundError:
+        return []
+    found: list[Entry] = []
+    for line in raw.splitlines():
+        entry = _entry(line)
+        if entry is not None and (host is None or entry.host == host) and (kind is None or entry.kind == kind):
+            found.append(entry)
+    return found[-limit:]
+
+
+def _entry(line: bytes) -> Entry | None:
+    try:
+        doc = json.loads(line)
+        return Entry(
+            kind=str(doc["kind"]), host=str(doc["host"]), started=datetime.fromisoformat(doc["started"]),
+            seconds=float(doc["seconds"]), ok=bool(doc["ok"]), message=str(doc["message"]),
+            origin=str(doc.get("origin", "schedule")), user=str(doc.get("user", "")),
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        return None
