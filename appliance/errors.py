@@ -189,3 +189,27 @@ class CloudKeyError(CloudError):
 class CloudFullError(CloudError):
     exit_code = 65
     default_hint = "raise the bucket's quota or let the bucket's retention drop points; what was sent is kept"
+
+
+class AlertError(ApplianceError):
+    """An alert channel: bad settings, or a channel that is not there."""
+
+    exit_code = 70
+
+
+class AlertDeliveryError(AlertError):
+    """A mail server or webhook refused a message or could not be reached (the message is retried)."""
+
+    exit_code = 71
+
+
+class UserError(ApplianceError):
+    """The console's users and tokens: bad name, role or password, or no such user."""
+
+    exit_code = 80
+
+
+class WebError(ApplianceError):
+    """The web console cannot start: address in use, certificate unreadable."""
+
+    exit_code = 81
