@@ -10,7 +10,7 @@ from appliance.adapters.images import QemuImages
 from appliance.adapters.libvirt_host import LibvirtHypervisor
 from appliance.adapters.nbdkit import NbdkitServer
 from appliance.adapters.ssh import ParamikoShell
-from appliance.ports import BucketAccess, ObjectStorage, Tools
+from appliance.ports import BucketAccess, ObjectStorage, PasswordHasher, Tools
 from appliance.store.layout import Home
 
 DEFAULT_HOME = "/var/lib/appliance"
@@ -41,3 +41,15 @@ def _bucket(access: BucketAccess) -> ObjectStorage:
     from appliance.adapters.s3 import S3Bucket
 
     return S3Bucket(access)
+
+
+def passwords() -> PasswordHasher:
+    from appliance.adapters.passwords import Argon2Passwords
+
+    return Argon2Passwords()
+
+
+def self_signed_certificate(cert: Path, key: Path, listen_host: str) -> None:
+    from appliance.adapters.tls import make_self_signed
+
+    make_self_signed(cert, key, listen_host)

@@ -185,3 +185,11 @@ class Tools:
         if self.buckets is None:
             raise RuntimeError("no object storage client was wired")
         return self.buckets(access)
+
+
+class PasswordHasher(Protocol):
+    """A slow, salted password hash (argon2id): what a stolen users file costs an attacker to crack."""
+
+    def hash(self, password: str) -> str: ...
+    def verify(self, stored: str, password: str) -> bool: ...  # never raises for a wrong password
+    def needs_rehash(self, stored: str) -> bool: ...

@@ -35,8 +35,10 @@ class Result:
         return [line for line in self.err.splitlines() if line.startswith(("error:", "hint:"))]
 
 
-def run_cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Result:
-    """The real `appliance` command, as a user runs it."""
+def run_cli(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600, stdin: str | None = None
+) -> Result:
+    """The real `appliance` command, as a user runs it (`stdin`: what is piped to it)."""
     full_env = {**os.environ, **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "appliance", "--home", str(home), *args],
@@ -44,6 +46,7 @@ def run_cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: 
         text=True,
         env=full_env,
         timeout=timeout,
+        input=stdin,
         check=False,
     )
     return Result(done.returncode, done.stdout, done.stderr)

@@ -27,6 +27,8 @@ from appliance.cli import failover as failover_cmds
 from appliance.cli import hosts as host_cmds
 from appliance.cli import lab as lab_cmds
 from appliance.cli import sites as site_cmds
+from appliance.cli import users as user_cmds
+from appliance.cli import web as web_cmds
 from appliance.cli.context import State
 from appliance.errors import EXIT_ERROR, EXIT_SIGNAL_BASE, ApplianceError
 
@@ -42,11 +44,13 @@ app.add_typer(failover_cmds.app, name="failover")
 app.add_typer(failback_cmds.app, name="failback")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(bench_cmds.app, name="bench")
+app.add_typer(user_cmds.app, name="user")
 backup_cmds.register(app)
 consolidate_cmds.register(app)
 daemon_cmds.register(app)
 site_cmds.register(app)
 cloud_cmds.register(app)
+web_cmds.register(app)
 
 
 def _version(value: bool) -> None:

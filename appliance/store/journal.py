@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from appliance.store.files import full_disk_as_store_full, write_atomic
+from appliance.errors import ApplianceError
+from appliance.store.files import full_disk_as_store_full, read_as, write_atomic, write_json
 from appliance.store.layout import Home
 
 NAME = "jobs.jsonl"
+TOTALS = "jobs-totals.json"
 KEEP = 2000
 _lock = threading.Lock()
 
@@ -53,10 +55,32 @@ def append(home: Home, entry: Entry) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, line)
+            _count(home, entry)
             if os.fstat(fd).st_size > 2 * KEEP * 256:
                 _cut(target)
         finally:
             os.close(fd)
+
+
+def _count(home: Home, entry: Entry) -> None:
+    """Jobs by kind and outcome since the appliance was set up: the metrics' counters, which must never go
+    down (the journal itself is cut). Called with the journal's lock held."""
+    counts = totals(home)
+    outcome = "ok" if entry.ok else "failed"
+    counts.setdefault(entry.kind, {}).setdefault(outcome, 0)
+    counts[entry.kind][outcome] += 1
+    write_json(home.root / TOTALS, counts)
+
+
+def totals(home: Home) -> dict[str, dict[str, int]]:
+    """{kind: {"ok": n, "failed": n}}; empty if the file is missing or damaged."""
+    path = home.root / TOTALS
+    if not path.exists():
+        return {}
+    try:
+        return read_as(path, dict[str, dict[str, int]])
+    except ApplianceError:
+        return {}
 
 
 def _cut(target: Path) -> None:
