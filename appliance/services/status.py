@@ -223,10 +223,18 @@ def host_detail(home: Home, name: str, now: datetime | None = None) -> HostDetai
     chain = catalog.load(home.chain_dir(name), name)
     pins = {**recovery.pinned_points(home, name), **cloud_holds(home, name), **sites.replication_holds(home, name)[0]}
     points = [
-        PointStatus(id=p.id, created=p.created, changed_bytes=p.changed_bytes, sent_bytes=p.sent_bytes,
-                    seconds=p.seconds, consistency=p.consistency.label if p.consistency else "-",
-                    verification=_verification(p), verification_detail=p.verification.detail if p.verification else "",
-                    boot=boot_check(home, name, p), pinned=pins.get(p.id, ""))  # fmt: skip
+        PointStatus(
+            id=p.id,
+            created=p.created,
+            changed_bytes=p.changed_bytes,
+            sent_bytes=p.sent_bytes,
+            seconds=p.seconds,
+            consistency=p.consistency.label if p.consistency else "-",
+            verification=_verification(p),
+            verification_detail=p.verification.detail if p.verification else "",
+            boot=boot_check(home, name, p),
+            pinned=pins.get(p.id, ""),
+        )  # fmt: skip
         for p in chain.points
     ]
     jobs = journal.load(home, host=name, limit=RECENT_JOBS)
@@ -236,9 +244,19 @@ def host_detail(home: Home, name: str, now: datetime | None = None) -> HostDetai
 def vm_statuses(home: Home, tools: Tools) -> list[VmStatus]:
     """Every recovery VM (failover and boot verification) with libvirt's word on it and its failback."""
     return [
-        VmStatus(host=vm.host, name=vm.name, point=vm.point, purpose=vm.purpose, state=shown, recorded=vm.state,
-                 started=vm.started, rto_seconds=vm.rto_seconds, accel=vm.accel, vnc=vm.vnc,
-                 failback=failback.status(home, vm.host) if vm.purpose == "failover" else None)  # fmt: skip
+        VmStatus(
+            host=vm.host,
+            name=vm.name,
+            point=vm.point,
+            purpose=vm.purpose,
+            state=shown,
+            recorded=vm.state,
+            started=vm.started,
+            rto_seconds=vm.rto_seconds,
+            accel=vm.accel,
+            vnc=vm.vnc,
+            failback=failback.status(home, vm.host) if vm.purpose == "failover" else None,
+        )  # fmt: skip
         for vm, shown in failover.status(home, tools)
     ]
 
