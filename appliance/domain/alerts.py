@@ -322,8 +322,7 @@ def redact_url(url: str) -> str:
     """A webhook URL as it may be shown: scheme and host, the path and query replaced (Slack, Teams and
     most chat hooks carry their token there), and no user or password."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = parts.netloc.rpartition("@")[2]  # host[:port], without a user or password
     hidden = "/***" if parts.path.strip("/") or parts.query else ""
     return urlunsplit((parts.scheme, netloc, hidden, "", ""))
 
