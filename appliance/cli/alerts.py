@@ -85,13 +85,18 @@ def test(ctx: typer.Context) -> None:
 
 
 @app.command("check")
-def check(ctx: typer.Context) -> None:
+def check(
+    ctx: typer.Context,
+    retry_now: Annotated[
+        bool, typer.Option("--retry-now", help="Try every waiting message now, not at its next try")
+    ] = False,
+) -> None:
     """Judge every condition now and deliver what is due, once (the daemon does this every minute)."""
     st = state(ctx)
     report = alerts.check(st.home, st.tools)
     for notice in report.notices:
         typer.echo(f"{notice.state}: {notice.incident.text}")
-    delivered = alerts.deliver(st.home, st.tools)
+    delivered = alerts.deliver(st.home, st.tools, retry_now=retry_now)
     dropped = f", {delivered.dropped} dropped" if delivered.dropped else ""
     typer.echo(f"{len(report.open)} open incident(s); {delivered.sent} message(s) sent, "
                f"{delivered.waiting} waiting{dropped}")  # fmt: skip

@@ -242,9 +242,10 @@ class DeliveryReport:
     waiting: int  # still in the outbox
 
 
-def deliver(home: Home, tools: Tools, now: datetime | None = None) -> DeliveryReport:
-    """Send every message that is due, oldest first. A channel that fails is tried again later (and not
-    again in this round: its other messages wait too); never raises for a delivery that failed."""
+def deliver(home: Home, tools: Tools, now: datetime | None = None, *, retry_now: bool = False) -> DeliveryReport:
+    """Send every message that is due, oldest first (`retry_now`: every waiting one, as after a mail server
+    was mended). A channel that fails is tried again later (and not again in this round: its other messages
+    wait too); never raises for a delivery that failed."""
     now = now or datetime.now(UTC)
     notifier = _notifier(tools)
     sent, dropped, failed = 0, 0, {}
@@ -259,7 +260,7 @@ def deliver(home: Home, tools: Tools, now: datetime | None = None) -> DeliveryRe
                 log.warning("alert.dropped", channel=item.channel, kind=item.message.kind,
                             subject=item.message.subject, attempts=item.attempts,
                             why="channel removed" if channel is None else "undelivered for too long")  # fmt: skip
-            elif item.next_try <= now and item.channel not in failed:
+            elif (retry_now or item.next_try <= now) and item.channel not in failed:
                 error = _send(notifier, home, channel, item)
                 if error is None:
                     waiting.remove(item)
