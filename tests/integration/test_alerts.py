@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from appliance import bootstrap
 from appliance.domain.schedule import BACKUP, Job
@@ -144,6 +145,37 @@ def test_alert_test_reaches_the_mail_server_and_the_webhook_once(home: Path, inb
         refused.err
     )  # fmt: skip
     assert "webhook-1: sent" in refused.out and len(hook.bodies) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # a test server on 127.0.0.1
+def test_a_mail_server_that_wants_a_login_gets_the_password_files(home: Path, tmp_path: Path) -> None:
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, auth: Any) -> AuthResult:
+        assert isinstance(auth, LoginPassword)
+        logins.append((auth.login, auth.password))
+        return AuthResult(success=auth.password == b"hunter2")
+
+    handler = Inbox()
+    handler.port = _free_port()
+    server = Controller(handler, hostname="127.0.0.1", port=handler.port, authenticator=authenticate,
+                        auth_require_tls=False, auth_required=True)  # fmt: skip
+    server.start()
+    try:
+        password = tmp_path / "password"
+        password.write_text("hunter2\n")
+        password.chmod(0o600)
+        added = run_cli(home, "alert", "add", "mail", "--smtp", f"127.0.0.1:{handler.port}", "--to", "it@example.com",
+                        "--user", "backup", "--password-file", str(password))  # fmt: skip
+        assert added.rc == 0, added.err
+        password.unlink()  # the appliance keeps its own copy (0600)
+        tested = run_cli(home, "--log-json", "alert", "test")
+        assert tested.rc == 0, tested.err
+        assert logins == [(b"backup", b"hunter2")] and len(handler.mails) == 1
+        assert "hunter2" not in tested.out + tested.err + (home / "alerts" / "channels.json").read_text()
+        assert (home / "alerts" / "mail-1.secret").stat().st_mode & 0o777 == 0o600
+    finally:
+        server.stop()
 
 
 def test_a_failing_host_is_one_message_on_each_channel_then_resolved_then_late(
