@@ -8,8 +8,11 @@ from pathlib import Path
 
 from appliance.adapters.images import QemuImages
 from appliance.adapters.libvirt_host import LibvirtHypervisor
+from appliance.adapters.mail import MailSender
 from appliance.adapters.nbdkit import NbdkitServer
 from appliance.adapters.ssh import ParamikoShell
+from appliance.adapters.webhook import WebhookSender
+from appliance.domain.alerts import MAIL, Channel, Message
 from appliance.ports import BucketAccess, ObjectStorage, PasswordHasher, Tools
 from appliance.store.layout import Home
 
@@ -33,7 +36,18 @@ def tools(home: Home) -> Tools:
         hypervisor=hypervisor,
         buckets=_bucket,
         block_server=NbdkitServer(),
+        notifier=ChannelNotifier(),
     )
+
+
+class ChannelNotifier:
+    """The Notifier port: each channel through the adapter of its kind."""
+
+    def __init__(self) -> None:
+        self.mail, self.webhook = MailSender(), WebhookSender()
+
+    def send(self, channel: Channel, secret: str, message: Message) -> None:
+        (self.mail if channel.kind == MAIL else self.webhook).send(channel, secret, message)
 
 
 def _bucket(access: BucketAccess) -> ObjectStorage:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.domain.accel import Machine
+from appliance.domain.alerts import Channel, Message
 from appliance.domain.models import Host, HostKey
 from appliance.domain.recovery import DomainSpec, DomainState
 
@@ -171,6 +172,16 @@ class BlockServer(Protocol):
     def running(self, pidfile: Path) -> bool: ...
 
 
+class Notifier(Protocol):
+    """Sends one message to one alert channel (a mail server, a webhook), now.
+
+    `secret`: the channel's secret (the SMTP password, "" for none; the webhook's URL).
+    :raises AlertDeliveryError: the server refused it or could not be reached (its reason in one line).
+    """
+
+    def send(self, channel: Channel, secret: str, message: Message) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Tools:
     """What the use cases are given to reach the outside world."""
@@ -180,6 +191,7 @@ class Tools:
     hypervisor: Hypervisor
     buckets: Callable[[BucketAccess], ObjectStorage] | None = None  # None: no S3 client here (unit tests)
     block_server: BlockServer | None = None
+    notifier: Notifier | None = None  # None: alerts cannot be sent from here (unit tests)
 
     def bucket(self, access: BucketAccess) -> ObjectStorage:
         if self.buckets is None:

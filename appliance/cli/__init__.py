@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from appliance import __version__, log
+from appliance.cli import alerts as alert_cmds
 from appliance.cli import backup as backup_cmds
 from appliance.cli import bench as bench_cmds
 from appliance.cli import cloud as cloud_cmds
@@ -51,6 +52,7 @@ daemon_cmds.register(app)
 site_cmds.register(app)
 cloud_cmds.register(app)
 web_cmds.register(app)
+alert_cmds.register(app)
 
 
 def _version(value: bool) -> None:

@@ -18,6 +18,7 @@ from appliance.cli._output import raise_unreadable, table
 from appliance.cli.context import state
 from appliance.domain.schedule import parse_time_of_day, ran_in_the_future
 from appliance.errors import DamagedFileError
+from appliance.services.alerts import Watcher
 from appliance.services.daemon import DEFAULT_JOBS, Scheduler, SystemClock, run_job, upcoming
 from appliance.services.failover import restart_interrupted
 from appliance.services.reader_pool import ReaderPool
@@ -36,6 +37,9 @@ def daemon(
     consolidate_at: Annotated[str, _AT] = "02:00",
     jobs: Annotated[int, typer.Option("--jobs", min=1, max=64, help="Jobs of different hosts at once")] = DEFAULT_JOBS,
     systemd_unit: Annotated[bool, typer.Option("--systemd-unit", help="Print a systemd unit for it and exit")] = False,
+    alert_every: Annotated[
+        float, typer.Option("--alert-every", min=0.0, help="Seconds between alert checks and deliveries; 0: none")
+    ] = 60.0,
 ) -> None:
     """Run the scheduler in the foreground until SIGTERM (logs to stderr; JSON with --log-json)."""
     if systemd_unit:
@@ -60,9 +64,14 @@ def daemon(
     # would deadlock).
     runner = threading.Thread(target=sched.run, name="scheduler")
     runner.start()
+    # Alerts in a thread of their own: a mail server that hangs for its timeout never holds a backup.
+    watcher = Watcher(st.home, tools, every=alert_every)
+    if alert_every > 0:
+        threading.Thread(target=watcher.run, name="alerts", daemon=True).start()
     try:
         runner.join()
     finally:
+        watcher.stop.set()
         readers.close()
 
 

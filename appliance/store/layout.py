@@ -16,6 +16,7 @@ $APPLIANCE_HOME/
                                 it confirmed holding (kept from merging, with the hash lists after it)
   cloud/<store>/                a cloud store (S3 bucket) this appliance pushes points to: its record,
                                 credentials and key (0600), and an index of what the bucket holds
+  alerts/                       alert channels (their secrets in files of their own, 0600), incidents, outbox
   schedule.json, accel.json     what the scheduler last ran; what failover learnt of KVM here
   run/                          sockets and FUSE export files of running jobs
 
@@ -113,6 +114,11 @@ class Home:
     def cloud_dir(self, name: str) -> Path:
         """cloud/<store>/: a cloud store's record, secrets and index (store/cloud.py)."""
         return self.clouds_dir / validate_host_name(name)
+
+    @property
+    def alerts_dir(self) -> Path:
+        """alerts/: the alert channels, their secrets (0600), the incidents and the outbox (store/alerts.py)."""
+        return self.root / "alerts"
 
     @property
     def accel_file(self) -> Path:
