@@ -10,7 +10,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from appliance.services.daemon import DEFAULT_JOBS, Scheduler, SystemClock, run_
 from appliance.services.failover import restart_interrupted
 from appliance.services.reader_pool import ReaderPool
 from appliance.store import schedule as schedule_store
+
+if TYPE_CHECKING:
+    import uvicorn
 
 _AT = typer.Option("--consolidate-at", help="Local time of the nightly consolidation, HH:MM")
 
@@ -40,6 +43,11 @@ def daemon(
     alert_every: Annotated[
         float, typer.Option("--alert-every", min=0.0, help="Seconds between alert checks and deliveries; 0: none")
     ] = 60.0,
+    web: Annotated[
+        str | None, typer.Option("--web", help="Serve the web console too, on HOST:PORT (e.g. :8443)")
+    ] = None,
+    web_cert: Annotated[Path | None, typer.Option("--web-cert", help="The console's TLS certificate (PEM)")] = None,
+    web_key: Annotated[Path | None, typer.Option("--web-key", help="Its private key (PEM)")] = None,
 ) -> None:
     """Run the scheduler in the foreground until SIGTERM (logs to stderr; JSON with --log-json)."""
     if systemd_unit:
@@ -62,6 +70,7 @@ def daemon(
     # The scheduler runs in its own thread and this one only waits: a signal handler runs here, never inside
     # the scheduler's own waiting on its events (setting an event whose lock the interrupted code holds
     # would deadlock).
+    console = _start_console(ctx, web, web_cert, web_key, consolidate_at, sched) if web else None
     runner = threading.Thread(target=sched.run, name="scheduler")
     runner.start()
     # Alerts in a thread of their own: a mail server that hangs for its timeout never holds a backup.
@@ -72,7 +81,25 @@ def daemon(
         runner.join()
     finally:
         watcher.stop.set()
+        if console is not None:
+            console.should_exit = True
         readers.close()
+
+
+def _start_console(ctx: typer.Context, listen: str, cert: Path | None, key: Path | None, consolidate_at: str,
+                   sched: Scheduler) -> uvicorn.Server:  # fmt: skip
+    """The web console in a thread of the daemon, showing the scheduler's running jobs too."""
+    from appliance.cli.web import make_console
+    from appliance.web.server import Listen, make_server, serve_in_thread, tls_files
+
+    console = make_console(ctx, consolidate_at, "30m")
+    console.scheduled = lambda: sched.running
+    where = Listen.parse(listen)
+    cert_file, key_file = tls_files(console, where, cert, key)
+    server = make_server(console, where, cert_file, key_file)
+    serve_in_thread(server)
+    typer.echo(f"console at https://{where.host}:{where.port}/ (certificate {cert_file})", err=True)
+    return server
 
 
 def schedule(ctx: typer.Context, consolidate_at: Annotated[str, _AT] = "02:00") -> None:

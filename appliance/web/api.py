@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from appliance.domain.alerts import Incident
 from appliance.errors import PointNotFoundError
-from appliance.services import status
+from appliance.services import alerts, status
 from appliance.services.console_jobs import Running
 from appliance.store import journal
 from appliance.web.app import Operator, Viewer, console_of
@@ -118,7 +119,8 @@ def cutover(request: Request, name: str, who: Operator) -> dict[str, str]:
 
 class JobsView(BaseModel):
     upcoming: list[tuple[str, str, datetime]]
-    running: list[Started]
+    running: list[Started]  # the console's
+    scheduled: list[str]  # hosts, sites or stores the daemon runs a job for now (when the console runs in it)
     history: list[journal.Entry]
 
 
@@ -128,7 +130,13 @@ def jobs(request: Request, who: Viewer) -> JobsView:
     c = console_of(request)
     found = status.jobs(c.home, c.consolidate_at, datetime.now(UTC))
     running = [Started(kind=r.kind, host=r.host, user=r.user, started=r.started) for r in c.running.running()]
-    return JobsView(upcoming=found.upcoming, running=running, history=found.history[::-1])
+    return JobsView(upcoming=found.upcoming, running=running, scheduled=c.scheduled(), history=found.history[::-1])
+
+
+@router.get("/alerts", response_model=list[Incident])
+def incidents(request: Request, who: Viewer) -> list[Incident]:
+    """The open incidents (what the alerts told and will remind of daily until resolved)."""
+    return alerts.open_incidents(console_of(request).home)
 
 
 @router.get("/me")

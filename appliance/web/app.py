@@ -8,6 +8,7 @@ Every route needs a logged-in user or an API token, except the login page and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import time as time_of_day
 from importlib import resources
@@ -53,6 +54,7 @@ class Console:
     sessions: Sessions = field(default_factory=Sessions)
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     jobs: ConsoleJobs | None = None
+    scheduled: Callable[[], list[str]] = list  # the hosts (sites, stores) the daemon's scheduler runs a job for
 
     def __post_init__(self) -> None:
         if self.jobs is None:

@@ -17,7 +17,7 @@ from fastapi.templating import Jinja2Templates
 from appliance.domain.models import format_size
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
-from appliance.services import status, users
+from appliance.services import alerts, status, users
 from appliance.web.app import PageOperator, PageViewer, Principal, console_of, status_of
 from appliance.web.auth import COOKIE, FAIL_DELAY
 
@@ -103,17 +103,17 @@ def _local(target: str) -> str:
 
 @router.get("/", response_class=HTMLResponse)
 def overview_page(request: Request, who: PageViewer) -> HTMLResponse:
-    return _page(request, "overview.html", who, view=_overview(request))
+    return _page(request, "overview.html", who, **_overview(request))
 
 
 @router.get("/parts/overview", response_class=HTMLResponse)
 def overview_part(request: Request, who: PageViewer) -> HTMLResponse:
-    return _page(request, "_overview.html", who, view=_overview(request))
+    return _page(request, "_overview.html", who, **_overview(request))
 
 
-def _overview(request: Request) -> status.Overview:
+def _overview(request: Request) -> dict[str, Any]:
     c = console_of(request)
-    return status.overview(c.home, c.tools)
+    return {"view": status.overview(c.home, c.tools), "incidents": alerts.open_incidents(c.home)}
 
 
 @router.get("/hosts/{name}", response_class=HTMLResponse)
@@ -163,7 +163,8 @@ def jobs_part(request: Request, who: PageViewer) -> HTMLResponse:
 def _jobs(request: Request) -> dict[str, Any]:
     c = console_of(request)
     found = status.jobs(c.home, c.consolidate_at)
-    return {"upcoming": found.upcoming[:50], "running": c.running.running(), "history": found.history[::-1][:200]}
+    return {"upcoming": found.upcoming[:50], "running": c.running.running(), "scheduled": c.scheduled(),
+            "history": found.history[::-1][:200]}  # fmt: skip
 
 
 # -- buttons (operators) ------------------------------------------------------------------------------------
