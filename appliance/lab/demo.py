@@ -35,12 +35,13 @@ BOOT_CHECK = "console:APPLIANCE-GUEST-UP"
 CLOUD = "b2"  # the cloud store: the lab's SeaweedFS stands in for Backblaze B2, Wasabi or AWS S3
 
 
-def _step(shown: list[str], argv: list[str]) -> str:
-    """Print `shown` as the user would type it, run `argv`, print its output (without info logs)."""
+def _step(shown: list[str], argv: list[str], stdin: str | None = None) -> str:
+    """Print `shown` as the user would type it, run `argv` (`stdin` piped to it), print its output (without
+    info logs)."""
     print(f"\n$ {shlex.join(shown)}", flush=True)
     started = time.monotonic()
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, check=False)  # fmt: skip
+    done = subprocess.run(argv, input=stdin if stdin is not None else "", stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, check=False)  # fmt: skip
     print("\n".join(line for line in done.stdout.splitlines() if "[info     ]" not in line), flush=True)
     if done.returncode != 0:
         raise LabError(f"demo step failed (exit {done.returncode}): {shlex.join(shown)}")
@@ -92,6 +93,7 @@ def run_demo(home: Path) -> None:
     _consolidation(home)
     _offsite(home, lab)
     _cloud(home, lab)
+    _console(home)
     _failback(home, lab, h.disk)
     print(f"\nDemo complete. The lab host is still up: try `appliance --home {home} failover {HOST}`; "
           f"`appliance --home {home} lab down` removes it.", flush=True)  # fmt: skip
@@ -223,6 +225,25 @@ def _cloud(home: Path, lab: Lab) -> None:
         _at_dr(new, "failover", "stop", HOST)
     finally:
         store.stop()
+
+
+def _console(home: Path) -> None:
+    """The web console and its API: a user, a token for scripts, the hosts' states and the metrics."""
+    from appliance.lab.console import ask_console, free_port
+
+    print("\nThe web console (pages, /api/v1, /metrics): a user, a token for a script, what it says of the host.",
+          flush=True)  # fmt: skip
+    (home / "web" / "users.json").unlink(missing_ok=True)
+    (home / "web" / "tokens.json").unlink(missing_ok=True)
+    _step(
+        ["appliance", "user", "add", "admin", "--role", "admin", "--password-stdin"],
+        _cli(home, "user", "add", "admin", "--role", "admin", "--password-stdin"),
+        stdin="demo admin passphrase\n",
+    )
+    token = _quiet(home, "user", "token", "create", "admin", "--label", "demo").strip()
+    print("\n$ appliance user token create admin --label demo    (printed once; only its hash is kept)", flush=True)
+    port = free_port()
+    ask_console(_cli(home, "web", "--listen", f"127.0.0.1:{port}"), home, token, port, ["/api/v1/hosts", "/metrics"])
 
 
 def _failback(home: Path, lab: Lab, disk: str) -> None:

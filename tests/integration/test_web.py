@@ -179,3 +179,26 @@ def test_bad_console_options_are_one_line(home: Path) -> None:
     assert (
         json.loads((home / "web" / "users.json").read_text() if (home / "web" / "users.json").exists() else "{}") == {}
     )
+
+
+def test_the_vnc_relay_is_for_operators_and_recovery_vms_only(web: RunningConsole) -> None:
+    import ssl
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    trust = ssl.create_default_context(cafile=str(web.cert))
+    url = web.url.replace("https://", "wss://") + "/vms/{}/vnc"
+    origin = web.url.replace("https://", "")
+    for user, host, headers in (
+        ("victor", "web1", {}),  # a viewer
+        ("oscar", "web1", {}),  # an operator, but web1 has no recovery VM
+        ("oscar", "web1", {"Origin": "https://evil.example"}),  # another site's page
+        (None, "web1", {}),  # nobody
+        ("oscar", "..", {}),  # not a host name
+    ):
+        cookie = web.login(user).cookies.get("appliance_session") if user else "forged"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url.format(host), ssl=trust, additional_headers={"Cookie": f"appliance_session={cookie}",
+                                                                     "Origin": f"https://{origin}", **headers})  # fmt: skip
+        assert refused.value.response.status_code == 403, (user, host, headers)
