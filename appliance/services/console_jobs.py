@@ -102,10 +102,11 @@ class ConsoleJobs:
 
     def _run(self, job: Running, work: Callable[[], str]) -> None:
         t0 = time.monotonic()
+        hint = ""
         try:
             message, ok = work(), True
         except ApplianceError as exc:
-            message, ok = exc.message, False
+            message, ok, hint = exc.message, False, exc.hint or ""
         except Exception as exc:  # a bug in one job must not take the console down
             message, ok = f"internal error: {type(exc).__name__}: {exc}", False
             log.exception("console.job_crashed", kind=job.kind, host=job.host)
@@ -113,7 +114,7 @@ class ConsoleJobs:
         (log.info if ok else log.error)("console.job_finished", kind=job.kind, host=job.host, ok=ok, message=message)
         try:
             journal.append(self._home, journal.Entry(job.kind, job.host, job.started, seconds, ok, message,
-                                                     origin="console", user=job.user))  # fmt: skip
+                                                     origin="console", user=job.user, hint=hint))  # fmt: skip
         except ApplianceError as exc:
             log.error("job.not_recorded", kind=job.kind, host=job.host, error=exc.message)
         finally:  # after the journal has it: a page never sees the job neither running nor finished

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from appliance.domain.models import Host, Point
 from appliance.domain.retention import DEFER, DROP, Decision, RetentionPolicy, plan
 from appliance.errors import ChainError
 from appliance.log import get_logger
 from appliance.ports import Tools
-from appliance.store import chains, hosts
+from appliance.store import chains, hosts, journal
 from appliance.store.layout import Home
 
 log = get_logger(__name__)
@@ -58,13 +59,21 @@ def consolidate(home: Home, tools: Tools, name: str, *, dry_run: bool = False, w
             return report
         for decision in decisions:
             if decision.action == DROP:
-                tx.merge(tx.chain.find(decision.point))
+                point = tx.chain.find(decision.point)
+                tx.merge(point)
                 report.merged.append(decision.point)
+                _remember(home, name, point, tx.chain.points)
         report.seconds = time.monotonic() - started
         kept = len(tx.chain.points)
     log.info("chain.consolidated", host=name, merged=len(report.merged), deferred=len(report.deferred),
              kept=kept, seconds=round(report.seconds, 2))  # fmt: skip
     return report
+
+
+def _remember(home: Home, host: str, point: Point, remaining: tuple[Point, ...]) -> None:
+    """The merged point on the host's timeline: what it was, and which newer point holds it now."""
+    into = next((p.id for p in remaining if p.created > point.created), "")
+    journal.remember_merged(home, journal.Merged(host, point.id, point.created, into, datetime.now(UTC)))
 
 
 def drop_point(home: Home, tools: Tools, name: str, point_ref: str, *, wait: float = 0.0) -> Point:
@@ -82,4 +91,5 @@ def drop_point(home: Home, tools: Tools, name: str, point_ref: str, *, wait: flo
             raise ChainError(f"{name}: point {point.id} is held for {held[point.id]}; not merging it",
                              hint="it can be merged once that site confirms a newer point")  # fmt: skip
         tx.merge(point)
+        _remember(home, name, point, tx.chain.points)
         return point

@@ -231,10 +231,11 @@ class Scheduler:
         with self._lock:
             self._started[job.key] = started
         log.info("job.started", kind=job.kind, host=job.host)
+        hint = ""
         try:
             message, ok = self.runner(job), True
         except ApplianceError as exc:
-            message, ok = exc.message, False
+            message, ok, hint = exc.message, False, exc.hint or ""
         except Exception as exc:  # a bug in one job must not stop the schedule of every host
             message, ok = f"internal error: {type(exc).__name__}: {exc}", False
             log.exception("job.crashed", kind=job.kind, host=job.host)
@@ -242,7 +243,8 @@ class Scheduler:
         (log.info if ok else log.error)("job.finished", kind=job.kind, host=job.host, ok=ok, message=message)
         try:
             schedule.record(self.home, schedule.Outcome(job.kind, job.host, started, round(seconds, 2), ok, message))
-            journal.append(self.home, journal.Entry(job.kind, job.host, started, round(seconds, 2), ok, message))
+            journal.append(self.home, journal.Entry(job.kind, job.host, started, round(seconds, 2), ok, message,
+                                                    hint=hint))  # fmt: skip
         except Exception as exc:  # the disk is full, say: the scheduler still knows when the job ran
             log.error("job.not_recorded", kind=job.kind, host=job.host, error=str(exc))
 

@@ -121,6 +121,7 @@ class HostDetail:
     points: list[PointStatus]
     jobs: list[journal.Entry]  # newest last
     errors: list[journal.Entry]  # failed jobs, newest last
+    merged: list[journal.Merged]  # points consolidation merged away, oldest first
 
 
 def overview(home: Home, tools: Tools, now: datetime | None = None, *, with_vms: bool = True) -> Overview:
@@ -239,7 +240,8 @@ def host_detail(home: Home, name: str, now: datetime | None = None) -> HostDetai
         for p in chain.points
     ]
     jobs = journal.load(home, host=name, limit=RECENT_JOBS)
-    return HostDetail(host_status(home, host, now), points, jobs, [j for j in jobs if not j.ok])
+    return HostDetail(host_status(home, host, now), points, jobs, [j for j in jobs if not j.ok],
+                      journal.merged(home, name))  # fmt: skip
 
 
 def vm_statuses(home: Home, tools: Tools) -> list[VmStatus]:

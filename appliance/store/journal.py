@@ -10,6 +10,7 @@ once it holds twice as many.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -40,6 +41,7 @@ class Entry:
     message: str
     origin: str = "schedule"
     user: str = ""
+    hint: str = ""  # what the failure's error said to do about it
 
 
 def path(home: Home) -> Path:
@@ -110,7 +112,51 @@ def _entry(line: bytes) -> Entry | None:
         return Entry(
             kind=str(doc["kind"]), host=str(doc["host"]), started=datetime.fromisoformat(doc["started"]),
             seconds=float(doc["seconds"]), ok=bool(doc["ok"]), message=str(doc["message"]),
-            origin=str(doc.get("origin", "schedule")), user=str(doc.get("user", "")),
+            origin=str(doc.get("origin", "schedule")), user=str(doc.get("user", "")), hint=str(doc.get("hint", "")),
         )  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# -- points merged away by consolidation: the host's timeline shows them after they are gone -------------------
+
+MERGED = "merged.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    host: str
+    point: str
+    created: datetime  # when the point was taken
+    into: str  # the newer point that holds its data now
+    time: datetime  # when it was merged
+
+
+def remember_merged(home: Home, merged: Merged) -> None:
+    """Only a history: a disk too full for the line loses the line, never the merge."""
+    line = (json.dumps({**asdict(merged), "created": merged.created.isoformat(), "time": merged.time.isoformat()},
+                       sort_keys=True) + "\n").encode()  # fmt: skip
+    with _lock, contextlib.suppress(OSError):
+        fd = os.open(home.root / MERGED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def merged(home: Home, host: str, limit: int = 100) -> list[Merged]:
+    """The host's points merged away, oldest first (the newest `limit`)."""
+    try:
+        raw = (home.root / MERGED).read_bytes()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in raw.splitlines():
+        try:
+            doc = json.loads(line)
+            if doc["host"] == host:
+                found.append(Merged(str(doc["host"]), str(doc["point"]), datetime.fromisoformat(doc["created"]),
+                                    str(doc["into"]), datetime.fromisoformat(doc["time"])))  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found[-limit:]

@@ -162,7 +162,29 @@ def create_app(console: Console) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(resources.files("appliance") / "web" / "static")), "static")
     app.mount("/novnc", StaticFiles(directory=NOVNC, check_dir=False), "novnc")
     _errors(app)
+    _headers(app)
     return app
+
+
+# Scripts only from the console itself (htmx, noVNC, no inline script), never inside another site's frame
+# (a button pressed through a transparent frame), nothing cached that a later user of the browser could read.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _headers(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if not request.url.path.startswith(("/static/", "/novnc/")) and "cache-control" not in response.headers:
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
 
 def _errors(app: FastAPI) -> None:

@@ -99,6 +99,8 @@ def test_the_console_in_a_browser(browser, make_host, guest_image: Path, home: P
         browser.get(f"{web.url}/vms")
         _until(lambda: browser.find_elements(By.CSS_SELECTOR, f"#vm-{host.name} a.console-link"), 300,
                "the recovery VM did not come up")  # fmt: skip
+        _until(lambda: browser.find_element(By.CSS_SELECTOR, f"#vm-{host.name} td.rto").text.endswith(" s"), 300,
+               "the failover did not record its RTO")  # fmt: skip
         _shot(browser, "vms")
         browser.find_element(By.CSS_SELECTOR, f"#vm-{host.name} a.console-link").click()
         status = _until(lambda: browser.find_element(By.CSS_SELECTOR, "#vnc-status[data-state=connected]"), 30,

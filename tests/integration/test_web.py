@@ -32,6 +32,9 @@ def test_every_page_and_api_call_needs_a_login(web: RunningConsole) -> None:
         assert c.post("/api/v1/hosts/web1/backup").status_code == 401
         assert c.get("/api/v1/hosts", headers={"Authorization": "Bearer apl_nope_nope"}).status_code == 401
         assert c.get("/login").status_code == 200 and c.get("/static/console.css").status_code == 200
+        headers = c.get("/login").headers  # never framed by another site, no inline script, nothing cached
+        assert headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "script-src 'self';" in headers["content-security-policy"] and headers["cache-control"] == "no-store"
 
 
 def test_a_wrong_password_gets_a_generic_answer_after_a_delay(web: RunningConsole) -> None:
@@ -84,7 +87,12 @@ def test_roles_are_enforced_on_the_server(web: RunningConsole, make_host, home: 
     assert r.status_code == 202 and r.json()["user"] == "oscar"
     history = _wait_for_job(operator, host.name)
     assert history["ok"] and history["user"] == "oscar" and history["origin"] == "console"
-    assert len(points_json(home, host.name)) == 2
+    newest = str(points_json(home, host.name)[-1]["id"])
+    assert run_cli(home, "host", "set", host.name, "--keep-last", "1").rc == 0
+    assert run_cli(home, "consolidate", host.name).rc == 0  # the first point leaves the chain, not the timeline
+    merged = viewer.get(f"/api/v1/hosts/{host.name}").json()["merged"]
+    assert [(m["point"], m["into"]) for m in merged] == [(point, newest)]
+    assert f"<td>{point}</td>" in viewer.get(f"/parts/hosts/{host.name}").text
 
 
 def _wait_for_job(client, host: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -198,7 +206,7 @@ def test_the_vnc_relay_is_for_operators_and_recovery_vms_only(web: RunningConsol
         ("oscar", "..", {}),  # not a host name
     ):
         cookie = web.login(user).cookies.get("appliance_session") if user else "forged"
+        sent = {"Cookie": f"appliance_session={cookie}", "Origin": f"https://{origin}", **headers}
         with pytest.raises(InvalidStatus) as refused:
-            connect(url.format(host), ssl=trust, additional_headers={"Cookie": f"appliance_session={cookie}",
-                                                                     "Origin": f"https://{origin}", **headers})  # fmt: skip
+            connect(url.format(host), ssl=trust, additional_headers=sent)
         assert refused.value.response.status_code == 403, (user, host, headers)
