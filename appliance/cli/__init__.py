@@ -28,6 +28,7 @@ from appliance.cli import failover as failover_cmds
 from appliance.cli import hosts as host_cmds
 from appliance.cli import lab as lab_cmds
 from appliance.cli import sites as site_cmds
+from appliance.cli import status as status_cmds
 from appliance.cli import users as user_cmds
 from appliance.cli import web as web_cmds
 from appliance.cli.context import State
@@ -52,6 +53,7 @@ daemon_cmds.register(app)
 site_cmds.register(app)
 cloud_cmds.register(app)
 web_cmds.register(app)
+status_cmds.register(app)
 alert_cmds.register(app)
 
 

@@ -126,3 +126,18 @@ def cloud_bench(
         run_cloud_rto_bench(parse_size(disk_size), data, rate)
         return
     run_cloud_bench(parse_size(disk_size), data, change / 100.0, rate)
+
+
+@app.command("console")
+def console_bench(
+    sizes: Annotated[list[str] | None, typer.Argument(help="HOSTSxPOINTS, e.g. 10x100 100x100")] = None,
+) -> None:
+    """The web console's answers (API, page, metrics) and memory as hosts and points grow."""
+    from appliance.bench.console import run_console_bench
+
+    chosen = sizes or ["1x10", "10x100", "100x100", "100x1000"]
+    try:
+        parsed = [(int(a), int(b)) for a, _, b in (s.partition("x") for s in chosen)]
+    except ValueError:
+        raise typer.BadParameter("use HOSTSxPOINTS, e.g. 10x100") from None
+    run_console_bench(parsed)

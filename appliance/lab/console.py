@@ -26,25 +26,26 @@ def ask_console(argv: list[str], home: Path, token: str, port: int, paths: list[
     print(f"\n$ {shlex.join(['appliance', *argv[argv.index('web') :]])} &", flush=True)
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        trust = _wait_up(server, home / "web" / "cert.pem", port)
+        trust = wait_up(home / "web" / "cert.pem", port, server)
         for path in paths:
             print(f"\n$ curl --cacert {home}/web/cert.pem -H 'Authorization: Bearer apl_...' "
                   f"https://127.0.0.1:{port}{path}", flush=True)  # fmt: skip
-            print(_shown(path, _get(trust, port, path, token)), flush=True)
+            print(_shown(path, get(trust, port, path, token).decode()), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def _wait_up(server: subprocess.Popen[str], cert: Path, port: int) -> ssl.SSLContext:
+def wait_up(cert: Path, port: int, server: subprocess.Popen[str] | None = None) -> ssl.SSLContext:
+    """Once the console answers: a TLS context that trusts its own certificate."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if server.poll() is not None:
+        if server is not None and server.poll() is not None:
             raise LabError(f"the console stopped: {server.stderr.read() if server.stderr else ''}")
         if cert.exists():
             trust = ssl.create_default_context(cafile=str(cert))
             try:
-                _get(trust, port, "/login", "")
+                get(trust, port, "/login", "")
                 return trust
             except OSError:
                 pass
@@ -52,12 +53,14 @@ def _wait_up(server: subprocess.Popen[str], cert: Path, port: int) -> ssl.SSLCon
     raise LabError("the console did not answer within 30 s")
 
 
-def _get(trust: ssl.SSLContext, port: int, path: str, token: str) -> str:
+def get(trust: ssl.SSLContext, port: int, path: str, token: str) -> bytes:
+    """One answer of the console on 127.0.0.1, with an API token if given."""
     request = urllib.request.Request(f"https://127.0.0.1:{port}{path}")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, context=trust, timeout=30) as answer:
-        return str(answer.read().decode())
+    with urllib.request.urlopen(request, context=trust, timeout=60) as answer:
+        body: bytes = answer.read()
+    return body
 
 
 def _shown(path: str, body: str) -> str:

@@ -163,6 +163,8 @@ def test_the_overview_api_and_metrics_show_a_late_host(web: RunningConsole, make
     assert "appliance_store_used_bytes" in metrics
     detail = c.get(f"/api/v1/hosts/{host.name}").json()
     assert detail["status"]["state"] == "late" and len(detail["points"]) == 1
+    shown = run_cli(home, "status")  # the CLI reads the same status service
+    assert shown.rc == 0 and f"{host.name}  LATE" in shown.out and "store:" in shown.out
     page = web.login("victor").get("/").text
     assert f'id="host-{host.name}" class="state-late"' in page
 
