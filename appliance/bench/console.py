@@ -55,6 +55,7 @@ def _fill(home: Home, count: int, depth: int) -> None:
                               host_key=HostKey("ssh-ed25519", "AAAA", "SHA256:bench"), disks=("/dev/vda",),
                               interval=900.0))  # fmt: skip
         points = tuple(_point(start + timedelta(minutes=15 * i)) for i in range(depth))
+        home.chain_dir(name).mkdir(parents=True)
         catalog.save(home.chain_dir(name), Chain(name, points))
 
 

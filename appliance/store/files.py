@@ -93,6 +93,11 @@ def read_json(path: Path) -> object:
         raw = path.read_bytes()
     except OSError as exc:
         raise DamagedFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return decode_json(raw, path)
+
+
+def decode_json(raw: bytes, path: Path) -> object:
+    """The JSON document `raw` read from `path` (named if it is not one)."""
     if not raw.strip():
         raise damaged(path, "it is empty")
     try:
