@@ -9,25 +9,18 @@ a new history, so the scheduler mends it by itself.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 
 from appliance.errors import DamagedFileError
 from appliance.store.files import read_as, write_json
+from appliance.store.journal import Entry
 from appliance.store.layout import Home
 
 NAME = "schedule.json"
 _record_lock = threading.Lock()  # the scheduler records outcomes from its job threads
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    kind: str
-    host: str
-    started: datetime
-    seconds: float
-    ok: bool
-    message: str
+Outcome = Entry  # a job's outcome, as the journal keeps it
 
 
 def load(home: Home) -> dict[tuple[str, str], Outcome]:
