@@ -52,7 +52,8 @@ class HostStatus:
     last_backup_seconds: float
     last_backup_bytes: int  # changed bytes of the newest point
     verification: str  # ok | failed | unverified (of the newest point)
-    boot: BootCheck | None  # the newest boot verification of any point
+    boot: BootCheck | None  # the newest boot verification of any point (it may have failed)
+    booted: BootCheck | None  # the newest point that booted in its verification
     offsite: dict[str, str]  # DR site or cloud store -> the newest point of this host it holds
     replica_of: str = ""
     error: str = ""  # the host's record or chain does not read
@@ -167,6 +168,7 @@ def host_status(home: Home, host: Host, now: datetime, backups: list[journal.Ent
         last_error=failed[-1].message if failed else "", last_error_time=failed[-1].started if failed else None,
         last_backup_seconds=seconds, last_backup_bytes=newest.changed_bytes if newest else 0,
         verification=_verification(newest), boot=_newest_boot(home, host.name, chain.points),
+        booted=_newest_boot(home, host.name, chain.points, booted=True),
         offsite=offsite(home, host.name), replica_of=host.replica_of,
     )  # fmt: skip
 
@@ -174,8 +176,8 @@ def host_status(home: Home, host: Host, now: datetime, backups: list[journal.Ent
 def _unreadable(name: str, why: str) -> HostStatus:
     return HostStatus(name=name, state=health.FAILING, interval=0, late_after=0, newest=None, newest_time=None,
                       age_seconds=None, points=0, failures_in_row=0, last_error=why, last_error_time=None,
-                      last_backup_seconds=0, last_backup_bytes=0, verification="unverified", boot=None, offsite={},
-                      error=why)  # fmt: skip
+                      last_backup_seconds=0, last_backup_bytes=0, verification="unverified", boot=None, booted=None,
+                      offsite={}, error=why)  # fmt: skip
 
 
 def _verification(point: Point | None) -> str:
@@ -194,10 +196,11 @@ def boot_check(home: Home, host: str, point: Point) -> BootCheck | None:
                      screenshot=home.screenshot(host, point.id).exists())  # fmt: skip
 
 
-def _newest_boot(home: Home, host: str, points: tuple[Point, ...]) -> BootCheck | None:
+def _newest_boot(home: Home, host: str, points: tuple[Point, ...], *, booted: bool = False) -> BootCheck | None:
+    """The newest boot verification (of a point that booted, if `booted`)."""
     for point in reversed(points):
         found = boot_check(home, host, point)
-        if found is not None:
+        if found is not None and (found.ok or not booted):
             return found
     return None
 

@@ -212,3 +212,32 @@ def test_the_vnc_relay_is_for_operators_and_recovery_vms_only(web: RunningConsol
         with pytest.raises(InvalidStatus) as refused:
             connect(url.format(host), ssl=trust, additional_headers=sent)
         assert refused.value.response.status_code == 403, (user, host, headers)
+
+
+def test_the_daemon_serves_the_console_beside_its_scheduler(home: Path) -> None:
+    import signal
+
+    from tests.conftest import start_cli
+    from tests.integration.console import free_port
+
+    add_users(home)
+    token = run_cli(home, "user", "token", "create", "victor").out.strip()
+    port = free_port()
+    daemon = start_cli(home, "daemon", "--web", f"127.0.0.1:{port}", "--alert-every", "0")
+    try:
+        running = RunningConsole(f"https://127.0.0.1:{port}", home / "web" / "cert.pem", daemon, home / "none")  # type: ignore[arg-type]
+        for _ in range(150):
+            if running.cert.exists():
+                try:
+                    jobs = running.client(headers={"Authorization": f"Bearer {token}"}).get("/api/v1/jobs")
+                    break
+                except Exception:
+                    pass
+            assert daemon.poll() is None, daemon.communicate()[1]
+            time.sleep(0.2)
+        assert jobs.status_code == 200 and jobs.json()["scheduled"] == []
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    assert "daemon.stopped" in err
