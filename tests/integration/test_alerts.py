@@ -288,3 +288,41 @@ def _text(mail: email.message.Message) -> str:
 def _outbox(home: Path) -> list[dict[str, Any]]:
     path = home / "alerts" / "outbox.json"
     return list(json.loads(path.read_text())) if path.exists() else []
+
+
+def test_mail_over_starttls_and_implicit_tls_checks_the_server_s_certificate(tmp_path: Path, home: Path) -> None:
+    """The mail server's certificate is checked against the machine's trusted CAs (here the test's own, by
+    SSL_CERT_FILE, as OpenSSL reads it): STARTTLS when asked, TLS from the first byte on port 465."""
+    import random
+    import ssl
+
+    from appliance.adapters.tls import make_self_signed
+
+    smtps = f"127.0.0.{random.randint(2, 250)}"  # port 465 on a loopback address of this test's own
+    cert, key = tmp_path / "smtp.pem", tmp_path / "smtp.key"
+    make_self_signed(cert, key, smtps)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    starttls, implicit = Inbox(), Inbox()
+    starttls.port = _free_port()
+    servers = [Controller(starttls, hostname="127.0.0.1", port=starttls.port, tls_context=context,
+                          require_starttls=True),
+               Controller(implicit, hostname=smtps, port=465, ssl_context=context)]  # fmt: skip
+    for server in servers:
+        server.start()
+    try:
+        trusted = {"SSL_CERT_FILE": str(cert)}
+        for name, server in (("tls1", f"127.0.0.1:{starttls.port}"), ("tls2", f"{smtps}:465")):
+            added = run_cli(home, "alert", "add", "mail", "--smtp", server, "--to", "it@example.com", "--name", name,
+                            *(["--starttls"] if name == "tls1" else []))  # fmt: skip
+            assert added.rc == 0, added.err
+        refused = run_cli(home, "alert", "test")  # not trusted yet: the certificate is refused, nothing is sent
+        failed = [line for line in refused.err.splitlines() if line.startswith(("tls1: FAILED", "tls2: FAILED"))]
+        assert refused.rc == 1 and len(failed) == 2 and all("CERTIFICATE_VERIFY_FAILED" in f for f in failed)
+        assert starttls.mails == [] and implicit.mails == []
+        sent = run_cli(home, "alert", "test", env=trusted)
+        assert sent.rc == 0, sent.err
+        assert len(starttls.mails) == 1 and len(implicit.mails) == 1
+    finally:
+        for server in servers:
+            server.stop()
