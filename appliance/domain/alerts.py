@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
+from appliance.domain.health import failures_in_row
 from appliance.domain.models import HOST_NAME
 from appliance.errors import AlertError
 
@@ -215,11 +216,7 @@ def replication_lag(site: str, interval: float, window: str, outcomes: Sequence[
     A site not replicated on a schedule (interval 0), or not yet tried, does not lag."""
     if interval <= 0 or not outcomes:
         return None
-    failed_in_row = 0
-    for _, ok, _ in reversed(outcomes):
-        if ok:
-            break
-        failed_in_row += 1
+    failed_in_row = failures_in_row([ok for _, ok, _ in outcomes])
     successes = [start for start, ok, _ in outcomes if ok]
     since = successes[-1] if successes else outcomes[0][0]
     limit = max(2 * interval, 86400.0) if window else 2 * interval
