@@ -11,7 +11,7 @@ import typer
 
 from appliance.cli._output import table
 from appliance.cli.context import state
-from appliance.domain.alerts import duration
+from appliance.domain.models import format_age
 from appliance.errors import EXIT_WARNING
 from appliance.services import alerts
 
@@ -110,5 +110,5 @@ def incidents(ctx: typer.Context) -> None:
     st = state(ctx)
     found = alerts.open_incidents(st.home)
     now = datetime.now(UTC)
-    rows = [[i.kind, i.subject, duration((now - i.opened).total_seconds()), i.text] for i in found]
+    rows = [[i.kind, i.subject, format_age((now - i.opened).total_seconds()), i.text] for i in found]
     typer.echo(table(["KIND", "SUBJECT", "OPEN FOR", "WHAT"], rows))

@@ -89,16 +89,11 @@ def daemon(
 def _start_console(ctx: typer.Context, listen: str, cert: Path | None, key: Path | None, consolidate_at: str,
                    sched: Scheduler) -> uvicorn.Server:  # fmt: skip
     """The web console in a thread of the daemon, showing the scheduler's running jobs too."""
-    from appliance.cli.web import make_console
-    from appliance.web.server import Listen, make_server, serve_in_thread, tls_files
+    from appliance.cli.web import prepare
+    from appliance.web.server import serve_in_thread
 
-    console = make_console(ctx, consolidate_at, "30m")
-    console.scheduled = lambda: sched.running
-    where = Listen.parse(listen)
-    cert_file, key_file = tls_files(console, where, cert, key)
-    server = make_server(console, where, cert_file, key_file)
+    server = prepare(ctx, listen, cert, key, consolidate_at, "30m", scheduled=lambda: sched.running)
     serve_in_thread(server)
-    typer.echo(f"console at https://{where.host}:{where.port}/ (certificate {cert_file})", err=True)
     return server
 
 

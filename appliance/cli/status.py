@@ -11,7 +11,7 @@ import typer
 
 from appliance.cli._output import table
 from appliance.cli.context import state
-from appliance.domain.models import format_size
+from appliance.domain.models import format_age, format_size
 from appliance.services import alerts, status
 
 
@@ -20,12 +20,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
+    return "-" if seconds is None else format_age(seconds)
 
 
 def show_status(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,7 +16,7 @@ from appliance.domain.schedule import parse_time_of_day
 from appliance.log import get_logger
 
 if TYPE_CHECKING:
-    from appliance.web.app import Console
+    import uvicorn
 
 log = get_logger(__name__)
 
@@ -29,15 +30,26 @@ def register(app: typer.Typer) -> None:
     app.command("web")(web)
 
 
-def make_console(ctx: typer.Context, consolidate_at: str, session_timeout: str) -> Console:
-    """The console's context (its imports wait until a console is asked for: FastAPI and uvicorn would add
-    a third of a second to every other command's start)."""
+def prepare(ctx: typer.Context, listen: str, cert: Path | None, key: Path | None, consolidate_at: str,
+            session_timeout: str, scheduled: Callable[[], list[str]] | None = None) -> uvicorn.Server:  # fmt: skip
+    """The console's server, ready to run (`web`) or to be run beside the scheduler (`daemon --web`, whose
+    running jobs it then shows). Its imports wait until a console is asked for: FastAPI and uvicorn would
+    add a third of a second to every other command's start."""
     from appliance.web.app import Console
     from appliance.web.auth import Sessions
+    from appliance.web.server import Listen, make_server, tls_files
 
     st = state(ctx)
-    return Console(st.home, st.tools, bootstrap.passwords(), parse_time_of_day(consolidate_at),
-                   sessions=Sessions(idle=parse_duration(session_timeout)))  # fmt: skip
+    console = Console(st.home, st.tools, bootstrap.passwords(), parse_time_of_day(consolidate_at),
+                      sessions=Sessions(idle=parse_duration(session_timeout)))  # fmt: skip
+    if scheduled is not None:
+        console.scheduled = scheduled
+    where = Listen.parse(listen)
+    cert_file, key_file = tls_files(console, where, cert, key)
+    server = make_server(console, where, cert_file, key_file)
+    log.info("web.started", listen=f"{where.host}:{where.port}", cert=str(cert_file))
+    typer.echo(f"console at https://{where.host}:{where.port}/ (certificate {cert_file})", err=True)
+    return server
 
 
 def web(
@@ -49,13 +61,5 @@ def web(
     consolidate_at: Annotated[str, typer.Option("--consolidate-at", help="The daemon's, for the queue")] = "02:00",
 ) -> None:
     """Serve the web console (pages, /api/v1 with its OpenAPI docs at /api/docs, /metrics) until stopped."""
-    from appliance.web.server import Listen, make_server, tls_files
-
-    console = make_console(ctx, consolidate_at, session_timeout)
-    where = Listen.parse(listen)
-    cert_file, key_file = tls_files(console, where, cert, key)
-    server = make_server(console, where, cert_file, key_file)
-    log.info("web.started", listen=f"{where.host}:{where.port}", cert=str(cert_file))
-    typer.echo(f"console at https://{where.host}:{where.port}/ (certificate {cert_file})", err=True)
-    server.run()
+    prepare(ctx, listen, cert, key, consolidate_at, session_timeout).run()
     log.info("web.stopped")

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 from appliance.domain.health import failures_in_row
-from appliance.domain.models import HOST_NAME
+from appliance.domain.models import HOST_NAME, format_age
 from appliance.errors import AlertError
 
 REMIND_AFTER = timedelta(hours=24)
@@ -188,8 +188,8 @@ def late(host: str, age_seconds: float | None, interval: float, late_after: floa
     which it counts as late (`late_after`: interval plus grace) plus one more interval."""
     if not late_after or age_seconds is None or age_seconds <= late_after + interval:
         return None
-    return Condition(LATE, host, f"{host}: newest point is {duration(age_seconds)} old; a point is due "
-                                 f"every {duration(interval)}")  # fmt: skip
+    return Condition(LATE, host, f"{host}: newest point is {format_age(age_seconds)} old; a point is due "
+                                 f"every {format_age(interval)}")  # fmt: skip
 
 
 def failing(host: str, failures_in_row: int, last_error: str) -> Condition | None:
@@ -200,7 +200,7 @@ def failing(host: str, failures_in_row: int, last_error: str) -> Condition | Non
 
 def store_full(percent: float, days_until_full: float | None) -> list[Condition]:
     """One condition per threshold passed: 80 % and 95 % are two incidents."""
-    trend = f", full in {duration(days_until_full * 86400)} at its rate" if days_until_full is not None else ""
+    trend = f", full in {format_age(days_until_full * 86400)} at its rate" if days_until_full is not None else ""
     return [
         Condition(kind, "store", f"the store's file system is {percent:.1f} % full{trend}")
         for kind, threshold in STORE_THRESHOLDS
@@ -226,21 +226,9 @@ def replication_lag(site: str, interval: float, window: str, outcomes: Sequence[
         return Condition(DR_LAG, site, f"site {site}: the last {failed_in_row} replications failed; the last: {last}")
     if behind > limit:
         what = "last successful replication" if successes else "no successful replication since the first try"
-        every = duration(interval)
-        return Condition(DR_LAG, site, f"site {site}: {what} {duration(behind)} ago; it runs every {every}")
+        every = format_age(interval)
+        return Condition(DR_LAG, site, f"site {site}: {what} {format_age(behind)} ago; it runs every {every}")
     return None
-
-
-def duration(seconds: float) -> str:
-    """A rough duration for a person: 45 s, 12 min, 3 h 5 min, 2 d 4 h."""
-    s = int(max(0.0, seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 >= 60 else f"{s // 3600} h"
-    return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 >= 3600 else f"{s // 86400} d"
 
 
 # Messages
@@ -267,10 +255,10 @@ def message(notice: Notice, appliance: str) -> Message:
         title, tail = f"ALERT: {incident.title}", f"Open since {since}. A reminder follows daily while it lasts."
     elif state == REMINDER:
         title = f"STILL: {incident.title}"
-        tail = f"Open since {since} ({duration((notice.time - incident.opened).total_seconds())})."
+        tail = f"Open since {since} ({format_age((notice.time - incident.opened).total_seconds())})."
     else:
         title = f"RESOLVED: {incident.title}"
-        tail = f"It lasted {duration((notice.time - incident.opened).total_seconds())} (since {since})."
+        tail = f"It lasted {format_age((notice.time - incident.opened).total_seconds())} (since {since})."
     body = f"{incident.text}\n{tail}\nAppliance: {appliance}\n"
     return Message(f"[{appliance}] {title}", body, state, incident.kind, incident.subject, notice.time, appliance)
 

@@ -169,6 +169,18 @@ def format_size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def format_age(seconds: float) -> str:
+    """A rough duration for a person: 45 s, 12 min, 3 h 5 min, 2 d 4 h."""
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 >= 60 else f"{s // 3600} h"
+    return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 >= 3600 else f"{s // 86400} d"
+
+
 def validate_block_size(size: int) -> int:
     if size < 4096 or size > (1 << 20) or size & (size - 1):
         raise ConfigError(f"invalid block size {size}: use a power of two from 4K to 1M")

@@ -58,13 +58,6 @@ class HostStatus:
     replica_of: str = ""
     error: str = ""  # the host's record or chain does not read
 
-    @property
-    def late_by(self) -> float:
-        """Seconds past `late_after` (0 if not late)."""
-        if not self.late_after or self.age_seconds is None:
-            return 0.0
-        return max(0.0, self.age_seconds - self.late_after)
-
 
 @dataclass(frozen=True, slots=True)
 class StoreUsage:
@@ -128,8 +121,10 @@ class HostDetail:
 def overview(home: Home, tools: Tools, now: datetime | None = None, *, with_vms: bool = True) -> Overview:
     now = now or datetime.now(UTC)
     found, unreadable = hosts.load_all(home)
-    entries = journal.load(home, kind=BACKUP)
-    statuses = [host_status(home, h, now, [e for e in entries if e.host == h.name]) for h in found]
+    backups: dict[str, list[journal.Entry]] = {}
+    for entry in journal.load(home, kind=BACKUP):
+        backups.setdefault(entry.host, []).append(entry)
+    statuses = [host_status(home, h, now, backups.get(h.name, [])) for h in found]
     statuses += [_unreadable(name, exc.message) for name, exc in unreadable.items()]
     return Overview(now, sorted(statuses, key=lambda s: s.name), store_usage(home, now),
                     vm_statuses(home, tools) if with_vms else [])  # fmt: skip
@@ -242,8 +237,10 @@ def host_detail(home: Home, name: str, now: datetime | None = None) -> HostDetai
         )  # fmt: skip
         for p in chain.points
     ]
-    jobs = journal.load(home, host=name, limit=RECENT_JOBS)
-    return HostDetail(host_status(home, host, now), points, jobs, [j for j in jobs if not j.ok],
+    entries = journal.load(home, host=name)
+    jobs = entries[-RECENT_JOBS:]
+    backups = [e for e in entries if e.kind == BACKUP]
+    return HostDetail(host_status(home, host, now, backups), points, jobs, [j for j in jobs if not j.ok],
                       journal.merged(home, name))  # fmt: skip
 
 
@@ -270,12 +267,10 @@ def vm_statuses(home: Home, tools: Tools) -> list[VmStatus]:
 @dataclass(frozen=True, slots=True)
 class Jobs:
     upcoming: list[tuple[str, str, datetime]]  # kind, host (or site/store), when due
-    running: list[str]
     history: list[journal.Entry]  # newest last
 
 
-def jobs(home: Home, consolidate_at: time_of_day, now: datetime | None = None, running: list[str] | None = None,
-         limit: int = 200) -> Jobs:  # fmt: skip
+def jobs(home: Home, consolidate_at: time_of_day, now: datetime | None = None, limit: int = 200) -> Jobs:
     """The scheduler's queue (what falls due when) and the journal of finished jobs."""
     now = now or datetime.now(UTC)
     try:
@@ -283,4 +278,4 @@ def jobs(home: Home, consolidate_at: time_of_day, now: datetime | None = None, r
     except ApplianceError:
         last = {}
     plan = daemon.upcoming(home, last, now, consolidate_at)
-    return Jobs([(j.kind, j.host, j.due) for j in plan.jobs], running or [], journal.load(home, limit=limit))
+    return Jobs([(j.kind, j.host, j.due) for j in plan.jobs], journal.load(home, limit=limit))

@@ -39,8 +39,14 @@ def add(home: Home, hasher: PasswordHasher, name: str, role: str, password: str)
     return user
 
 
+def named(home: Home, name: str) -> User | None:
+    """The user called `name`, or None."""
+    return records.load_all(home).get(name)
+
+
 def find(home: Home, name: str) -> User:
-    user = records.load_all(home).get(name)
+    """:raises UserError: no such user."""
+    user = named(home, name)
     if user is None:
         raise UserError(f"no user {name!r}", hint="`appliance user list` shows them")
     return user

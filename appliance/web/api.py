@@ -81,13 +81,13 @@ def screenshot(request: Request, name: str, point: str, who: Viewer) -> FileResp
 @router.post("/hosts/{name}/backup", status_code=202, response_model=Started)
 def backup(request: Request, name: str, who: Operator) -> JSONResponse:
     """Back the host up now (then verify the new point, as the scheduler does)."""
-    return _started(console_of(request).running.back_up(name, who.user))
+    return _started(console_of(request).jobs.back_up(name, who.user))
 
 
 @router.post("/hosts/{name}/verify-boot", status_code=202, response_model=Started)
 def verify_boot(request: Request, name: str, body: VerifyBoot, who: Operator) -> JSONResponse:
     """Boot a point in isolation, take a screenshot, record the verdict."""
-    return _started(console_of(request).running.verify_boot(name, body.point, who.user))
+    return _started(console_of(request).jobs.verify_boot(name, body.point, who.user))
 
 
 @router.post("/hosts/{name}/failover", status_code=202, response_model=Started)
@@ -95,7 +95,7 @@ def failover(request: Request, name: str, body: Failover, who: Operator) -> JSON
     """Boot a point as the host's recovery VM (`confirm` must repeat the point's id)."""
     if body.confirm != body.point:
         return JSONResponse({"error": "confirm must repeat the point's id"}, status_code=400)
-    return _started(console_of(request).running.fail_over(name, body.point, who.user))
+    return _started(console_of(request).jobs.fail_over(name, body.point, who.user))
 
 
 @router.get("/vms", response_model=list[status.VmStatus])
@@ -107,13 +107,13 @@ def vms(request: Request, who: Viewer) -> list[status.VmStatus]:
 
 @router.post("/vms/{name}/stop", status_code=202, response_model=Started)
 def stop_vm(request: Request, name: str, body: StopVm, who: Operator) -> JSONResponse:
-    return _started(console_of(request).running.stop_vm(name, body.keep, who.user))
+    return _started(console_of(request).jobs.stop_vm(name, body.keep, who.user))
 
 
 @router.post("/failbacks/{name}/cutover", status_code=202)
 def cutover(request: Request, name: str, who: Operator) -> dict[str, str]:
     """Cut the running failback over after its current pass."""
-    console_of(request).running.cutover(name, who.user)
+    console_of(request).jobs.cutover(name, who.user)
     return {"host": name, "cutover": "requested"}
 
 
@@ -129,7 +129,7 @@ def jobs(request: Request, who: Viewer) -> JobsView:
     """The scheduler's queue, the console's jobs under way, and the history of finished jobs."""
     c = console_of(request)
     found = status.jobs(c.home, c.consolidate_at, datetime.now(UTC))
-    running = [Started(kind=r.kind, host=r.host, user=r.user, started=r.started) for r in c.running.running()]
+    running = [Started(kind=r.kind, host=r.host, user=r.user, started=r.started) for r in c.jobs.running()]
     return JobsView(upcoming=found.upcoming, running=running, scheduled=c.scheduled(), history=found.history[::-1])
 
 

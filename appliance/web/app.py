@@ -53,17 +53,11 @@ class Console:
     secure_cookies: bool = True
     sessions: Sessions = field(default_factory=Sessions)
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
-    jobs: ConsoleJobs | None = None
     scheduled: Callable[[], list[str]] = list  # the hosts (sites, stores) the daemon's scheduler runs a job for
+    jobs: ConsoleJobs = field(init=False)  # what the console's buttons started
 
     def __post_init__(self) -> None:
-        if self.jobs is None:
-            self.jobs = ConsoleJobs(self.home, self.tools)
-
-    @property
-    def running(self) -> ConsoleJobs:
-        assert self.jobs is not None
-        return self.jobs
+        self.jobs = ConsoleJobs(self.home, self.tools)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +86,7 @@ def principal_of(request: HTTPConnection) -> Principal | None:
     session = console.sessions.find(request.cookies.get(COOKIE))
     if session is None:
         return None
-    found = {u.name: u for u in users.list_users(console.home)}.get(session.user)
+    found = users.named(console.home, session.user)
     if found is None:  # removed since: the session ends with its user
         console.sessions.end(session.id)
         return None

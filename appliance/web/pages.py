@@ -14,7 +14,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from appliance.domain.models import format_size
+from appliance.domain.models import format_age, format_size
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
 from appliance.services import alerts, status, users
@@ -27,21 +27,11 @@ templates = Jinja2Templates(directory=str(resources.files("appliance") / "web" /
 REFRESH = 3  # seconds between a page's refreshes
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
-
-
 def _when(moment: datetime | None) -> str:
     return f"{moment.astimezone():%Y-%m-%d %H:%M:%S}" if moment else "-"
 
 
-templates.env.filters.update(age=_age, size=format_size, when=_when)
+templates.env.filters.update(age=lambda s: "-" if s is None else format_age(s), size=format_size, when=_when)
 
 
 def _page(request: Request, name: str, who: Principal | None, status_code: int = 200, **values: Any) -> HTMLResponse:
@@ -124,7 +114,7 @@ def host_page(request: Request, name: str, who: PageViewer) -> HTMLResponse:
 @router.get("/parts/hosts/{name}", response_class=HTMLResponse)
 def host_part(request: Request, name: str, who: PageViewer) -> HTMLResponse:
     c = console_of(request)
-    busy = [r for r in c.running.running() if r.host == name]
+    busy = [r for r in c.jobs.running() if r.host == name]
     return _page(request, "_host.html", who, detail=status.host_detail(c.home, name), busy=busy)
 
 
@@ -163,7 +153,7 @@ def jobs_part(request: Request, who: PageViewer) -> HTMLResponse:
 def _jobs(request: Request) -> dict[str, Any]:
     c = console_of(request)
     found = status.jobs(c.home, c.consolidate_at)
-    return {"upcoming": found.upcoming[:50], "running": c.running.running(), "scheduled": c.scheduled(),
+    return {"upcoming": found.upcoming[:50], "running": c.jobs.running(), "scheduled": c.scheduled(),
             "history": found.history[::-1][:200]}  # fmt: skip
 
 
@@ -172,31 +162,31 @@ def _jobs(request: Request) -> dict[str, Any]:
 
 @router.post("/hosts/{name}/backup", response_class=HTMLResponse)
 def backup_button(request: Request, name: str, who: PageOperator) -> HTMLResponse:
-    return _pressed(request, lambda: console_of(request).running.back_up(name, who.user), "backup started")
+    return _pressed(request, lambda: console_of(request).jobs.back_up(name, who.user), "backup started")
 
 
 @router.post("/hosts/{name}/verify-boot", response_class=HTMLResponse)
 def verify_boot_button(request: Request, name: str, who: PageOperator,
                        point: str = Form("latest", max_length=64)) -> HTMLResponse:  # fmt: skip
-    return _pressed(request, lambda: console_of(request).running.verify_boot(name, point, who.user),
+    return _pressed(request, lambda: console_of(request).jobs.verify_boot(name, point, who.user),
                     f"boot verification of {point} started")  # fmt: skip
 
 
 @router.post("/hosts/{name}/failover", response_class=HTMLResponse)
 def failover_button(request: Request, name: str, who: PageOperator, point: str = Form(..., max_length=64)
                     ) -> HTMLResponse:  # fmt: skip
-    return _pressed(request, lambda: console_of(request).running.fail_over(name, point, who.user),
+    return _pressed(request, lambda: console_of(request).jobs.fail_over(name, point, who.user),
                     f"failover to {point} started: see Recovery VMs")  # fmt: skip
 
 
 @router.post("/vms/{name}/stop", response_class=HTMLResponse)
 def stop_button(request: Request, name: str, who: PageOperator, keep: bool = Form(True)) -> HTMLResponse:
-    return _pressed(request, lambda: console_of(request).running.stop_vm(name, keep, who.user), "stopping")
+    return _pressed(request, lambda: console_of(request).jobs.stop_vm(name, keep, who.user), "stopping")
 
 
 @router.post("/failbacks/{name}/cutover", response_class=HTMLResponse)
 def cutover_button(request: Request, name: str, who: PageOperator) -> HTMLResponse:
-    return _pressed(request, lambda: console_of(request).running.cutover(name, who.user),
+    return _pressed(request, lambda: console_of(request).jobs.cutover(name, who.user),
                     "cutover requested: it happens after the current pass")  # fmt: skip
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from appliance.lab.console import free_port
 from tests.conftest import run_cli
 
 PASSWORDS = {"alice": "alice's long passphrase", "oscar": "oscar's long passphrase", "victor": "victor's passphrase"}
@@ -47,12 +47,6 @@ def add_users(home: Path) -> None:
     for user, role in ROLES.items():
         r = run_cli(home, "user", "add", user, "--role", role, "--password-stdin", stdin=PASSWORDS[user] + "\n")
         assert r.rc == 0, r.err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import email
 import email.message
 import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from appliance import bootstrap
 from appliance.domain.schedule import BACKUP, Job
+from appliance.lab.console import free_port
 from appliance.services.daemon import Scheduler, SystemClock, run_job
 from appliance.store import journal
 from appliance.store.layout import Home
@@ -64,16 +64,10 @@ class Hook:
         return [b for _, b in self.bodies if words in b["title"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def inbox() -> Iterator[Inbox]:
     handler = Inbox()
-    handler.port = _free_port()
+    handler.port = free_port()
     server = Controller(handler, hostname="127.0.0.1", port=handler.port)
     server.start()
     yield handler
@@ -157,7 +151,7 @@ def test_a_mail_server_that_wants_a_login_gets_the_password_files(home: Path, tm
         return AuthResult(success=auth.password == b"hunter2")
 
     handler = Inbox()
-    handler.port = _free_port()
+    handler.port = free_port()
     server = Controller(handler, hostname="127.0.0.1", port=handler.port, authenticator=authenticate,
                         auth_require_tls=False, auth_required=True)  # fmt: skip
     server.start()
@@ -304,7 +298,7 @@ def test_mail_over_starttls_and_implicit_tls_checks_the_server_s_certificate(tmp
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     starttls, implicit = Inbox(), Inbox()
-    starttls.port = _free_port()
+    starttls.port = free_port()
     servers = [Controller(starttls, hostname="127.0.0.1", port=starttls.port, tls_context=context,
                           require_starttls=True),
                Controller(implicit, hostname=smtps, port=465, ssl_context=context)]  # fmt: skip

@@ -217,8 +217,8 @@ def test_the_vnc_relay_is_for_operators_and_recovery_vms_only(web: RunningConsol
 def test_the_daemon_serves_the_console_beside_its_scheduler(home: Path) -> None:
     import signal
 
+    from appliance.lab.console import free_port
     from tests.conftest import start_cli
-    from tests.integration.console import free_port
 
     add_users(home)
     token = run_cli(home, "user", "token", "create", "victor").out.strip()
