@@ -6,6 +6,7 @@ local process, FakeHypervisor (Hypervisor) is a small state machine. The contrac
 (tests/integration/test_image_tool_contract.py) holds FakeImages to QEMU's behaviour.
 """
 
+from tests.fakes.bucket import FakeBucket as FakeBucket
 from tests.fakes.hypervisor import FakeHypervisor
 from tests.fakes.images import FakeImages
 from tests.fakes.shell import HOST_KEY, LocalShell
