@@ -5,16 +5,29 @@ A domain is defined and running once `start` succeeds; `shutdown` and `destroy_k
 a reason, `remove` forgets it (`state` then says "gone", as libvirt does). Every call is recorded in
 `calls`. `refuse_start(message, accel=...)` makes the next start (with that accelerator) fail as libvirt
 reports it, leaving nothing defined, e.g. `refuse_start("KVM refused", accel="kvm")`.
+
+Push backups (failback) of a running domain: `backup` writes each target as a FakeImages image of the
+domain's disk (its overlay, read through its chain) at that instant, whole or, `since` a checkpoint,
+only the clusters whose content differs from what the disk held at that checkpoint (a cluster that now
+reads as zeroes becomes a zero cluster), and starts the checkpoint it is given: a copy of each disk,
+kept until `drop_checkpoints`. Dirty tracking is by content, not by writes: a cluster rewritten with the
+same bytes is not dirty. After each backup `guest_writes(name)` is called if set: the test's guest
+writing on while the appliance sends the copy. `copy_dirty(image, bitmaps, target)` is what
+qemu-storage-daemon does with the bitmaps a stopped domain saved in its overlay (ImageTool.copy_dirty,
+which FakeImages does not model: a test's FakeImages subclass hands it here): the clusters that differ
+from the disk at the first of `bitmaps`, into `target`; an unknown bitmap is refused as QEMU refuses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.domain.accel import Machine
 from appliance.domain.recovery import DomainSpec, DomainState
-from appliance.errors import HypervisorError
+from appliance.errors import HypervisorError, ImageToolError
+from tests.fakes.images import FakeImages
 
 # The smallest valid PNG (1x1, grey): what a screenshot of the fake's screen holds.
 TINY_PNG = bytes.fromhex(
@@ -28,6 +41,7 @@ class FakeDomain:
     spec: DomainSpec
     state: str = "running"  # running | shutoff
     reason: str = "booted"
+    checkpoints: dict[str, list[bytes]] = field(default_factory=dict)  # name -> each disk's content then
 
 
 class FakeHypervisor:
@@ -47,6 +61,8 @@ class FakeHypervisor:
         self.domains: dict[str, FakeDomain] = {}
         self.calls: list[tuple[str, str]] = []  # (method, domain name or accelerator)
         self._refusals: list[tuple[str, str | None]] = []
+        self.guest_writes: Callable[[str], None] | None = None  # called after each backup (the module doc)
+        self._images = FakeImages()  # reads and writes the domains' disks and the backups' targets
 
     def refuse_start(self, message: str, *, accel: str | None = None) -> None:
         """The next start (of a domain with `accel`, or any) fails with `message`."""
@@ -115,9 +131,58 @@ class FakeHypervisor:
 
     def drop_checkpoints(self, name: str, only: list[str] | None = None) -> None:
         self.calls.append(("drop_checkpoints", name))
+        domain = self.domains.get(name)
+        if domain is not None:
+            for checkpoint in list(domain.checkpoints) if only is None else only:
+                domain.checkpoints.pop(checkpoint, None)
 
     def backup(self, name: str, targets: list[tuple[str, Path]], checkpoint: str, since: str | None) -> None:
-        raise NotImplementedError("push backups (failback) are not modelled by FakeHypervisor")
+        """See the module doc."""
+        self.calls.append(("backup", name))
+        domain = self._domain(name)
+        if domain.state != "running":
+            raise HypervisorError(f"cannot back up {name}: it is not running")
+        if since is not None and since not in domain.checkpoints:
+            raise HypervisorError(f"{name} has no checkpoint {since}")
+        disks = [self._read(Path(disk)) for disk in domain.spec.disks]
+        for index, ((_, target), now) in enumerate(zip(targets, disks, strict=True)):
+            before = None if since is None else domain.checkpoints[since][index]
+            self._write_changes(target, now, before)
+        domain.checkpoints[checkpoint] = disks
+        if self.guest_writes is not None:
+            self.guest_writes(name)
+
+    def copy_dirty(self, image: Path, bitmaps: list[str], target: Path) -> None:
+        """See the module doc."""
+        for domain in self.domains.values():
+            if str(image) in domain.spec.disks:
+                if domain.state == "running" or not bitmaps or bitmaps[0] not in domain.checkpoints:
+                    raise ImageToolError(f"{image.name} has no usable dirty bitmap {bitmaps[:1]}")
+                before = domain.checkpoints[bitmaps[0]][domain.spec.disks.index(str(image))]
+                self._write_changes(target, self._read(image), before)
+                return
+        raise ImageToolError(f"{image.name} has no dirty bitmaps")
+
+    def _read(self, disk: Path) -> bytes:
+        with self._images.export(disk, disk.parent, writable=False) as exported:
+            return exported.read(0, self._images.virtual_size(disk))
+
+    def _write_changes(self, target: Path, now: bytes, before: bytes | None) -> None:
+        """`target` as QEMU writes a backup: every cluster of `now` that holds data (before is None), or that
+        differs from `before`."""
+        self._images.create(target, len(now))
+        cluster = 65536  # FakeImages' (and qemu-img's) default
+        with self._images.export(target, target.parent, writable=True) as out:
+            for start in range(0, len(now), cluster):
+                data = now[start : start + cluster]
+                if before is None and not any(data):
+                    continue
+                if before is not None and data == before[start : start + cluster]:
+                    continue
+                if any(data):
+                    out.write(start, data)
+                else:
+                    out.zero(start, len(data))
 
     def screenshot_ppm(self, name: str, path: Path) -> bytes:
         self._domain(name)

@@ -9,16 +9,26 @@ plain files in the test's tmp_path.
 `cut_after = n` breaks the next streams after n bytes received: the read that crosses it returns what
 came before the cut, and every call after it raises ConnectionLostError, as a dropped link does; the
 process on the "host" sees its pipes closed, as sshd closes them.
+
+`LocalShell(commands={argv: run})` maps a command line to a Python function run in a thread instead of a
+process: `run(stdin, stdout)` gets buffered binary files over os.pipe() pairs (as sys.stdin.buffer and
+sys.stdout.buffer) and returns the exit status. That is how an appliance's forced command is reached
+without its CLI (which wires the real QEMU adapters): a DR site's `session.start(["serve-replica"])`
+mapped to `lambda i, o: replica_source.serve(source_home, source_tools, i, o, "dr1")`. An exception
+it raises is its stderr's last line and exit status 1; a cut closes its pipes as for a process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
+from typing import BinaryIO
 
 from appliance.domain.models import Host, HostKey
 from appliance.errors import ConnectionLostError, HostKeyError, JobDeadlineError
@@ -30,11 +40,60 @@ HOST_KEY = HostKey(
 )
 RECV_SIZE = 1 << 20
 
+# A command run in a thread (see the module doc): (stdin, stdout) -> exit status.
+Command = Callable[[BinaryIO, BinaryIO], int]
+
+
+class _InThread:
+    """What LocalStream needs of a subprocess.Popen, for a Command run in a thread over pipes."""
+
+    def __init__(self, run: Command) -> None:
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, self._stderr_w = os.pipe()
+        # the ends LocalStream holds, unbuffered as Popen's with bufsize=0; closed by LocalStream
+        self.stdin = open(stdin_w, "wb", 0)  # noqa: SIM115
+        self.stdout = open(stdout_r, "rb", 0)  # noqa: SIM115
+        self.stderr = open(stderr_r, "rb", 0)  # noqa: SIM115
+        self.returncode: int | None = None
+        self._thread = threading.Thread(target=self._main, args=(run, stdin_r, stdout_w), daemon=True)
+        self._thread.start()
+
+    def _main(self, run: Command, stdin_fd: int, stdout_fd: int) -> None:
+        status = 1
+        try:
+            with open(stdin_fd, "rb") as stdin, open(stdout_fd, "wb") as stdout:
+                try:
+                    status = run(stdin, stdout)
+                finally:
+                    with contextlib.suppress(BrokenPipeError):
+                        stdout.flush()
+        except BrokenPipeError:
+            status = 4
+        except BaseException:
+            os.write(self._stderr_w, traceback.format_exc().encode())
+        finally:
+            os.close(self._stderr_w)
+            self.returncode = status
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("in-thread command", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        """A thread cannot be killed: its pipes are closed already, which ends any read or write of it."""
+
 
 class LocalStream:
     """One command running locally: the RemoteStream port."""
 
-    def __init__(self, argv: Sequence[str], cut_after: int | None) -> None:
+    def __init__(self, argv: Sequence[str], cut_after: int | None, run: Command | None = None) -> None:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.cut_after = cut_after
@@ -42,8 +101,12 @@ class LocalStream:
         self.deadline: float | None = None
         self._gone = False  # the link is down: no read or write touches the pipes again
         self._stdin_lock = threading.Lock()  # a write in another thread never meets a closed (reused) fd
-        self._proc = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+        self._proc: subprocess.Popen[bytes] | _InThread = (
+            _InThread(run)
+            if run is not None
+            else subprocess.Popen(
+                list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            )
         )
         self._stderr = bytearray()
         self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
@@ -158,16 +221,18 @@ class LocalSession:
             stream.close()
 
     def start(self, argv: Sequence[str]) -> LocalStream:
-        stream = LocalStream(argv, self.shell.cut_after)
+        stream = LocalStream(argv, self.shell.cut_after, self.shell.commands.get(tuple(argv)))
         self.streams.append(stream)
         return stream
 
 
 class LocalShell:
-    """The RemoteShell port: every host is this machine, reached with the fixed key HOST_KEY."""
+    """The RemoteShell port: every host is this machine, reached with the fixed key HOST_KEY. `commands`:
+    command lines run as Python functions in a thread (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, commands: Mapping[tuple[str, ...], Command] | None = None) -> None:
         self.cut_after: int | None = None
+        self.commands: dict[tuple[str, ...], Command] = dict(commands or {})
 
     def connect(self, host: Host) -> LocalSession:
         if host.host_key != HOST_KEY:

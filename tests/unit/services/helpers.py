@@ -5,13 +5,18 @@ read by the real reader in a local process (LocalShell) and stored by FakeImages
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
 import random
 import sys
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance import faults
 from appliance.domain.chain import Chain
 from appliance.domain.models import Host, Point
 from appliance.domain.recovery import RecoveryVm, VmSettings
@@ -123,3 +128,21 @@ def change(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+@contextmanager
+def armed_fault(name: str) -> Iterator[None]:
+    """`APPLIANCE_FAULT=name` for the code run inside, as the integration tests set it for a process: the
+    module reads it once, at import, so it is reloaded (the functions the use cases imported from it read
+    its globals anew) and reloaded again unset afterwards."""
+    before = os.environ.get("APPLIANCE_FAULT")
+    os.environ["APPLIANCE_FAULT"] = name
+    try:
+        importlib.reload(faults)
+        yield
+    finally:
+        if before is None:
+            del os.environ["APPLIANCE_FAULT"]
+        else:
+            os.environ["APPLIANCE_FAULT"] = before
+        importlib.reload(faults)
