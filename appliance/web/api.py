@@ -19,7 +19,7 @@ from appliance.errors import PointNotFoundError
 from appliance.services import alerts, status
 from appliance.services.console_jobs import Running
 from appliance.store import journal
-from appliance.web.app import Operator, Viewer, console_of
+from appliance.web.deps import Operator, Viewer, console_of
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 

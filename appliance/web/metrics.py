@@ -18,7 +18,7 @@ from appliance.ports import Tools
 from appliance.services import status
 from appliance.store import journal
 from appliance.store.layout import Home
-from appliance.web.app import Viewer, console_of
+from appliance.web.deps import Viewer, console_of
 
 router = APIRouter(include_in_schema=False)
 

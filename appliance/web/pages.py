@@ -18,8 +18,8 @@ from appliance.domain.models import format_age, format_size
 from appliance.errors import ApplianceError
 from appliance.log import get_logger
 from appliance.services import alerts, status, users
-from appliance.web.app import PageOperator, PageViewer, Principal, console_of, status_of
 from appliance.web.auth import COOKIE, FAIL_DELAY
+from appliance.web.deps import PageOperator, PageViewer, Principal, console_of, status_of
 
 log = get_logger(__name__)
 router = APIRouter(include_in_schema=False)

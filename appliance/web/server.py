@@ -16,7 +16,8 @@ from appliance import bootstrap
 from appliance.errors import WebError
 from appliance.log import get_logger
 from appliance.store import console as console_files
-from appliance.web.app import Console, create_app
+from appliance.web.app import create_app
+from appliance.web.deps import Console
 
 log = get_logger(__name__)
 

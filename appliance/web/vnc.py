@@ -16,7 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from appliance.domain.users import OPERATOR, allows
 from appliance.log import get_logger
 from appliance.store import recovery
-from appliance.web.app import console_of, principal_of
+from appliance.web.deps import console_of, principal_of
 
 log = get_logger(__name__)
 router = APIRouter(include_in_schema=False)

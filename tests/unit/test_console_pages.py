@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from appliance.services.failback import Progress
 from appliance.services.status import BootCheck, HostStatus, Overview, StoreUsage, VmStatus
-from appliance.web.app import Principal
+from appliance.web.deps import Principal
 from appliance.web.pages import templates
 
 NOW = datetime(2026, 11, 26, 14, 0, tzinfo=UTC)
