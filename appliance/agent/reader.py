@@ -2,7 +2,7 @@
 """The reader that runs on a protected host for one capture: standard library only, Python 3.6+.
 
 It is not installed on the host: the appliance sends this file over the SSH session's stdin for every
-run (see `BOOTSTRAP`), so the host needs nothing but sshd and python3, and the reader always matches
+run (see `wire.READER_BOOTSTRAP`), so the host needs nothing but sshd and python3, and the reader always matches
 the appliance's version.
 
 What it does, for each disk in turn: read it once, cut it into fixed-size blocks, hash each block
@@ -22,29 +22,8 @@ copy), the point is a live read and says so.
 Disks are read with O_DIRECT: what is on the disk, never a stale page of the host's cache, and without
 evicting the server's own cache.
 
-Wire format (all integers little-endian). Appliance -> host, after the code itself:
-  request     u32 length + JSON  {"disks": [{"path", "block_size"}], "pre_hook": [argv], "post_hook": [argv],
-              "consistency": "auto" | "lvm-snapshot" | "live", "freeze_limit": seconds}
-  old hashes  per disk, after the host's hello, runs covering every block of the disk as it is now:
-              u8 kind + u32 count; kind 1 (HASH) is followed by count x 16-byte hash prefixes;
-              kind 0 (ZERO) and 2 (UNKNOWN) carry nothing
-Host -> appliance, one record after another, each starting with a one-byte type:
-  H u32+JSON  hello: python version and each disk's path, size and kind
-  D u64 block, u32 length, then 32-byte hash of each block, then the block bytes (consecutive blocks)
-  Z u64 block, u32 count: blocks that now read as zeroes
-  P u64       bytes read so far on the current disk
-  E u64 bytes read, 32-byte digest: end of the current disk's first (full) pass
-  R u32 disk  a later pass over disk number `disk` (0-based, in the request's order): the D and Z
-              records that follow, up to the next R, M or X record, are blocks of that disk read again
-  M u32+JSON  the moment: what the point is (frozen, one moment, lvm-snapshot or a live read) and how it
-              was taken
-  F u32+JSON  finished: what the post hook did
-  X u32+JSON  fatal error: {"code", "message", ...}; nothing after it
-Each disk's first pass comes first, disks in order, each ended by its E record; then R passes, then M,
-then F. Within a pass, D and Z records come in increasing block order and never overlap, a D record
-carries 1 to MAX_RUN bytes and only the disk's last block may be short; P grows, E carries the disk's
-size, and its digest is sha256 over the block hashes of the first pass. The appliance refuses anything
-else as a protocol violation (appliance.transfer.protocol): keep them in step.
+The wire format is defined in `appliance.agent.wire` (shipped ahead of this code); the appliance's side of
+it is `appliance.transfer.protocol`.
 """
 
 import collections
@@ -58,42 +37,30 @@ import re
 import select
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import threading
 import time
 
-PROTOCOL = 2
-PREFIX_LEN = 16  # bytes of each old block hash sent to the host: 128 bits, collision-safe, half the upload
-HASH_LEN = 32
-CHUNK = 4 << 20  # bytes read at once; a multiple of every block size the appliance uses
-MAX_RUN = 1 << 20  # bytes of consecutive changed blocks sent in one D record
+from appliance.agent.wire import (
+    CHUNK,
+    DATA,
+    END,
+    FREEZE_TRIES,
+    MAX_RUN,
+    PREFIX_LEN,
+    PROGRESS,
+    PROTOCOL,
+    REPASS,
+    U32,
+    ZERO,
+    Fatal,
+    Hangup,
+    OldHashes,
+)
+
 PROGRESS_EVERY = 64 << 20
 HOOK_TIMEOUT = 600
-
-OLD_ZERO, OLD_HASH, OLD_UNKNOWN = 0, 1, 2
-RUN = struct.Struct("<BI")
-U32 = struct.Struct("<I")
-DATA = struct.Struct("<cQI")
-ZERO = struct.Struct("<cQI")
-PROGRESS = struct.Struct("<cQ")
-END = struct.Struct("<cQ")
-REPASS = struct.Struct("<cI")
-
-# The one fixed command line the appliance runs: it reads this file from stdin and executes it.
-BOOTSTRAP = 'import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),"appliance-reader","exec"))'
-
-
-class Fatal(Exception):
-    def __init__(self, code, message, **extra):
-        Exception.__init__(self, message)
-        self.code = code
-        self.extra = extra
-
-
-class Hangup(Exception):
-    """The session ended (SIGHUP/SIGTERM/SIGPIPE): stop reading, but still run the post hook."""
 
 
 def _on_signal(signum, frame):
@@ -144,44 +111,6 @@ class Output:
         self.thread.join()
         if self.error is not None:
             raise Hangup("appliance went away: %s" % self.error)
-
-
-class OldHashes:
-    """Reads the appliance's stream of previous block hashes, block by block, as the disk is read."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.kind = None
-        self.left = 0
-
-    def _read(self, n):
-        data = self.stream.read(n)
-        if len(data) != n:
-            raise Hangup("appliance closed the connection")
-        return data
-
-    def take(self, count):
-        """Return (all_zero, entries) for the next `count` blocks; entries[i] is None, a prefix, or b''."""
-        entries = []
-        all_zero = True
-        while count:
-            if not self.left:
-                self.kind, self.left = RUN.unpack(self._read(RUN.size))
-                if self.kind not in (OLD_ZERO, OLD_HASH, OLD_UNKNOWN):
-                    raise Fatal("protocol", "bad old-hash run kind %r" % self.kind)
-            n = min(count, self.left)
-            if self.kind == OLD_ZERO:
-                entries.extend([None] * n)
-            elif self.kind == OLD_HASH:
-                raw = self._read(n * PREFIX_LEN)
-                entries.extend(raw[i : i + PREFIX_LEN] for i in range(0, len(raw), PREFIX_LEN))
-                all_zero = False
-            else:
-                entries.extend([b""] * n)
-                all_zero = False
-            self.left -= n
-            count -= n
-        return all_zero, entries
 
 
 def _json_record(tag, obj):
@@ -1311,7 +1240,6 @@ def run_hook(argv, name):
 FREEZE_AT = 32 << 20  # bytes written during a pass small enough to read again while frozen: freeze now
 FREEZE_MAX = 256 << 20  # more than this written up to the freeze (its flush included): thaw, try again
 MAX_PASSES = 8  # passes after the first before freezing whatever is left
-FREEZE_TRIES = 3
 FREEZE_LIMIT = 10.0  # seconds the watchdog lets a freeze last, whatever happens to the reader
 
 

@@ -9,23 +9,8 @@ disk in use on the target: a block device is opened with O_EXCL (the kernel's an
 or one of its partitions is mounted, held by device-mapper, LVM or md, or open exclusively), and an
 image file that backs a loop device in use is refused too. The refusal names what holds the disk.
 
-Wire format (integers little-endian). Appliance -> target, after the code:
-  request  u32 length + JSON {"disks": [{"path", "size", "block_size"}], "force": bool}
-  then commands, each a one-byte tag:
-    H u32 disk              hash the disk's blocks (answer: h records, then e)
-    D u32 disk u64 offset u32 length, then the bytes     write them
-    Z u32 disk u64 offset u64 length                     write zeroes
-    F                       fsync every disk (answer: f)
-    R u32 disk              read back every block written since the last H or R, after an fsync
-                            and with the disk's cache dropped (answer: r records, then e)
-    G u32 disk              digest of the disk as it is now (answer: g + 32 bytes)
-    Q                       done
-Target -> appliance:
-  hello u32 length + JSON {"disks": [{"path", "size", "kind"} or {"path", "error"}]}; a disk in use
-        also has "busy": what holds it (with "error" unless forced)
-  h u32 count + count x 16-byte hash prefixes (blocks in order); e; f; g + 32 bytes
-  r u64 first block + u32 count + count x 16-byte hash prefixes (blocks first, first+1, ...)
-  X u32 length + JSON {"code", "message"}: fatal, nothing after it
+The wire format is defined in `appliance.agent.wire` (shipped ahead of this code); the appliance's side of
+it is `appliance.transfer.target`.
 """
 
 import errno
@@ -34,24 +19,18 @@ import json
 import os
 import re
 import stat
-import struct
 import sys
 
-PREFIX_LEN = 16
-CHUNK = 4 << 20
-U32 = struct.Struct("<I")
-DISK = struct.Struct("<I")
-DATA = struct.Struct("<IQI")
-ZEROES = struct.Struct("<IQQ")
-RUN = struct.Struct("<QI")
-
-BOOTSTRAP = 'import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),"appliance-writer","exec"))'
-
-
-class Fatal(Exception):
-    def __init__(self, code, message):
-        Exception.__init__(self, message)
-        self.code = code
+from appliance.agent.wire import (
+    CHUNK,
+    PREFIX_LEN,
+    U32,
+    WRITER_DATA,
+    WRITER_DISK,
+    WRITER_RUN,
+    WRITER_ZEROES,
+    Fatal,
+)
 
 
 def read_exact(stream, n):
@@ -235,7 +214,7 @@ def read_back(out, fd, written, size, block_size):
         stop = len(written) if stop < 0 else stop
         first = block
         for hashes in block_hashes(fd, size, block_size, block * block_size, stop * block_size):
-            send(out, b"r", RUN.pack(first, len(hashes)), b"".join(h[:PREFIX_LEN] for h in hashes))
+            send(out, b"r", WRITER_RUN.pack(first, len(hashes)), b"".join(h[:PREFIX_LEN] for h in hashes))
             first += len(hashes)
         written[block:stop] = bytes(stop - block)
         block = written.find(1, stop)
@@ -272,7 +251,7 @@ def main():
         while True:
             tag = read_exact(stdin, 1)
             if tag == b"D":
-                disk, offset, length = DATA.unpack(read_exact(stdin, DATA.size))
+                disk, offset, length = WRITER_DATA.unpack(read_exact(stdin, WRITER_DATA.size))
                 data = read_exact(stdin, length)
                 if offset + length > int(disks[disk]["size"]):
                     raise Fatal("protocol", "write past the end of disk %d" % disk)
@@ -284,14 +263,14 @@ def main():
                     view = view[n:]
                     offset += n
             elif tag == b"Z":
-                disk, offset, length = ZEROES.unpack(read_exact(stdin, ZEROES.size))
+                disk, offset, length = WRITER_ZEROES.unpack(read_exact(stdin, WRITER_ZEROES.size))
                 if offset + length > int(disks[disk]["size"]):
                     raise Fatal("protocol", "zeroes past the end of disk %d" % disk)
                 if length:
                     mark_written(written[disk], offset, length, int(disks[disk]["block_size"]))
                 write_zeroes(fds[disk], offset, length)
             elif tag == b"H":
-                (disk,) = DISK.unpack(read_exact(stdin, DISK.size))
+                (disk,) = WRITER_DISK.unpack(read_exact(stdin, WRITER_DISK.size))
                 d = disks[disk]
                 written[disk][:] = bytes(len(written[disk]))
                 for hashes in block_hashes(fds[disk], int(d["size"]), int(d["block_size"])):
@@ -299,11 +278,11 @@ def main():
                 send(out, b"e")
                 out.flush()
             elif tag == b"R":
-                (disk,) = DISK.unpack(read_exact(stdin, DISK.size))
+                (disk,) = WRITER_DISK.unpack(read_exact(stdin, WRITER_DISK.size))
                 d = disks[disk]
                 read_back(out, fds[disk], written[disk], int(d["size"]), int(d["block_size"]))
             elif tag == b"G":
-                (disk,) = DISK.unpack(read_exact(stdin, DISK.size))
+                (disk,) = WRITER_DISK.unpack(read_exact(stdin, WRITER_DISK.size))
                 d = disks[disk]
                 digest = hashlib.sha256()
                 for hashes in block_hashes(fds[disk], int(d["size"]), int(d["block_size"])):

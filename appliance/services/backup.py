@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.domain.blocks import Carry, block_hashes, carry_over
 from appliance.domain.models import Consistency, DiskPoint, Host, Point, format_size, point_id_for, slot_name
 from appliance.errors import (

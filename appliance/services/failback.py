@@ -33,8 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.agent import writer as wire
-from appliance.agent import writer_source
+from appliance.agent import wire, writer_source
 from appliance.domain.blocks import HASH_LEN, DiskDigest
 from appliance.domain.models import DiskPoint, Host, HostKey, Point, parse_address, slot_name
 from appliance.domain.recovery import RecoveryVm, target_dev
@@ -177,7 +176,7 @@ def _run(tx: ChainTx, tools: Tools, host: Host, vm: RecoveryVm, point: Point, ta
     work = records.work_dir(home, name)
     try:
         with tools.remote.connect(target.host) as session:
-            stream = start_agent(session, target.host.python, writer_source(), wire.BOOTSTRAP)
+            stream = start_agent(session, target.host.python, writer_source(), wire.WRITER_BOOTSTRAP)
             writer = TargetSession(stream)
             try:
                 copier = _copy_and_prove(tx, tools, vm, point, target, writer, progress, options, work, say)

@@ -4,8 +4,7 @@ target) and naming what went wrong when it stops early."""
 
 from __future__ import annotations
 
-from appliance.agent import reader as wire
-from appliance.agent import reader_source
+from appliance.agent import reader_source, wire
 from appliance.domain.models import Host
 from appliance.errors import ApplianceError, ConnectionLostError, ProtocolViolationError, RemoteCommandError
 from appliance.ports import RemoteSession, RemoteStream
@@ -21,7 +20,7 @@ def start_agent(session: RemoteSession, python: str, source: bytes, bootstrap: s
 
 
 def start_reader(session: RemoteSession, host: Host) -> RemoteStream:
-    return start_agent(session, host.python, reader_source(), wire.BOOTSTRAP)
+    return start_agent(session, host.python, reader_source(), wire.READER_BOOTSTRAP)
 
 
 def how_it_ended(stream: RemoteStream, limit: int = MAX_MESSAGE) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.domain.blocks import HASH_LEN, carry_over, changed_runs, zero_prefix
 from appliance.domain.models import HOST_NAME, DiskPoint, Point
 from appliance.errors import ApplianceError
@@ -182,7 +182,7 @@ def _send_point(send: _Send, stdin: BinaryIO, out: _Out) -> None:
         "protocol": wire.PROTOCOL, "python": "appliance", "base_known": send.base is not None,
         "disks": [{"path": d.source, "size": d.size, "kind": "replica"} for d in point.disks],
     }))  # fmt: skip
-    old = wire.OldHashes(stdin)  # type: ignore[no-untyped-call]
+    old = wire.OldHashes(stdin)
     sent = 0
     for d in send.disks:
         sent += _send_disk(d, d.held or _StreamedHeld(old, d.disk), out)
@@ -213,7 +213,7 @@ class _StreamedHeld:
         self.old, self.disk = old, disk
 
     def held(self, first: int, count: int) -> list[bytes | None]:
-        _, entries = self.old.take(count)  # type: ignore[no-untyped-call]
+        _, entries = self.old.take(count)
         out: list[bytes | None] = []
         for j, entry in enumerate(entries):
             if entry is None:  # reads as zeroes there

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""The appliance's side of the reader's wire format (defined in `appliance.agent.reader`).
+"""The appliance's side of the reader's wire format (defined in `appliance.agent.wire`).
 
 Pure byte-stream code: it knows nothing of SSH, only of a `recv(n)` that returns up to n bytes and
 of iterables of bytes to send.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.domain.blocks import HASH_LEN, Carry, OldBlock, block_count, block_length, zero_hash
 
 # zstd, for replication's compressed records (here and in transfer/replica.py): the standard library's from

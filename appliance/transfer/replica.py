@@ -7,7 +7,7 @@ never paths. Requests (DR -> source) are u32 length + JSON:
 
   {"op": "catalog"}                      -> C u32+JSON {"protocol", "hosts": [{"name", "settings",
                                             "points": [point as in chain.json]}]}
-  {"op": "point", "host", "point",       -> the reader's own records (agent/reader.py): H (hello, with
+  {"op": "point", "host", "point",       -> the reader's own records (agent/wire.py): H (hello, with
    "base": {"id", "digests": {slot:      "base_known"), then per disk its changed blocks as D and Z
    digest}} | null,                         records and its E record (the point's digest), then F.
    "compress": "zstd"}                      Unless the source holds the DR's newest point (`base`,
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.domain.blocks import block_count
 from appliance.domain.models import HOST_NAME, DiskPoint, Host, Point
 from appliance.errors import DamagedFileError

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""The appliance's side of the failback writer's wire format (defined in `appliance.agent.writer`).
+"""The appliance's side of the failback writer's wire format (defined in `appliance.agent.wire`).
 
 The target is trusted with nothing: every length it sends is checked against what its disks can need
 before anything is read into memory (a JSON record is small; a series of hashes never covers more
@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from appliance.agent import writer as wire
+from appliance.agent import wire
 from appliance.ports import RemoteStream
 from appliance.transfer.protocol import ProtocolError, RecordReader
 
@@ -62,7 +62,7 @@ class TargetSession:
     def hash_prefixes(self, disk: int) -> Iterator[bytes]:
         """The target's block hash prefixes (16 bytes each), in chunks, in block order: every block of
         the disk, no more, no less."""
-        self.stream.write(b"H" + wire.DISK.pack(disk))
+        self.stream.write(b"H" + wire.WRITER_DISK.pack(disk))
         received, blocks = 0, self.blocks[disk]
         while self._more(b"h"):
             (count,) = wire.U32.unpack(self.records.read_exact(wire.U32.size))
@@ -76,20 +76,20 @@ class TargetSession:
     def read_back(self, disk: int) -> Iterator[tuple[int, bytes]]:
         """(first block, hash prefixes) of every block written since the last hash or read-back of the
         disk, as the target reads them from the disk after an fsync, cache dropped."""
-        self.stream.write(b"R" + wire.DISK.pack(disk))
+        self.stream.write(b"R" + wire.WRITER_DISK.pack(disk))
         blocks = self.blocks[disk]
         while self._more(b"r"):
-            first, count = wire.RUN.unpack(self.records.read_exact(wire.RUN.size))
+            first, count = wire.WRITER_RUN.unpack(self.records.read_exact(wire.WRITER_RUN.size))
             if first + count > blocks or count > self.per_record[disk]:
                 raise ProtocolError(f"the target read back {count} blocks from block {first} of a disk of {blocks}")
             yield first, bytes(self.records.read_exact(count * wire.PREFIX_LEN))
 
     def write(self, disk: int, offset: int, data: bytes | memoryview) -> None:
-        self.stream.write(b"D" + wire.DATA.pack(disk, offset, len(data)))
+        self.stream.write(b"D" + wire.WRITER_DATA.pack(disk, offset, len(data)))
         self.stream.write(data)
 
     def zeroes(self, disk: int, offset: int, length: int) -> None:
-        self.stream.write(b"Z" + wire.ZEROES.pack(disk, offset, length))
+        self.stream.write(b"Z" + wire.WRITER_ZEROES.pack(disk, offset, length))
 
     def flush(self) -> None:
         self.stream.write(b"F")
@@ -97,7 +97,7 @@ class TargetSession:
 
     def ask_digest(self, disk: int) -> None:
         """Ask for the digest of a disk as it is now; the target computes it while the caller goes on."""
-        self.stream.write(b"G" + wire.DISK.pack(disk))
+        self.stream.write(b"G" + wire.WRITER_DISK.pack(disk))
 
     def read_digest(self) -> str:
         self._expect(b"g")

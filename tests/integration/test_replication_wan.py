@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.lab import Lab
 from appliance.lab.relay import Relay
 from appliance.services.replicate import CHECKPOINT_BYTES

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.agent import reader as wire
-from appliance.agent import reader_source
+from appliance.agent import reader_source, wire
 from appliance.domain.blocks import block_hashes, carry_over
 from appliance.transfer import protocol
 
@@ -26,7 +25,7 @@ def _run_reader(
 ) -> list[protocol.Record]:
     code = reader_source()
     proc = subprocess.Popen(
-        [sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
+        [sys.executable, "-c", wire.READER_BOOTSTRAP, str(len(code))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -84,7 +83,7 @@ def test_incremental_sends_changed_and_zeroed_blocks(tmp_path: Path) -> None:
 def test_missing_disk_is_reported_not_crashed(tmp_path: Path) -> None:
     code = reader_source()
     proc = subprocess.run(
-        [sys.executable, "-c", wire.BOOTSTRAP, str(len(code))],
+        [sys.executable, "-c", wire.READER_BOOTSTRAP, str(len(code))],
         input=code + protocol.encode_request([(str(tmp_path / "nope"), BS)]),
         capture_output=True,
     )

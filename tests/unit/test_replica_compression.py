@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.bench.replication import text_like
 from appliance.domain.blocks import block_hashes
 from appliance.transfer import protocol, replica

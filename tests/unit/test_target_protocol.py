@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from appliance.agent import writer as wire
+from appliance.agent import wire
 from appliance.transfer.protocol import ProtocolError
 from appliance.transfer.target import TargetError, TargetSession
 
@@ -48,7 +48,7 @@ def _hashes(count: int) -> bytes:
 
 
 def test_an_honest_target_is_understood() -> None:
-    session = _session(HELLO + _hashes(4) + _hashes(7) + b"e" + b"r" + wire.RUN.pack(9, 2) + bytes(32) + b"e")
+    session = _session(HELLO + _hashes(4) + _hashes(7) + b"e" + b"r" + wire.WRITER_RUN.pack(9, 2) + bytes(32) + b"e")
     assert session.open([DISK])[0]["size"] == DISK[1]
     assert sum(len(chunk) for chunk in session.hash_prefixes(0)) == 11 * wire.PREFIX_LEN
     assert [first for first, _ in session.read_back(0)] == [9]
@@ -87,7 +87,7 @@ def test_a_series_of_hashes_never_covers_more_or_less_than_the_disk(series: byte
 
 
 def test_a_read_back_never_reaches_past_the_disk() -> None:
-    session = _session(HELLO + b"r" + wire.RUN.pack(10, 2) + bytes(32))
+    session = _session(HELLO + b"r" + wire.WRITER_RUN.pack(10, 2) + bytes(32))
     session.open([DISK])
     with pytest.raises(ProtocolError, match="2 blocks from block 10 of a disk of 11"):
         list(session.read_back(0))

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from appliance.agent import reader as wire
+from appliance.agent import wire
 from appliance.domain.blocks import carry_over, zero_hash
 from appliance.domain.models import slot_name
 from appliance.store import chains
@@ -99,7 +99,7 @@ def test_old_hashes_from_a_block_on_are_what_a_resumed_pull_streams() -> None:
     size, blocks = 10 * BS, 10
     hashes = [bytes([i]) * 32 if i % 3 else zero_hash(BS) for i in range(blocks)]
     encoded = b"".join(protocol.encode_old_hashes([b"".join(hashes)], carry_over(size, size, BS), size, BS, 4))
-    _, entries = wire.OldHashes(io.BytesIO(encoded)).take(blocks - 4)  # type: ignore[no-untyped-call]
+    _, entries = wire.OldHashes(io.BytesIO(encoded)).take(blocks - 4)
     assert entries == [None if i % 3 == 0 else hashes[i][: wire.PREFIX_LEN] for i in range(4, blocks)]
 
 
