@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +73,6 @@ def points_json(home: Path, host: str) -> list[dict[str, object]]:
     r = run_cli(home, "points", host, "--json")
     assert r.rc == 0, r.err
     return list(json.loads(r.out))
-
-
-@pytest.fixture(scope="session")
-def lab_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("lab")
-    yield root
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

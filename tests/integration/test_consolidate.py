@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ChainCorruptError, ChainLockedError, StoreFullError
+from appliance.errors import ChainCorruptError, ChainLockedError, ConfigError, StoreFullError
 from appliance.lab import disks
 from tests.conftest import points_json, run_cli, start_cli
 from tests.integration.helpers import point_raw_digest, store_state, wait_for_lock
@@ -229,4 +229,8 @@ def test_invalid_policy_and_interval(make_host, home: Path) -> None:
     host = _chain(make_host, home, 1)
     for args in (["--keep-last", "-1"], ["--interval", "soon"], ["--interval", "0m"]):
         r = run_cli(home, "host", "set", host.name, *args)
-        assert r.rc != 0 and "Traceback" not in r.err, args
+        assert (
+            r.rc == ConfigError.exit_code
+            and r.error_lines[0].startswith("error: invalid ")
+            and "Traceback" not in r.err
+        ), (args, r.err)
