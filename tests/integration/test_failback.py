@@ -25,7 +25,7 @@ from appliance.errors import (
     RemoteCommandError,
 )
 from appliance.lab import LabHost, guest
-from appliance.lab.boot import boot_until_up
+from appliance.lab.boot import boot_and_read
 from tests.conftest import points_json, run_cli, start_cli
 
 HOSTILE_WRITER = Path(__file__).with_name("hostile_writer.py")
@@ -33,6 +33,7 @@ HOSTILE_WRITER = Path(__file__).with_name("hostile_writer.py")
 WRITES = (
     "echo written-in-failover > /root/marker.txt\n"
     "dd if=/dev/urandom of=/root/churn.bin bs=1M count=8 2>/dev/null\n"
+    "sha256sum /root/churn.bin > /root/churn.sha256\n"  # what the guest wrote, to hold the target's copy to
     "sync\n"
     "( while :; do date >> /root/ticks.txt; sync; sleep 0.2; done ) &\n"  # the guest never stops writing
 )
@@ -64,13 +65,26 @@ def _failback(home: Path, host, target, *extra: str, env: dict[str, str] | None 
 
 
 def _boots_with(disk: str, marker: str) -> None:
+    """The target holds what the VM wrote, and boots a copy of itself showing `marker`. Read before the boot:
+    the copy's boot runs the guest's autorun again, which writes the same files anew."""
+    _holds_what_the_guest_wrote(disk)
     copy = Path(disk + ".boot")
     shutil.copyfile(disk, copy)
     try:
-        boot_until_up(copy, "raw")
+        _, up = boot_and_read(copy, "raw")
+        assert up == f"APPLIANCE-GUEST-UP marker={marker}"  # printed from the disk, before the autorun
         assert guest.read_marker(copy) == marker
     finally:
         copy.unlink()
+
+
+def _holds_what_the_guest_wrote(disk: str) -> None:
+    """The 8 MiB of random data the recovery VM wrote, byte for byte: its sha256 as the guest computed it."""
+    churn = guest.read_file(disk, "/churn.bin")
+    recorded = guest.read_file(disk, "/churn.sha256")
+    assert churn is not None and recorded is not None
+    assert len(churn) == 8 << 20
+    assert hashlib.sha256(churn).hexdigest() == recorded.split()[0].decode()
 
 
 def test_failback_to_a_blank_disk_carries_the_vms_writes(failed_over, make_host, home: Path) -> None:
@@ -79,8 +93,7 @@ def test_failback_to_a_blank_disk_carries_the_vms_writes(failed_over, make_host,
     r = _failback(home, host, target)
     assert r.rc == 0, r.out + r.err
     assert "downtime" in r.out and "verified" in r.err
-    _boots_with(target.disk, "written-in-failover")
-    assert guest.read_file(target.disk, "/churn.bin") is not None
+    _boots_with(target.disk, "written-in-failover")  # with /churn.bin as the VM wrote it
     newest = points_json(home, host.name)[-1]
     assert "failback" in str(newest["extra"]["origin"])  # type: ignore[index]
     assert run_cli(home, "verify", host.name).rc == 0
