@@ -37,7 +37,7 @@ def config_complete() -> None:
 
     from appliance import log
     from appliance.adapters.s3 import S3Bucket
-    from appliance.services import cloud
+    from appliance.services.cloud.bucket import access_of, sealer_of
     from appliance.services.cloud_cache import CachedDisk
     from appliance.services.cloud_reader import DiskReader, PackHeaders
     from appliance.store import cloud as records
@@ -47,8 +47,8 @@ def config_complete() -> None:
     log.configure(json=True, level="info", stream=builtins.open(_params["log"], "a", buffering=1))  # noqa: SIM115
     home = Home(Path(_params["home"]))
     store = records.load(home, _params["store"])
-    bucket = S3Bucket(cloud.access_of(home, store))
-    sealer = cloud.sealer_of(home, store)
+    bucket = S3Bucket(access_of(home, store))
+    sealer = sealer_of(home, store)
     version = _params.get("version") or None
     point = open_manifest(sealer, bucket.get(_params["manifest"], version))
     disk = next(d for d in point.disks if d.slot == _params["slot"])

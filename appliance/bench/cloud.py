@@ -59,7 +59,7 @@ from appliance.lab import Lab, LabHost, disks, guest
 from appliance.lab.boot import boot_until_up
 from appliance.lab.objectstore import ObjectStore, start_object_store
 from appliance.ports import BucketAccess, ObjectStorage
-from appliance.services import cloud
+from appliance.services.cloud import push as cloud_push
 
 HOST = "web"
 STORE = "s3"
@@ -209,7 +209,7 @@ def _push(home: Path, s3: ObjectStore, label: str) -> Row:
     where = bootstrap.home(str(home))
     tools = dataclasses.replace(bootstrap.tools(where), buckets=bucket)
     started, before = time.monotonic(), _wire(s3.host)
-    (report,) = cloud.push(where, tools, STORE, HOST)
+    (report,) = cloud_push.push(where, tools, STORE, HOST)
     seconds, wire = time.monotonic() - started, _wire(s3.host) - before
     if report.state != "sent":
         raise RuntimeError(f"cloud push sent nothing: {report.state}")

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""`appliance cloud ...`: recovery points in S3-compatible object storage (services/cloud.py)."""
+"""`appliance cloud ...`: recovery points in S3-compatible object storage (services/cloud/, a module per command)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from appliance.domain.models import format_size as size
 from appliance.domain.retention import RetentionPolicy
 from appliance.domain.schedule import parse_window
 from appliance.errors import EXIT_WARNING, CloudError, ConfigError
-from appliance.services import cloud
+from appliance.services.cloud import points as cloud_points
+from appliance.services.cloud import prune as cloud_prune
+from appliance.services.cloud import push as cloud_push
+from appliance.services.cloud import restore as cloud_restore
+from appliance.services.cloud import setup as cloud_setup
+from appliance.services.cloud import verify as cloud_verify
 from appliance.store import cloud as records
 
 app = typer.Typer(help="Cloud copies: sealed, locked recovery points in an S3 bucket, bootable from there.",
@@ -72,10 +77,10 @@ def add(
     st = state(ctx)
     if window:
         parse_window(window)
-    added = cloud.add(st.home, st.tools, name=name, endpoint=endpoint, bucket=bucket, region=region,
-                      credentials=credentials_file, lock_days=lock_days, lock_mode=lock_mode.upper(),
-                      bandwidth=parse_size(bandwidth) if bandwidth != "0" else 0, window=window,
-                      keep=_keep(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly))  # fmt: skip
+    added = cloud_setup.add(st.home, st.tools, name=name, endpoint=endpoint, bucket=bucket, region=region,
+                            credentials=credentials_file, lock_days=lock_days, lock_mode=lock_mode.upper(),
+                            bandwidth=parse_size(bandwidth) if bandwidth != "0" else 0, window=window,
+                            keep=_keep(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly))  # fmt: skip
     typer.echo(f"added cloud store {name}: bucket {bucket} at {endpoint}, {_describe(added.store)}")
     if added.lock_proved:
         typer.echo(added.lock_proved)
@@ -146,7 +151,7 @@ def remove(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The sto
 @key_app.command("export")
 def key_export(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The store")]) -> None:
     """Print the store's key file (stdout) and the key as 24 words to write on paper (stderr)."""
-    text, words = cloud.key_export(state(ctx).home, name)
+    text, words = cloud_setup.key_export(state(ctx).home, name)
     sys.stdout.write(text)
     typer.echo(f"the key of cloud store {name} as words (write them down; `cloud attach --key-words` takes them):\n"
                f"  {words}", err=True)  # fmt: skip
@@ -180,10 +185,10 @@ def attach(
         except OSError as exc:
             raise ConfigError(f"cannot read the key file {key_file} ({exc.strerror})") from exc
     else:
-        text = cloud.key_text_from_words(str(key_words), name=name, endpoint=endpoint, bucket=bucket,
-                                         credentials=credentials_file, tools=st.tools)  # fmt: skip
-    store, count = cloud.attach(st.home, st.tools, key_text=text, credentials=credentials_file, name=name,
-                                endpoint=endpoint, bucket=bucket)  # fmt: skip
+        text = cloud_setup.key_text_from_words(str(key_words), name=name, endpoint=endpoint, bucket=bucket,
+                                               credentials=credentials_file, tools=st.tools)  # fmt: skip
+    store, count = cloud_setup.attach(st.home, st.tools, key_text=text, credentials=credentials_file, name=name,
+                                      endpoint=endpoint, bucket=bucket)  # fmt: skip
     typer.echo(f"attached cloud store {store.name}: bucket {store.bucket} at {store.endpoint}, {count} point(s)")
 
 
@@ -195,7 +200,7 @@ def push(
 ) -> None:
     """Send each host's newest point the bucket lacks (only blocks it does not hold), then its retention."""
     st = state(ctx)
-    cloud.push(st.home, st.tools, name, host, say=typer.echo)
+    cloud_push.push(st.home, st.tools, name, host, say=typer.echo)
 
 
 @app.command("points")
@@ -207,7 +212,7 @@ def points(
 ) -> None:
     """What the bucket holds (read from the bucket, not from this appliance), with each point's lock."""
     st = state(ctx)
-    listed = cloud.points(st.home, st.tools, name, host)
+    listed = cloud_points.points(st.home, st.tools, name, host)
     if as_json:
         typer.echo(json.dumps([{
             "host": p.point.host, "point": p.point.point, "created": p.point.created.isoformat(),
@@ -234,7 +239,7 @@ def verify(
 ) -> None:
     """Every object each point needs is there and opens; --deep: every byte is read and checked."""
     st = state(ctx)
-    report = cloud.verify(st.home, st.tools, name, host, deep, say=typer.echo)
+    report = cloud_verify.verify(st.home, st.tools, name, host, deep, say=typer.echo)
     for w in report.warnings:
         typer.echo(f"warning: {w}", err=True)
     for p in report.problems:
@@ -266,11 +271,11 @@ def restore(
     if (to is None) == (not to_store):
         raise ConfigError("restore needs one of --to PATH or --to-store")
     if to_store:
-        made = cloud.restore_to_store(st.home, st.tools, name, host, point, say=typer.echo)
+        made = cloud_restore.restore_to_store(st.home, st.tools, name, host, point, say=typer.echo)
         typer.echo(f"restored {host}'s point {made.id} into this appliance's chain, digest checked")
         return
     assert to is not None
-    done, fetched = cloud.restore(st.home, st.tools, name, host, point, to, say=typer.echo)
+    done, fetched = cloud_restore.restore(st.home, st.tools, name, host, point, to, say=typer.echo)
     typer.echo(f"restored {host}'s point {done.point} to {to} ({size(fetched)} fetched), digest checked")
 
 
@@ -282,5 +287,5 @@ def prune(
 ) -> None:
     """Apply the bucket's retention: drop points no rule keeps (once unlocked), and packs no point needs."""
     st = state(ctx)
-    for line in cloud.prune(st.home, st.tools, name, dry_run):
+    for line in cloud_prune.prune(st.home, st.tools, name, dry_run):
         typer.echo(line)

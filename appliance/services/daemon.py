@@ -27,7 +27,7 @@ from appliance.errors import ApplianceError, DamagedFileError
 from appliance.log import get_logger
 from appliance.ports import Tools
 from appliance.services.backup import back_up
-from appliance.services.cloud import push
+from appliance.services.cloud.push import push
 from appliance.services.consolidate import consolidate
 from appliance.services.failover import verify_boot
 from appliance.services.reader_pool import ReaderPool

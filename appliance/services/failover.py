@@ -35,7 +35,7 @@ from appliance.domain.recovery import BootCheck, DomainSpec, DomainState, Networ
 from appliance.errors import ApplianceError, DamagedFileError, FailoverError, HypervisorError
 from appliance.log import get_logger
 from appliance.ports import BlockServer, Tools
-from appliance.services import cloud
+from appliance.services.cloud.bucket import Located, cloud_host, locate
 from appliance.store import accel as accel_store
 from appliance.store import chains, hosts, recovery
 from appliance.store.files import private_dir
@@ -97,9 +97,9 @@ def fail_over_from_cloud(
     settings when this appliance does not know the host (a new machine after a disaster).
     """
     started = time.monotonic()
-    located = cloud.locate(home, tools, store, name, point_id)
+    located = locate(home, tools, store, name, point_id)
     point = located.point
-    host = cloud.cloud_host(home, name, store, point.settings)
+    host = cloud_host(home, name, store, point.settings)
     settings = settings or settings_for(host, memory=None, cpus=None, network=None, disk_bus=None)
     if recovery.load(home, name, "failover") is not None:
         raise FailoverError(f"{name} already has a recovery VM",
@@ -132,7 +132,7 @@ def fail_over_from_cloud(
     return _await_boot(home, tools, vm, check, started, timeout, choice.may_fall_back and vm.accel == "kvm", say)
 
 
-def _serve_cloud_disks(home: Home, tools: Tools, host: str, located: cloud.Located, folder: Path) -> list[Path]:
+def _serve_cloud_disks(home: Home, tools: Tools, host: str, located: Located, folder: Path) -> list[Path]:
     """An NBD server per disk, and a disposable overlay backed by it; what they serve is recorded, so that
     the VM can be started again on its overlays (and its cache) after `failover stop --keep` or a reboot."""
     source = {"store": located.opened.store.name, "manifest": located.manifest, "version": located.version or "",

@@ -122,9 +122,11 @@ def _log_in(driver, web: RunningConsole, user: str) -> None:  # type: ignore[no-
     driver.find_element(By.ID, "user").send_keys(user)
     driver.find_element(By.ID, "password").send_keys("not the password")
     driver.find_element(By.ID, "login").click()
-    assert driver.find_element(By.ID, "login-error").text == "wrong user name or password"
+    error = _until(lambda: driver.find_element(By.ID, "login-error"), 10, "no answer to a wrong password")
+    assert error.text == "wrong user name or password"  # type: ignore[attr-defined]
     driver.find_element(By.ID, "user").clear()
     driver.find_element(By.ID, "user").send_keys(user)
     driver.find_element(By.ID, "password").send_keys(PASSWORDS[user])
     driver.find_element(By.ID, "login").click()
-    assert driver.find_element(By.ID, "who").text == f"{user} (operator)"
+    who = _until(lambda: driver.find_element(By.ID, "who"), 10, "no page after logging in")
+    assert who.text == f"{user} (operator)"  # type: ignore[attr-defined]

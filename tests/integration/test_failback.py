@@ -64,10 +64,12 @@ def _failback(home: Path, host, target, *extra: str, env: dict[str, str] | None 
                    "--disk", f"{host.disk}={target.disk}", "--trust-first-use", *extra, env=env)  # fmt: skip
 
 
-def _boots_with(disk: str, marker: str) -> None:
-    """The target holds what the VM wrote, and boots a copy of itself showing `marker`. Read before the boot:
-    the copy's boot runs the guest's autorun again, which writes the same files anew."""
-    _holds_what_the_guest_wrote(disk)
+def _boots_with(disk: str, marker: str, churned: bool = True) -> None:
+    """The target holds what the VM wrote (when `churned`: its VM ran the WRITES), and boots a copy of itself
+    showing `marker`. Read before the boot: the copy's boot runs the guest's autorun again, which writes the same
+    files anew."""
+    if churned:
+        _holds_what_the_guest_wrote(disk)
     copy = Path(disk + ".boot")
     shutil.copyfile(disk, copy)
     try:

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The cloud copy's layout and sealing (domain/cloud.py, transfer/sealed.py), and the Object Lock canary's
-logic against a bucket that lets a locked object go (services/cloud.py)."""
+logic against a bucket that lets a locked object go (services/cloud/setup.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from appliance.domain.cloud import (
 )
 from appliance.errors import CloudLockError
 from appliance.ports import ObjectLock, StoredObject
-from appliance.services import cloud
+from appliance.services.cloud import setup as cloud_setup
 from appliance.transfer.sealed import (
     KeyFile,
     PackWriter,
@@ -122,8 +122,8 @@ def test_a_manifest_round_trips_and_refuses_another_store() -> None:
 def test_the_key_file_and_the_words_carry_the_key() -> None:
     key = KeyFile("store1", new_key(), "b2", "https://s3.example.com", "bucket", "us-east-1")
     assert KeyFile.loads(key.dumps()) == key
-    words = cloud.key_words(key.key)
-    assert len(words.split()) == 24 and cloud.key_from_words(words) == key.key
+    words = cloud_setup.key_words(key.key)
+    assert len(words.split()) == 24 and cloud_setup.key_from_words(words) == key.key
     with pytest.raises(SealError):
         KeyFile.loads('{"format": "something else"}')
 
@@ -145,18 +145,18 @@ class _LeakyBucket:
 
 def test_a_bucket_that_deletes_a_locked_object_is_refused() -> None:
     with pytest.raises(CloudLockError, match="does not enforce Object Lock"):
-        cloud._prove_lock(_LeakyBucket(), "b", 30, "COMPLIANCE")  # type: ignore[arg-type]
+        cloud_setup._prove_lock(_LeakyBucket(), "b", 30, "COMPLIANCE")  # type: ignore[arg-type]
 
 
 def test_credentials_files(tmp_path: Path) -> None:
     ini = tmp_path / "c.ini"
     ini.write_text("[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n")
     ini.chmod(0o600)
-    assert cloud.read_credentials(ini) == ("AK", "SK")
+    assert cloud_setup.read_credentials(ini) == ("AK", "SK")
     line = tmp_path / "c.line"
     line.write_text("AK:SK\n")
     line.chmod(0o600)
-    assert cloud.read_credentials(line) == ("AK", "SK")
+    assert cloud_setup.read_credentials(line) == ("AK", "SK")
 
 
 @pytest.mark.parametrize(

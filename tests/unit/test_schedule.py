@@ -375,7 +375,7 @@ def test_a_new_point_goes_to_each_store_pushed_to_after_each_point(
 ) -> None:
     from appliance.errors import ChainLockedError
     from appliance.services import daemon
-    from appliance.services.cloud import PushReport
+    from appliance.services.cloud.push import PushReport
     from appliance.store import cloud as cloud_records
     from appliance.store.layout import Home
 
